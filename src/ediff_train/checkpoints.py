@@ -1,0 +1,144 @@
+"""Run-directory layout and the hand-off files between nodes (DESIGN §5).
+
+`runs/<experiment>/<node>/` holds Lightning's `checkpoints/` (resume state, never read by other
+nodes), `weights.safetensors` (model + EMA: what children and the sampler load), `node.json`
+and the resolved `config.yaml`. Everything written here goes to a temp name first and is renamed
+into place, so an interrupted run never leaves a half-written hand-off file. Everything read
+here is weights-only (safetensors), so a shared run dir cannot execute code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ediff_train.errors import EdiffError
+
+WEIGHTS = "weights.safetensors"
+NODE_JSON = "node.json"
+CONFIG = "config.yaml"
+LAST_CKPT = "last.ckpt"
+
+
+def node_dir(run_dir: str | os.PathLike, node: str) -> Path:
+    return Path(run_dir) / node
+
+
+def _atomic(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def save_weights(
+    path: str | os.PathLike,
+    model: dict[str, torch.Tensor],
+    ema: dict[str, torch.Tensor],
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Consolidated model + EMA weights under `model.` / `ema.` prefixes."""
+    path = Path(path)
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.items()}
+    tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema.items()})
+    meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
+    tmp = _atomic(path)
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    return path
+
+
+def load_weights(
+    path: str | os.PathLike,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+    """(model state dict, EMA state dict, metadata) from a weights.safetensors file."""
+    path = Path(path)
+    if not path.is_file():
+        raise EdiffError(f"weights not found: {path} does not exist")
+    model: dict[str, torch.Tensor] = {}
+    ema: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+            for key in f.keys():
+                group, _, name = key.partition(".")
+                (model if group == "model" else ema)[name] = f.get_tensor(key)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise EdiffError(f"cannot read weights {path}: {e}") from None
+    if not model or not ema:
+        raise EdiffError(f"{path} lacks model or EMA weights (keys must start with model./ema.)")
+    return model, ema, meta
+
+
+def write_json(path: str | os.PathLike, data: dict[str, Any]) -> Path:
+    path = Path(path)
+    tmp = _atomic(path)
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_node_json(ndir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(ndir) / NODE_JSON
+    if not path.is_file():
+        raise EdiffError(f"node info not found: {path} does not exist")
+    return json.loads(path.read_text())
+
+
+def parent_weights(run_dir: str | os.PathLike, parent: str, parent_dir: str | None = None) -> Path:
+    """The parent's hand-off file; a missing one is an error naming the path."""
+    ndir = Path(parent_dir) if parent_dir else node_dir(run_dir, parent)
+    path = ndir / WEIGHTS
+    if not path.is_file():
+        raise EdiffError(
+            f"parent {parent} has not finished training: {path} does not exist "
+            f"(train it first: python train.py expert={parent} run_dir={run_dir})"
+        )
+    return path
+
+
+def last_checkpoint(ndir: str | os.PathLike) -> Path | None:
+    """Lightning's resume checkpoint for this node, if an earlier run of it left one."""
+    path = Path(ndir) / "checkpoints" / LAST_CKPT
+    return path if path.is_file() else None
+
+
+def load_train_config(ndir: str | os.PathLike) -> Any:
+    """The resolved training config a node was trained with (its config.yaml)."""
+    from omegaconf import OmegaConf
+
+    path = Path(ndir) / CONFIG
+    if not path.is_file():
+        raise EdiffError(f"not a trained node: {path} does not exist")
+    return OmegaConf.load(path)
+
+
+def load_expert(ndir: str | os.PathLike, which: str = "ema") -> tuple[Any, torch.nn.Module]:
+    """(Node, EDMPrecond denoiser) of a finished node, rebuilt from its config and weights."""
+    from hydra.utils import instantiate
+
+    from ediff_train.edm import EDMPrecond
+    from ediff_train.experts import node_from_config
+
+    if which not in ("ema", "model"):
+        raise EdiffError(f"weights must be 'ema' or 'model', got {which!r}")
+    cfg = load_train_config(ndir)
+    model, ema, _ = load_weights(Path(ndir) / WEIGHTS)
+    denoiser = EDMPrecond(instantiate(cfg.model))
+    denoiser.load_state_dict(ema if which == "ema" else model)
+    return node_from_config(cfg.expert), denoiser.eval().requires_grad_(False)
+
+
+def load_encoders(cfg: Any) -> Any:
+    """The encoders that embedded a config's shards: tiny ones saved next to the data, or the
+    pretrained ones from the local paths in `encoders:`."""
+    from ediff_train.encoders import Encoders, build_encoders
+
+    enc = cfg.encoders
+    if enc.get("kind", "tiny") == "tiny":
+        return Encoders.load(enc.get("path") or Path(cfg.data.root) / "encoders")
+    return build_encoders(**{k: v for k, v in enc.items() if k != "dims"})

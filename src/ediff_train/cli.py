@@ -1,0 +1,102 @@
+"""Glue shared by the Hydra entry points: node configs in the ConfigStore, early checks of the
+command line, and turning EdiffError into one line on stderr with a non-zero exit.
+
+Tree nodes are registered in code rather than as 2,047 files: levels 0–3 always (so `--help`
+lists them), and any other node when the command line names it, which keeps start-up fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+from ediff_train.errors import EdiffError
+from ediff_train.experts import parse_node
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+def _interval(lo: float, hi: float) -> list[Any]:
+    return [lo, hi if math.isfinite(hi) else "inf"]
+
+
+def node_config(name: str) -> dict[str, Any]:
+    """The `expert:` group entry for a named node, with its intervals for `--cfg job`."""
+    node = parse_node(name)
+    one = len(node.pieces) == 1
+    return {
+        "name": node.name,
+        "kind": node.kind,
+        "parent": None,  # null = the tree parent (complements: the root)
+        "quantile": list(node.pieces[0]) if one else [list(p) for p in node.pieces],
+        "sigma": (
+            _interval(*node.sigma_pieces[0]) if one else [_interval(*p) for p in node.sigma_pieces]
+        ),
+    }
+
+
+def register_nodes(names: list[str] | None = None, always_levels: int = 3) -> None:
+    """Store the shallow tree levels plus the named nodes as `expert` group options."""
+    cs = ConfigStore.instance()
+    shallow = [f"E{lv}_{i}" for lv in range(always_levels + 1) for i in range(2**lv)]
+    for name in dict.fromkeys(shallow + list(names or [])):
+        cs.store(group="expert", name=name, node=node_config(name))
+
+
+def expert_overrides(argv: list[str]) -> list[str]:
+    """Values given to `expert=` on the command line (comma lists for multirun included)."""
+    values: list[str] = []
+    for arg in argv:
+        key, sep, value = arg.lstrip("+~").partition("=")
+        if sep and key == "expert":
+            values.extend(v.strip() for v in value.split(",") if v.strip())
+    return values
+
+
+def check_expert_overrides(argv: list[str], conf_dir: Path = CONF_DIR) -> list[str]:
+    """Validate node names before Hydra sees them; return those that need registering."""
+    files = {p.stem for p in (conf_dir / "expert").glob("*.yaml")}
+    names = []
+    for value in expert_overrides(argv):
+        if value not in files:
+            names.append(parse_node(value).name)  # raises EdiffError with the valid range
+    return names
+
+
+def fail(message: str, code: int = 2) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def entry_point(main: Callable[[], Any]) -> Callable[[], Any]:
+    """Wrap a Hydra main: check `expert=` first, register nodes, report EdiffError in one line."""
+
+    @functools.wraps(main)
+    def run() -> Any:
+        try:
+            extra = check_expert_overrides(sys.argv[1:])
+        except EdiffError as e:
+            fail(str(e))
+        register_nodes(extra)
+        return main()
+
+    return run
+
+
+def reporting_errors(task: Callable[..., Any]) -> Callable[..., Any]:
+    """Inside the Hydra task: EdiffError becomes `error: ...` and exit code 2, no traceback."""
+
+    @functools.wraps(task)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return task(*args, **kwargs)
+        except EdiffError as e:
+            fail(str(e))
+
+    return run

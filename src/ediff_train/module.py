@@ -1,0 +1,149 @@
+"""The LightningModule that trains one expert node.
+
+It draws σ only from its node, keeps an EMA copy of the denoiser, starts from its parent's
+hand-off weights, and at the end writes the node's own hand-off (weights.safetensors +
+node.json). Steps are counted from the parent's: `step_offset` is the parent's global step.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from ediff_train.checkpoints import load_weights, save_weights, write_json
+from ediff_train.conditioning import DEFAULT_DROP, Conditioning, drop_embeddings
+from ediff_train.edm import EDMPrecond, edm_loss
+from ediff_train.errors import EdiffError
+from ediff_train.experts import Node
+
+
+class ExpertModule(L.LightningModule):
+    """One node of the expert tree: EDM loss with σ ~ p(σ | node), AdamW, EMA."""
+
+    def __init__(
+        self,
+        net: nn.Module,
+        node: Node,
+        lr: float = 1e-4,
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.999),
+        ema_decay: float = 0.9999,
+        ema_warmup: bool = True,
+        drop: dict[str, float] | None = None,
+        step_offset: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.denoiser = EDMPrecond(net)
+        self.ema = copy.deepcopy(self.denoiser).requires_grad_(False).eval()
+        self.node = node
+        self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
+        self.ema_decay, self.ema_warmup = ema_decay, ema_warmup
+        self.drop = dict(DEFAULT_DROP if drop is None else drop)
+        self.step_offset = step_offset
+        self.seed = seed
+        # [min, max] of σ drawn in this node's run; a buffer so it survives resume.
+        self.register_buffer("sigma_seen", torch.tensor([math.inf, -math.inf], dtype=torch.float64))
+        self._gen: torch.Generator | None = None
+
+    # ---- parent hand-off -------------------------------------------------------------------
+    def init_from(self, weights_path: str) -> dict[str, Any]:
+        """Copy model and EMA weights from a parent's weights.safetensors; returns its metadata."""
+        model, ema, meta = load_weights(weights_path)
+        for target, sd, what in ((self.denoiser, model, "model"), (self.ema, ema, "EMA")):
+            try:
+                target.load_state_dict(sd, strict=True)
+            except RuntimeError as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else "mismatch"
+                raise EdiffError(
+                    f"{weights_path}: {what} weights do not fit this model config ({first})"
+                ) from None
+        return meta
+
+    @property
+    def total_step(self) -> int:
+        """Global step counted from the root: the parent's steps plus this run's."""
+        return self.step_offset + self.global_step
+
+    # ---- training --------------------------------------------------------------------------
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(
+            self.denoiser.parameters(), lr=self.lr, betas=self.betas, weight_decay=self.weight_decay
+        )
+
+    def on_train_start(self) -> None:
+        # A per-rank stream for σ, offset by the step so a resumed run does not replay σ draws.
+        self._gen = torch.Generator().manual_seed(
+            self.seed * 1_000_003 + self.global_rank * 7919 + self.total_step
+        )
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        x = batch["image"]
+        cond = drop_embeddings(Conditioning.from_batch(batch), self.drop, self._gen)
+        sigma64 = self.node.sample_sigma(x.shape[0], self._gen)
+        self.sigma_seen[0] = torch.minimum(self.sigma_seen[0], sigma64.min().to(self.device))
+        self.sigma_seen[1] = torch.maximum(self.sigma_seen[1], sigma64.max().to(self.device))
+        sigma = sigma64.to(device=x.device, dtype=torch.float32)
+        per_sample = edm_loss(self.denoiser, x, sigma, cond)
+        loss = per_sample.mean()
+        if not torch.isfinite(loss):
+            raise EdiffError(
+                f"loss is {loss.item()} at step {self.total_step} of {self.node.name} "
+                f"(σ in [{sigma.min().item():.4g}, {sigma.max().item():.4g}]); stopped before "
+                "updating weights: the last checkpoint is intact (lower the lr or check the data)"
+            )
+        self.log("train/loss", loss, prog_bar=True, batch_size=x.shape[0])
+        self.log("train/total_step", float(self.total_step), batch_size=x.shape[0])
+        skipped = batch.get("skipped")
+        if isinstance(skipped, dict):
+            for reason, count in skipped.items():
+                self.log(f"data/skipped_{reason}", float(count), reduce_fx="sum", batch_size=1)
+        return loss
+
+    @torch.no_grad()
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        n = self.global_step
+        decay = min(self.ema_decay, (1 + n) / (10 + n)) if self.ema_warmup else self.ema_decay
+        for e, p in zip(self.ema.parameters(), self.denoiser.parameters()):
+            e.lerp_(p.detach().to(e.dtype), 1.0 - decay)
+        for e, b in zip(self.ema.buffers(), self.denoiser.buffers()):
+            e.copy_(b)
+
+    # ---- export ----------------------------------------------------------------------------
+    def gathered_sigma_seen(self) -> list[float]:
+        """[min, max] of σ drawn on all ranks (a collective: every rank must call it)."""
+        seen = self.sigma_seen.clone()
+        if self.trainer.world_size > 1:
+            both = self.all_gather(seen)
+            seen = torch.stack([both[..., 0].min(), both[..., 1].max()])
+        return [float(seen[0]), float(seen[1])]
+
+    def export(self, node_path: Any, info: dict[str, Any], sigma_seen: list[float]) -> None:
+        """Write the hand-off files for children and the sampler (rank 0 only)."""
+        node = self.node
+        lo, hi = node.sigma_interval
+        record = {
+            "node": node.name,
+            "kind": node.kind,
+            "parent": node.parent,
+            "step": self.total_step,
+            "steps_this_run": self.global_step,
+            "quantile_interval": list(node.quantile_interval),
+            "quantile_pieces": [list(p) for p in node.pieces],
+            "sigma_interval": [lo, hi if math.isfinite(hi) else "inf"],
+            "sigma_seen": sigma_seen,
+            **info,
+        }
+        meta = {"node": node.name, "step": self.total_step}
+        save_weights(
+            node_path / "weights.safetensors",
+            self.denoiser.state_dict(),
+            self.ema.state_dict(),
+            meta,
+        )
+        write_json(node_path / "node.json", record)
