@@ -8,13 +8,14 @@ after its training finished.
 from __future__ import annotations
 
 import json
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from ediff_train.checkpoints import CONFIG, last_checkpoint, load_encoders, node_dir, parent_weights
@@ -22,6 +23,9 @@ from ediff_train.errors import EdiffError
 from ediff_train.experts import Node, node_from_config
 from ediff_train.module import ExpertModule
 from ediff_train.sampling import embed_prompts, generate, make_grid
+
+# The EMA copy is kept in eval mode on purpose; Lightning would warn about it at every start.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 
 def manifest_expectations(cfg: DictConfig) -> dict[str, Any]:
@@ -101,7 +105,7 @@ def train_node(cfg: DictConfig) -> Path:
         **OmegaConf.to_container(cfg.trainer),
         max_steps=int(cfg.steps),
         logger=logger,
-        callbacks=[ckpt, HandOff(ndir, info)],
+        callbacks=[ckpt, HandOff(ndir, info), TQDMProgressBar(refresh_rate=10)],
         default_root_dir=str(ndir),
         enable_model_summary=False,
         use_distributed_sampler=False,  # the shard loader splits data by rank itself

@@ -1,0 +1,261 @@
+"""Time one EDM training step (forward + backward) of the model configs and print a table.
+
+    python bench/train_step.py --configs tiny base64 --json bench.json
+
+Per config: parameters, images/s (from the median step time after warmup), peak memory, and
+FLOPs per step counted by `torch.utils.flop_counter.FlopCounterMode` on a meta-device copy
+(model FLOPs: no activation recompute, attention included). On CUDA, MFU = FLOPs/step ÷
+s/step ÷ the dense bf16 peak in PEAK_BF16_TFLOPS. Peak memory is
+`torch.cuda.max_memory_allocated` on CUDA; on CPU it is the growth of the process's
+resident-set high-water mark (Linux VmHWM, reset through /proc/self/clear_refs) from just
+before the model is built, so it covers weights, gradients, optimizer state (with --optim)
+and activations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.flop_counter import FlopCounterMode
+
+from ediff_train.conditioning import Conditioning
+from ediff_train.edm import EDMPrecond, LogNormalSigma, edm_loss
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+# Encoder dims used when conf/encoders/tiny.yaml is absent (the embedded digits encoders).
+TINY_DIMS = {"t5": 32, "clip_txt": 32, "clip_pool": 24, "clip_img": 24}
+# T5 tokens per sample: the paper's 113 for the full-size model, a short caption otherwise.
+T5_LEN = {"base64": 113}
+DEFAULT_T5_LEN = 16
+# Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's data sheets, TFLOP/s. First match
+# of the device name wins, so the more specific names come first.
+PEAK_BF16_TFLOPS = [
+    ("H200", 989.4),
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.4),  # SXM
+    ("A100", 312.0),
+]
+
+
+def model_config(name: str) -> DictConfig:
+    """conf/model/<name>.yaml (or a path) with its ${encoders.*}/${data.*} references resolved."""
+    path = Path(name) if name.endswith(".yaml") else CONF / "model" / f"{name}.yaml"
+    if not path.is_file():
+        sys.exit(f"no model config at {path}")
+    dims: dict[str, Any] = dict(TINY_DIMS)
+    enc = CONF / "encoders" / "tiny.yaml"
+    if enc.is_file():
+        try:
+            dims.update(OmegaConf.to_container(OmegaConf.load(enc).dims, resolve=True))
+        except Exception:  # noqa: BLE001 - a half-written encoder config falls back to defaults
+            pass
+    image_size = 16
+    data = CONF / "data" / "digits.yaml"
+    if data.is_file():
+        image_size = int(OmegaConf.load(data).get("image_size", 16))
+    root = OmegaConf.create({"encoders": {"dims": dims}, "data": {"image_size": image_size},
+                             "model": OmegaConf.load(path)})
+    OmegaConf.resolve(root)
+    return root.model
+
+
+def random_cond(cfg: DictConfig, batch: int, t5_len: int, device: torch.device) -> Conditioning:
+    """Random embeddings of the config's widths; the last quarter of T5 tokens is padding."""
+    mask = torch.ones(batch, t5_len, dtype=torch.bool)
+    mask[:, t5_len - t5_len // 4 :] = False
+    return Conditioning(
+        t5=torch.randn(batch, t5_len, cfg.t5_dim),
+        t5_mask=mask,
+        clip_txt=torch.randn(batch, 77, cfg.clip_txt_dim),
+        clip_pool=torch.randn(batch, cfg.clip_pool_dim),
+        clip_img=torch.randn(batch, cfg.clip_img_dim),
+    ).to(device)
+
+
+def count_flops(cfg: DictConfig, batch: int, t5_len: int) -> int:
+    """FLOPs of one forward+backward at this batch, on the meta device (no memory, no time)."""
+    meta = torch.device("meta")
+    with meta:
+        net = instantiate(cfg, grad_checkpointing=False)
+        den = EDMPrecond(net)
+        x = torch.randn(batch, net.in_channels, net.image_size, net.image_size)
+        sigma = torch.ones(batch)
+    cond = random_cond(cfg, batch, t5_len, meta)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        edm_loss(den, x, sigma, cond).mean().backward()
+    return int(counter.get_total_flops())
+
+
+def peak_tflops(device_name: str) -> float | None:
+    for key, value in PEAK_BF16_TFLOPS:
+        if key in device_name:
+            return value
+    return None
+
+
+def _rss_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_hwm() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def time_steps(cfg: DictConfig, args: argparse.Namespace, device: torch.device, batch: int,
+               steps: int, warmup: int, t5_len: int, bf16: bool) -> tuple[int, list[float], bool]:
+    """Build the model and time `steps` training steps after `warmup`; returns
+    (parameters, seconds per step, grad checkpointing on). The model dies with this frame."""
+    torch.manual_seed(0)
+    net = instantiate(cfg).to(device)
+    if args.no_checkpointing:
+        net.grad_checkpointing = False
+    den = EDMPrecond(net).train()
+    opt = torch.optim.AdamW(den.parameters(), lr=1e-4) if args.optim else None
+    x = torch.randn(batch, net.in_channels, net.image_size, net.image_size, device=device)
+    cond = random_cond(cfg, batch, t5_len, device)
+    law = LogNormalSigma()
+    cuda = device.type == "cuda"
+
+    def step() -> None:
+        sigma = law.sample(batch).to(device, torch.float32)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = edm_loss(den, x, sigma, cond).mean()
+        loss.backward()
+        if opt is not None:
+            opt.step()
+        den.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        if cuda:
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t)
+    return sum(p.numel() for p in net.parameters()), times, net.grad_checkpointing
+
+
+def bench_one(name: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    cfg = model_config(name)
+    cuda = device.type == "cuda"
+    heavy = int(cfg.image_size) >= 64
+    batch = args.batch or (64 if not heavy else (32 if cuda else 1))
+    steps = args.steps or (20 if cuda else (2 if heavy else 10))
+    warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
+    t5_len = args.t5_len or T5_LEN.get(Path(name).stem, DEFAULT_T5_LEN)
+    bf16 = args.dtype == "bf16" or (args.dtype == "auto" and cuda)
+
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        mem_method = "torch.cuda.max_memory_allocated"
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        hwm_ok = _reset_hwm() and _rss_kib("VmHWM") is not None
+        rss0 = _rss_kib("VmRSS") if hwm_ok else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        mem_method = "VmHWM growth (clear_refs)" if hwm_ok else "ru_maxrss growth (lower bound)"
+        device_name = f"cpu ({torch.get_num_threads()} threads)"
+
+    params, times, ckpt = time_steps(cfg, args, device, batch, steps, warmup, t5_len, bf16)
+
+    if cuda:
+        peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
+        torch.cuda.empty_cache()
+    else:
+        now = _rss_kib("VmHWM") if hwm_ok else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak_mb = max(0, now - rss0) / 1024
+
+    sec = sorted(times)[len(times) // 2]  # median: robust to a hiccup on a shared machine
+    flops = count_flops(cfg, batch, t5_len)
+    peak = peak_tflops(device_name) if cuda else None
+    achieved = flops / sec / 1e12
+    return {
+        "config": Path(name).stem, "params_m": params / 1e6, "batch": batch, "t5_len": t5_len,
+        "dtype": "bf16-autocast" if bf16 else "fp32", "device": device_name, "steps": steps,
+        "warmup": warmup, "optimizer": bool(args.optim), "grad_checkpointing": ckpt,
+        "sec_per_step": sec, "mean_sec_per_step": sum(times) / len(times),
+        "best_sec_per_step": min(times), "steps_per_s": 1 / sec,
+        "img_per_s": batch / sec, "peak_mem_mb": peak_mb, "mem_method": mem_method,
+        "gflop_per_step": flops / 1e9, "achieved_tflops": achieved,
+        "peak_bf16_tflops": peak, "mfu": (achieved / peak) if (peak and bf16) else None,
+    }
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = f"{'config':<10}{'params(M)':>10}{'batch':>7}{'dtype':>15}{'steps/s':>9}{'img/s':>9}"
+    head += f"{'peak MB':>10}{'GFLOP/step':>12}{'TFLOP/s':>9}{'MFU':>8}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        lines.append(
+            f"{r['config']:<10}{r['params_m']:>10.2f}{r['batch']:>7}{r['dtype']:>15}"
+            f"{r['steps_per_s']:>9.2f}{r['img_per_s']:>9.1f}{r['peak_mem_mb']:>10.0f}"
+            f"{r['gflop_per_step']:>12.1f}{r['achieved_tflops']:>9.3f}{mfu:>8}"
+        )
+    notes = {f"{r['device']}; memory: {r['mem_method']}" for r in rows}
+    lines += [f"device: {n}" for n in sorted(notes)]
+    if any(r["peak_bf16_tflops"] for r in rows):
+        peaks = ", ".join(f"{k} {v}" for k, v in PEAK_BF16_TFLOPS)
+        lines.append(f"MFU vs dense bf16 peak TFLOP/s: {peaks}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--configs", nargs="+", default=["tiny", "base64"],
+                   help="names under conf/model/ or paths to model yaml files")
+    p.add_argument("--batch", type=int, default=None,
+                   help="default: 64 (small nets); base64: 32 on CUDA, 1 on CPU")
+    p.add_argument("--steps", type=int, default=None,
+                   help="timed steps; default 20 on CUDA, 10 on CPU (2 for base64)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 3 CUDA, 1 CPU)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="bf16 = torch.autocast bf16; auto = bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--t5-len", type=int, default=None, help="T5 tokens (default 113 base64, 16)")
+    p.add_argument("--optim", action="store_true", help="include an AdamW step in each step")
+    p.add_argument("--no-checkpointing", action="store_true", help="disable grad checkpointing")
+    p.add_argument("--json", type=Path, default=None, help="write the figures here")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    rows = []
+    for name in args.configs:
+        rows.append(bench_one(name, args, device))
+        print(f"done {name}", file=sys.stderr, flush=True)
+    print(table(rows))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        figures = {"rows": rows, "peak_bf16_tflops": dict(PEAK_BF16_TFLOPS)}
+        args.json.write_text(json.dumps(figures, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""LightningDataModule over a §4 shard set: build (optional), check the manifest, stream.
+
+The manifest is checked in `setup()`, before any training step, so shards embedded with other
+encoders or dims are refused with one line rather than trained on.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from ediff_train.data.loader import (
+    EmbedDims,
+    ShardStream,
+    SkipCounter,
+    resolve_rank_world,
+    usable_workers,
+)
+from ediff_train.data.manifest import check_manifest, read_manifest
+from ediff_train.errors import EdiffError
+
+log = logging.getLogger(__name__)
+
+
+class ShardLoader(DataLoader):
+    """DataLoader over a ShardStream that (1) sets the stream's epoch before each pass, so
+    persistent workers reshuffle, and (2) sums the per-batch skip counts in the main process.
+
+    The epoch comes from `epoch_fn()` (e.g. the trainer's current epoch, which survives a resume)
+    or, when that gives None, from a counter of passes over this loader.
+    """
+
+    def __init__(self, dataset: ShardStream, num_workers: int = 0,
+                 epoch_fn: Callable[[], int | None] | None = None, **kwargs: Any) -> None:
+        kwargs.setdefault("persistent_workers", num_workers > 0)
+        super().__init__(dataset, batch_size=None, num_workers=num_workers, **kwargs)
+        self.epoch_fn = epoch_fn
+        self.skips = SkipCounter()
+        self._next_epoch = 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        epoch = self.epoch_fn() if self.epoch_fn is not None else None
+        if epoch is None:
+            epoch = self._next_epoch
+        self._next_epoch = epoch + 1
+        self.dataset.set_epoch(epoch)  # before super().__iter__() wakes the workers
+        return self._count(super().__iter__())
+
+    def _count(self, batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        try:
+            for batch in batches:
+                self.skips.update(batch.get("skipped", {}))
+                yield batch
+        except Exception as e:
+            self._stop_workers()
+            if not isinstance(e, EdiffError):
+                raise
+            # from a worker, torch prepends a traceback: keep the one-line message
+            last = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+            raise EdiffError(last.split("EdiffError: ", 1)[-1]) from None
+
+    def _stop_workers(self) -> None:
+        """Shut the workers down now: left to the cyclic GC (the traceback holds this loader),
+        their shutdown can stall 5 s per worker when it fires at an unlucky moment."""
+        iterator = getattr(self, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self._iterator = None
+
+
+def _trainer_epoch(dm: L.LightningDataModule) -> Callable[[], int | None]:
+    """The attached trainer's epoch, via a weak reference: a strong one would make a
+    datamodule↔loader cycle, and a loader freed by the cyclic GC shuts its workers down at an
+    arbitrary moment (seen stalling 10 s when that moment was inside an import)."""
+    ref = weakref.ref(dm)
+
+    def epoch() -> int | None:
+        owner = ref()
+        trainer = owner.trainer if owner is not None else None
+        return None if trainer is None else int(trainer.current_epoch)
+
+    return epoch
+
+
+class ShardDataModule(L.LightningDataModule):
+    """Streams `root` (shards + manifest.json) as batches for one node's training.
+
+    `expect` holds manifest checks (keys of manifest.check_manifest, e.g. t5_dim); `builder`,
+    if given, creates the shard set in `prepare_data` (runs once per node, before setup).
+    `rank`/`world_size` override the detected ones (tests).
+    """
+
+    def __init__(self, root: str, batch_size: int, image_size: int, num_workers: int = 2,
+                 shuffle_buffer: int = 1000, seed: int = 0, batches_per_epoch: int | None = None,
+                 lowres_size: int | None = None, expect: dict | None = None,
+                 builder: Callable[[], Any] | None = None, *, rank: int | None = None,
+                 world_size: int | None = None) -> None:
+        super().__init__()
+        if lowres_size is not None and not 1 <= lowres_size <= image_size:
+            raise EdiffError(f"lowres_size {lowres_size} must lie in [1, image_size={image_size}]")
+        self.root = str(root)
+        self.batch_size, self.image_size = batch_size, image_size
+        self.num_workers, self.shuffle_buffer, self.seed = num_workers, shuffle_buffer, seed
+        self.batches_per_epoch, self.lowres_size = batches_per_epoch, lowres_size
+        self.expect, self.builder = dict(expect or {}), builder
+        self.rank, self.world_size = rank, world_size
+        self.manifest: dict | None = None
+        self.dims: EmbedDims | None = None
+        self.shard_paths: list[str] = []
+        self._loader: ShardLoader | None = None
+
+    def prepare_data(self) -> None:
+        if self.builder is not None:
+            self.builder()
+
+    def setup(self, stage: str | None = None) -> None:
+        manifest = read_manifest(self.root)
+        if self.expect:
+            check_manifest(manifest, self.expect, where=f"shards at {self.root}")
+        shards = manifest.get("shards") or {}
+        if not shards:
+            raise EdiffError(f"manifest at {self.root} lists no shards")
+        paths = [Path(self.root) / name for name in sorted(shards)]
+        missing = [p.name for p in paths if not p.is_file()]
+        if missing:
+            raise EdiffError(f"{len(missing)} shard(s) listed in {self.root}/manifest.json are "
+                             f"missing, e.g. {missing[0]}")
+        self.manifest, self.dims = manifest, EmbedDims.from_manifest(manifest)
+        self.shard_paths = [str(p) for p in paths]
+
+    def train_dataloader(self) -> ShardLoader:
+        if self.manifest is None or self.dims is None:
+            self.setup("fit")
+        assert self.manifest is not None and self.dims is not None
+        rank, world = resolve_rank_world(self.rank, self.world_size)
+        workers = usable_workers(len(self.shard_paths), world, self.num_workers)
+        if workers < self.num_workers:
+            log.warning("only %d shard(s) per rank: using %d dataloader worker(s), not %d",
+                        len(self.shard_paths) // world, workers, self.num_workers)
+        num_samples = self.manifest.get("num_samples", sum(self.manifest["shards"].values()))
+        stream = ShardStream(
+            self.shard_paths, self.batch_size, self.image_size, self.dims,
+            num_samples=int(num_samples),
+            batches_per_epoch=self.batches_per_epoch, shuffle_buffer=self.shuffle_buffer,
+            seed=self.seed, lowres_size=self.lowres_size, rank=rank, world=world)
+        self._loader = ShardLoader(stream, num_workers=workers, epoch_fn=_trainer_epoch(self))
+        return self._loader
+
+    def skip_counts(self) -> dict[str, int]:
+        """Samples skipped so far on this rank, by reason (summed from the batches seen)."""
+        return self._loader.skips.totals() if self._loader is not None else SkipCounter().totals()

@@ -1,0 +1,205 @@
+"""The embedded default dataset: scikit-learn's 1,797 real 8x8 handwritten digits.
+
+Upsampled (bicubic) to `image_size`, drawn as a white digit on black (sklearn's values are ink
+intensity, so no inversion), captioned from the label with varied wording, embedded by the tiny
+offline encoders and written as ordinary shards, so the default run exercises the same data path
+as a real T5/CLIP shard set. The build is cached by its parameters and safe to race: it is made
+in a temporary folder, renamed into place under a lock, and a complete build is never rebuilt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ediff_train.data.manifest import MANIFEST, read_manifest
+from ediff_train.data.shards import ShardWriter
+from ediff_train.errors import EdiffError
+
+DIGITS_VERSION = 1  # bump when images, captions or embeddings change, so caches rebuild
+SOURCE = "sklearn.datasets.load_digits"
+ENCODER_SEED = 0  # the tiny encoders are the same for every digits build
+WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+TEMPLATES = (
+    "{n}", "{w}", "the number {n}", "the number {w}", "the digit {n}", "the digit {w}",
+    "a handwritten {w}", "a handwritten {n}", "handwritten digit {n}",
+    "a photo of the digit {w}", "the digit {n} written by hand", "a drawing of the number {w}",
+    "a white {w} on a black background", "a blurry handwritten {w}", "number {w}, written by hand",
+)
+
+
+def digit_captions(digit: int) -> list[str]:
+    """Every caption wording used for `digit` (e.g. "the number 3", "a handwritten three")."""
+    if not 0 <= int(digit) <= 9:
+        raise EdiffError(f"digit must be 0..9, got {digit}")
+    return [t.format(n=int(digit), w=WORDS[int(digit)]) for t in TEMPLATES]
+
+
+def digit_images(image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 [N, S, S, 3] RGB images, int labels [N]) in sklearn's order."""
+    from sklearn.datasets import load_digits
+
+    if image_size < 8:
+        raise EdiffError(f"digits image_size must be ≥ 8 (the source is 8x8), got {image_size}")
+    data = load_digits()
+    grey = np.clip(np.rint(data.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+    out = np.empty((len(grey), image_size, image_size, 3), dtype=np.uint8)
+    for i, g in enumerate(grey):
+        big = Image.fromarray(g).resize((image_size, image_size), Image.BICUBIC)
+        out[i] = np.asarray(big.convert("RGB"))
+    return out, data.target.astype(np.int64)
+
+
+def _params(image_size: int, seed: int, samples_per_shard: int) -> dict[str, int]:
+    return {"image_size": int(image_size), "seed": int(seed),
+            "samples_per_shard": int(samples_per_shard), "version": DIGITS_VERSION}
+
+
+def is_built(root: str | os.PathLike, params: dict[str, int]) -> bool:
+    """A complete build with these parameters: manifest, every shard and the encoders present."""
+    root = Path(root)
+    if not (root / MANIFEST).is_file() or not (root / "encoders" / "encoders.json").is_file():
+        return False
+    try:
+        manifest = read_manifest(root)
+    except EdiffError:
+        return False
+    if manifest.get("dataset") != "digits" or manifest.get("params") != params:
+        return False
+    return all((root / name).is_file() for name in manifest.get("shards", {}))
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """The tiny encoders gain nothing from intra-op threads, and on a busy 2-core machine
+    OpenMP spinning made embedding 5x slower; restore the caller's setting afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    """Exclusive lock so racing processes build once; best effort where flock is unsupported
+    (the temp-folder rename keeps a build correct even then)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - non-POSIX
+        yield
+        return
+    with open(path, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _write(out: Path, params: dict[str, int]) -> None:
+    """Build the whole shard set into `out` (a fresh private folder)."""
+    from ediff_train.encoders import Encoders
+
+    size, seed = params["image_size"], params["seed"]
+    images, labels = digit_images(size)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(labels))  # every shard mixes all digits
+    choice = rng.integers(0, len(TEMPLATES), size=len(labels))  # by sklearn index
+    captions = [TEMPLATES[c].format(n=int(d), w=WORDS[int(d)]) for c, d in zip(choice, labels)]
+
+    # Embed with the saved-and-reloaded copy: exactly what sampling will load later.
+    Encoders.tiny(ENCODER_SEED).save(out / "encoders")
+    enc = Encoders.load(out / "encoders")
+    caps = [captions[i] for i in order]
+    unique = sorted(set(caps))  # 150 distinct captions: embed each once
+    pixels = torch.from_numpy(images[order]).permute(0, 3, 1, 2).float() / 255.0
+    with _one_thread():
+        emb = enc.encode_text(unique, batch_size=256)
+        img = enc.encode_image(pixels, batch_size=256)
+    row = {c: j for j, c in enumerate(unique)}
+
+    writer = ShardWriter(out, enc.manifest_entry(), image_format="png", image_size=size,
+                         samples_per_shard=params["samples_per_shard"])
+    with writer:
+        for j, i in enumerate(order):
+            r = row[caps[j]]
+            writer.write(f"digit{i:04d}", images[i], caps[j], emb["t5"][r], emb["clip_txt"][r],
+                         emb["clip_pool"][r], img[j],
+                         meta={"source": SOURCE, "index": int(i), "label": int(labels[i])})
+    writer.finish(created_by="ediff_train.data.digits", dataset="digits", params=params)
+
+
+def build_digits(root: str | os.PathLike, image_size: int = 16, seed: int = 0,
+                 samples_per_shard: int = 128, force: bool = False) -> Path:
+    """Build (or find cached) the digits shard set at `root`; returns `root`.
+
+    `seed` fixes the sample order and each sample's caption wording. `force` rebuilds even
+    when a matching build exists."""
+    root = Path(root).absolute()
+    params = _params(image_size, seed, samples_per_shard)
+    if not force and is_built(root, params):
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with _lock(root.parent / f".{root.name}.lock"):
+        if not force and is_built(root, params):
+            return root  # another process built it while we waited
+        tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp = root.parent / f".{root.name}.building-{tag}"
+        old = root.parent / f".{root.name}.old-{tag}"
+        try:
+            _write(tmp, params)
+            if root.exists():
+                os.rename(root, old)
+            os.rename(tmp, root)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
+    return root
+
+
+def default_root(image_size: int = 16) -> Path:
+    """Where conf/data/digits.yaml puts the build: $EDIFF_CACHE or ~/.cache/ediff_train."""
+    base = os.environ.get("EDIFF_CACHE") or Path.home() / ".cache" / "ediff_train"
+    return Path(base) / f"digits{image_size}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Build the embedded digits shard set (cached).")
+    p.add_argument("--root", type=Path, default=None, help="output folder (default: cache)")
+    p.add_argument("--image-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--samples-per-shard", type=int, default=128)
+    p.add_argument("--force", action="store_true", help="rebuild even if a matching build exists")
+    a = p.parse_args(argv)
+    start = time.perf_counter()
+    try:
+        root = build_digits(a.root or default_root(a.image_size), a.image_size, a.seed,
+                            a.samples_per_shard, a.force)
+    except EdiffError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    m = read_manifest(root)
+    print(f"{root}: {m['num_samples']} samples in {len(m['shards'])} shards "
+          f"({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""End to end through the real entry point: a root, a child from it, the errors users hit,
+and a 2-process DDP run (gloo) whose ranks read disjoint shards."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, run_env
+from hydra import compose, initialize_config_dir
+
+from ediff_train.checkpoints import load_weights
+from ediff_train.cli import register_nodes
+from ediff_train.errors import EdiffError
+from ediff_train.experts import parse_node
+
+FAST = ["logger=csv", "data.num_workers=0", "sample.per_prompt=1", "sample.steps=3",
+        "checkpoint_every=5", "data.batch_size=16"]
+
+
+def train(tmp: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *FAST, *args], cwd=tmp,
+                          env=run_env(tmp), capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def root_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("train")
+    train(tmp, "run_dir=R", "steps=12")
+    return tmp
+
+
+def test_root_writes_handoff(root_run: Path) -> None:
+    ndir = root_run / "R" / "E0_0"
+    info = json.loads((ndir / "node.json").read_text())
+    assert info["node"] == "E0_0" and info["parent"] is None and info["step"] == 12
+    assert info["quantile_interval"] == [0.0, 1.0]
+    lo, hi = info["sigma_seen"]
+    assert 0 < lo < hi
+    model, ema, meta = load_weights(ndir / "weights.safetensors")
+    assert meta["step"] == 12 and model.keys() == ema.keys()
+    assert any(not torch.equal(model[k], ema[k]) for k in model)  # EMA lags the raw weights
+    assert (ndir / "samples.png").is_file() and (ndir / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_child_continues_from_parent(root_run: Path) -> None:
+    train(root_run, "run_dir=R", "expert=E1_1", "steps=10")
+    info = json.loads((root_run / "R" / "E1_1" / "node.json").read_text())
+    assert info["parent"] == "E0_0" and info["step"] == 22
+    assert info["sigma_seen"][0] >= 0.3012 and info["quantile_interval"] == [0.5, 1.0]
+
+
+def test_child_weights_equal_parent_before_first_step(root_run: Path) -> None:
+    from ediff_train.training import build_module
+
+    register_nodes(["E1_0"])
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"run_dir={root_run / 'R'}", "expert=E1_0"])
+    module, resume = build_module(cfg, parse_node("E1_0"), root_run / "R" / "E1_0")
+    assert resume is None and module.step_offset == 12
+    model, ema, _ = load_weights(root_run / "R" / "E0_0" / "weights.safetensors")
+    for k, v in module.denoiser.state_dict().items():
+        assert torch.equal(v, model[k]), k
+    for k, v in module.ema.state_dict().items():
+        assert torch.equal(v, ema[k]), k
+
+
+def test_rerun_after_finish_keeps_total(root_run: Path) -> None:
+    train(root_run, "run_dir=R", "steps=12")  # resumes last.ckpt, already at its target
+    info = json.loads((root_run / "R" / "E0_0" / "node.json").read_text())
+    assert info["step"] == 12
+
+
+def test_nan_loss_stops_with_clear_error(root_run: Path) -> None:
+    from ediff_train.training import build_module
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"run_dir={root_run / 'R'}"])
+    module, _ = build_module(cfg, parse_node("E0_0"), root_run / "nan")
+    b = 2
+    batch = {"image": torch.full((b, 3, 16, 16), float("nan")), "t5": torch.zeros(b, 4, 32),
+             "t5_mask": torch.ones(b, 4, dtype=torch.bool), "clip_txt": torch.zeros(b, 77, 32),
+             "clip_pool": torch.zeros(b, 24), "clip_img": torch.zeros(b, 24)}
+    before = {k: v.clone() for k, v in module.denoiser.state_dict().items()}
+    with pytest.raises(EdiffError, match="loss is nan"):
+        module.training_step(batch, 0)
+    assert all(torch.equal(before[k], v) for k, v in module.denoiser.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [(["expert=E9_600"], "0–511"),
+     (["expert=E1_1", "run_dir=EMPTY"], "EMPTY/E0_0/weights.safetensors"),
+     (["encoders.dims.t5=48", "run_dir=D"], "t5.dim is 32 but the model expects 48")],
+)
+def test_bad_input_one_line_error(root_run: Path, args: list[str], needle: str) -> None:
+    proc = train(root_run, *args, "steps=2", check=False)
+    assert proc.returncode != 0
+    err = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and needle in err[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    if "run_dir=D" in args:  # refused before training: nothing written for the node
+        assert not (root_run / "D" / "E0_0" / "weights.safetensors").exists()
+
+
+def test_ddp_two_ranks_read_disjoint_shards(tmp_path: Path) -> None:
+    train(tmp_path, "run_dir=R", "trainer=ddp_cpu", "steps=4", "sample.per_prompt=0")
+    ndir = tmp_path / "R" / "E0_0"
+    r0 = json.loads((ndir / "data" / "rank0.json").read_text())
+    r1 = json.loads((ndir / "data" / "rank1.json").read_text())
+    assert r0 and r1 and not set(r0) & set(r1)
+    assert sum(r0.values()) == sum(r1.values()) == 4 * 16
+    assert json.loads((ndir / "node.json").read_text())["step"] == 4
