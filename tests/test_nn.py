@@ -189,6 +189,8 @@ def test_bf16_autocast_on_cpu_matches_fp32_roughly() -> None:
         out = net(x, c_noise, make_cond())
     assert torch.isfinite(out).all()
     assert (out.float() - ref).norm() / ref.norm() < 0.05
+    whole = net.to(torch.bfloat16)(x, c_noise, make_cond())  # bf16 weights, fp32 inputs
+    assert whole.dtype == torch.bfloat16 and (whole.float() - ref).norm() / ref.norm() < 0.1
 
 
 def test_wrong_embedding_width_is_a_clear_error() -> None:

@@ -35,15 +35,16 @@ class NoiseEmbedding(nn.Module):
         super().__init__()
         if features % 2:
             raise EdiffError(f"noise embedding width must be even, got {features}")
-        half = features // 2
-        freqs = torch.exp(torch.linspace(math.log(min_freq), math.log(max_freq), half))
-        self.register_buffer("freqs", freqs, persistent=False)
+        self.half, self.min_freq, self.max_freq = features // 2, min_freq, max_freq
         self.mlp = nn.Sequential(
             nn.Linear(features, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
         )
 
     def forward(self, c_noise: Tensor) -> Tensor:
-        arg = c_noise.float().reshape(-1, 1) * self.freqs.float()[None]
+        # Built here in float32 rather than kept as a buffer, which .to(bf16) would round.
+        logf = torch.linspace(math.log(self.min_freq), math.log(self.max_freq), self.half,
+                              device=c_noise.device, dtype=torch.float32)
+        arg = c_noise.float().reshape(-1, 1) * logf.exp()[None]
         feats = torch.cat([arg.cos(), arg.sin()], dim=1)
         return self.mlp(feats.to(self.mlp[0].weight.dtype))
 

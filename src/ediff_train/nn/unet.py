@@ -22,7 +22,7 @@ from ediff_train.nn.blocks import Downsample, ResBlock, Upsample
 from ediff_train.nn.embed import ConditionEmbedder, NoiseEmbedding
 
 # cross_attn_bias(h, w) -> additive bias [B, h*w, N_ctx] for a cross-attention at that size.
-BiasFn = Callable[[int, int], "Tensor | None"]
+BiasFn = Callable[[int, int], Tensor | None]
 
 
 class TextUNet(nn.Module):

@@ -1,0 +1,201 @@
+"""Loader throughput and bytes per sample of the shard layout; prints a table.
+
+    python bench/loader.py --json loader.json            # real dims: T5-XXL 4096, CLIP-L 768
+    python bench/loader.py --dims tiny                   # the tiny encoders' dims (32/24)
+
+Data: synthetic but shaped like COCO at the base stage: 64 px JPEG crops of real photographs
+(scikit-learn's two sample images), captions of COCO length (T5 tokens ~ N(15, 3) clipped to
+[8, 30], EOS included), embeddings random float16 at the chosen dims (the loader's cost does not
+depend on their values). Written with the real ShardWriter and read through the real
+ShardDataModule, so the figures are those of training.
+
+Bytes per sample: our layout (T5 stored with only its real tokens, float16) against the fixed
+layout others use (T5 padded to 113 tokens, every embedding float32), both measured from tar
+files holding the same samples (the fixed one for the first --fixed-samples samples).
+
+Throughput: samples/s through the DataLoader with 1 and 2 worker processes after one warm-up
+batch, per worker, and per CPU-second the workers actually used (read from /proc: on a loaded
+machine this is the figure to hold against "samples/s per core"). Data sits in the page cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import multiprocessing
+import os
+import platform
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ediff_train.data.datamodule import ShardDataModule
+from ediff_train.data.shards import ShardWriter, npy_bytes
+
+DIMS = {"real": {"t5": 4096, "clip_txt": 768, "clip_pool": 768, "clip_img": 768},
+        "tiny": {"t5": 32, "clip_txt": 32, "clip_pool": 24, "clip_img": 24}}
+FIXED_T5 = 113
+WORDS = ("a man woman dog cat plate of food sitting on top table next to street with red large "
+         "small white black two people standing in front building bus train kitchen").split()
+
+
+def encoder_entry(d: dict[str, int]) -> dict[str, dict[str, Any]]:
+    return {"t5": {"name": "bench-t5", "version": "1", "dim": d["t5"], "max_length": FIXED_T5,
+                   "dtype": "float16", "fingerprint": "bench"},
+            "clip": {"name": "bench-clip", "version": "1", "text_dim": d["clip_txt"],
+                     "pool_dim": d["clip_pool"], "image_dim": d["clip_img"],
+                     "context_length": 77, "dtype": "float16", "fingerprint": "bench"}}
+
+
+def make_samples(n: int, size: int, dims: dict[str, int], seed: int = 0):  # noqa: ANN201
+    """Yield (key, uint8 image, caption, t5, clip_txt, clip_pool, clip_img), float16 arrays."""
+    from sklearn.datasets import load_sample_images
+
+    rng = np.random.default_rng(seed)
+    photos = [np.asarray(p) for p in load_sample_images().images]
+    for i in range(n):
+        photo = photos[i % len(photos)]
+        side = int(rng.integers(size, min(photo.shape[:2])))
+        y = int(rng.integers(0, photo.shape[0] - side + 1))
+        x = int(rng.integers(0, photo.shape[1] - side + 1))
+        crop = Image.fromarray(photo[y:y + side, x:x + side]).resize((size, size),
+                                                                      Image.Resampling.BICUBIC)
+        length = int(np.clip(round(rng.normal(15, 3)), 8, 30))
+        caption = " ".join(rng.choice(WORDS, size=max(1, round(length / 1.3))))
+        f16 = np.float16
+        yield (f"s{i:07d}", np.asarray(crop), caption,
+               rng.standard_normal((length, dims["t5"]), dtype=np.float32).astype(f16),
+               rng.standard_normal((77, dims["clip_txt"]), dtype=np.float32).astype(f16),
+               rng.standard_normal(dims["clip_pool"], dtype=np.float32).astype(f16),
+               rng.standard_normal(dims["clip_img"], dtype=np.float32).astype(f16))
+
+
+def write_fixed(path: Path, samples: list[tuple], image_format: str) -> None:
+    """The same samples in the fixed layout: T5 zero-padded to 113 tokens, all float32."""
+    from ediff_train.data.shards import encode_image
+
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, image, caption, t5, clip_txt, clip_pool, clip_img in samples:
+            padded = np.zeros((FIXED_T5, t5.shape[1]), np.float32)
+            padded[:len(t5)] = t5
+            members = {image_format: encode_image(image, image_format)[0],
+                       "txt": caption.encode(),
+                       "t5.npy": npy_bytes(padded),
+                       "t5_mask.npy": npy_bytes(np.arange(FIXED_T5) < len(t5)),
+                       "clip_txt.npy": npy_bytes(clip_txt.astype(np.float32)),
+                       "clip_pool.npy": npy_bytes(clip_pool.astype(np.float32)),
+                       "clip_img.npy": npy_bytes(clip_img.astype(np.float32)),
+                       "json": json.dumps({"height": len(image), "source": "",
+                                           "width": len(image[0])}).encode()}
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (Linux /proc), 0 where unavailable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def measure(root: Path, workers: int, batch_size: int, image_size: int, batches: int
+            ) -> dict[str, float]:
+    dm = ShardDataModule(str(root), batch_size=batch_size, image_size=image_size,
+                         num_workers=workers, shuffle_buffer=1000, batches_per_epoch=batches + 1,
+                         rank=0, world_size=1)
+    dm.setup("fit")
+    it = iter(dm.train_dataloader())
+    next(it)  # warm-up: workers started, shuffle buffers filled
+    pids = [p.pid for p in multiprocessing.active_children()] if workers else [os.getpid()]
+    c0 = sum(cpu_seconds(p) for p in pids)
+    t0, n = time.perf_counter(), 0
+    for batch in it:
+        n += len(batch["key"])
+    wall = time.perf_counter() - t0
+    cpu = sum(cpu_seconds(p) for p in pids) - c0
+    del it
+    rate = n / wall
+    return {"workers": workers, "samples": n, "seconds": round(wall, 3),
+            "samples_per_s": round(rate, 1),
+            "samples_per_s_per_worker": round(rate / max(workers, 1), 1),
+            "worker_cpu_s": round(cpu, 3),
+            "samples_per_worker_cpu_s": round(n / cpu, 1) if cpu > 0 else None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dims", choices=sorted(DIMS), default="real")
+    p.add_argument("--samples", type=int, default=2048)
+    p.add_argument("--shards", type=int, default=8)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--format", choices=("jpg", "png"), default="jpg")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batches", type=int, default=40, help="timed batches per measurement")
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--fixed-samples", type=int, default=128)
+    p.add_argument("--root", type=Path, default=None, help="where to write (default: a temp dir)")
+    p.add_argument("--json", type=Path, default=None, help="write the figures here")
+    a = p.parse_args(argv)
+    dims = DIMS[a.dims]
+    with tempfile.TemporaryDirectory(dir=a.root) as tmp:
+        root = Path(tmp) / "ours"
+        samples = list(make_samples(a.samples, a.image_size, dims))
+        per_shard = -(-a.samples // a.shards)
+        with ShardWriter(root, encoder_entry(dims), a.format, a.image_size, per_shard) as w:
+            for key, image, caption, *emb in samples:
+                w.write(key, image, caption, *emb)
+        w.finish()
+        ours = sum(f.stat().st_size for f in root.glob("*.tar")) / a.samples
+        nf = min(a.fixed_samples, a.samples)  # the same samples in both layouts
+        with ShardWriter(Path(tmp) / "same", encoder_entry(dims), a.format, a.image_size,
+                         nf) as w:
+            for key, image, caption, *emb in samples[:nf]:
+                w.write(key, image, caption, *emb)
+        same = (Path(tmp) / "same" / "000000.tar").stat().st_size / nf
+        write_fixed(Path(tmp) / "fixed.tar", samples[:nf], a.format)
+        fixed = (Path(tmp) / "fixed.tar").stat().st_size / nf
+        tokens_mean = sum(len(s[3]) for s in samples) / a.samples
+        del samples
+        runs = [measure(root, k, a.batch_size, a.image_size, a.batches) for k in a.workers]
+    figures = {
+        "machine": {"cpus": os.cpu_count(), "load_avg": os.getloadavg(),
+                    "python": platform.python_version(), "platform": platform.platform()},
+        "setup": {"dims": dims, "image_size": a.image_size, "format": a.format,
+                  "samples": a.samples, "shards": a.shards, "batch_size": a.batch_size,
+                  "t5_tokens_mean": round(tokens_mean, 2)},
+        "bytes_per_sample": {"ours": round(ours), "ours_same_samples": round(same),
+                             "fixed_fp32_113_same_samples": round(fixed),
+                             "ratio": round(same / fixed, 4), "target_ratio": 0.125},
+        "loader": runs, "target_samples_per_core": 3000,
+    }
+    print(f"dims {dims}, {a.image_size} px {a.format}, T5 tokens mean {tokens_mean:.1f}, "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
+    print(f"bytes/sample: ours {ours:,.0f} (all {a.samples}); on the same {nf} samples ours "
+          f"{same:,.0f} vs fixed fp32 113-token {fixed:,.0f}: ratio {same / fixed:.3f} "
+          "(target ≤ 0.125)")
+    print(f"{'workers':>7} {'samples/s':>10} {'per worker':>11} {'per worker-CPU-s':>17}")
+    for r in runs:
+        cpu = r["samples_per_worker_cpu_s"]
+        shown = "n/a" if cpu is None else f"{cpu:,.0f}"
+        print(f"{r['workers']:>7} {r['samples_per_s']:>10,.0f} "
+              f"{r['samples_per_s_per_worker']:>11,.0f} {shown:>17}")
+    print("target: ≥ 3,000 samples/s per CPU core")
+    if a.json is not None:
+        a.json.write_text(json.dumps(figures, indent=1))
+        print(f"wrote {a.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
