@@ -15,6 +15,7 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader
 
+from ediff_train.data.batching import expand_batch
 from ediff_train.data.loader import (
     EmbedDims,
     ShardStream,
@@ -30,7 +31,8 @@ log = logging.getLogger(__name__)
 
 class ShardLoader(DataLoader):
     """DataLoader over a ShardStream that (1) sets the stream's epoch before each pass, so
-    persistent workers reshuffle, and (2) sums the per-batch skip counts in the main process.
+    persistent workers reshuffle, (2) sums the per-batch skip counts in the main process, and
+    (3) expands the workers' compact batches (uint8 images, float16 embeddings) to float32.
 
     The epoch comes from `epoch_fn()` (e.g. the trainer's current epoch, which survives a resume)
     or, when that gives None, from a counter of passes over this loader.
@@ -56,7 +58,7 @@ class ShardLoader(DataLoader):
         try:
             for batch in batches:
                 self.skips.update(batch.get("skipped", {}))
-                yield batch
+                yield expand_batch(batch, self.dataset.slab_flags)
         except Exception as e:
             self._stop_workers()
             if not isinstance(e, EdiffError):

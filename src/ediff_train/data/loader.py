@@ -19,54 +19,23 @@ import tarfile
 import zlib
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
-from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
+from ediff_train.data.batching import SlabPool, collate, new_slab_flags
+from ediff_train.data.samples import EmbedDims, _Skip, decode_sample, missing_fields
+from ediff_train.data.tario import is_plain_tar, iter_tar
 from ediff_train.errors import EdiffError
 
 log = logging.getLogger(__name__)
 
 # Why a sample (or the rest of a shard) was dropped; every batch reports all of them.
+READ_BUFFER = 1 << 20  # fewer syscalls for the many 512-byte tar headers
 SKIP_REASONS = ("truncated_tar", "bad_image", "bad_npy", "bad_shape", "nonfinite", "missing_field")
-EMBEDDINGS = ("t5", "clip_txt", "clip_pool", "clip_img")
-IMAGE_EXTS = ("png", "jpg", "jpeg")
-
-
-@dataclass(frozen=True)
-class EmbedDims:
-    """Expected embedding widths; a sample whose arrays disagree is skipped as `bad_shape`."""
-
-    t5: int
-    clip_txt: int
-    clip_pool: int
-    clip_img: int
-    t5_max_length: int | None = None
-    context_length: int = 77
-
-    @classmethod
-    def from_manifest(cls, manifest: Mapping[str, Any]) -> EmbedDims:
-        enc = manifest.get("encoders", {})
-        t5, clip = enc.get("t5", {}), enc.get("clip", {})
-        try:
-            return cls(t5=int(t5["dim"]), clip_txt=int(clip["text_dim"]),
-                       clip_pool=int(clip["pool_dim"]), clip_img=int(clip["image_dim"]),
-                       t5_max_length=t5.get("max_length"),
-                       context_length=int(clip.get("context_length", 77)))
-        except (KeyError, TypeError, ValueError) as e:
-            raise EdiffError(f"manifest lacks embedding dims ({e!r} missing or invalid)") from None
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        """Expected shape; -1 marks T5's free token count."""
-        return {"t5": (-1, self.t5), "clip_txt": (self.context_length, self.clip_txt),
-                "clip_pool": (self.clip_pool,), "clip_img": (self.clip_img,)}[name]
 
 
 class SkipCounter:
@@ -159,9 +128,9 @@ def read_shard(path: str, skips: SkipCounter) -> Iterator[dict[str, Any]]:
     name = os.path.basename(path)
     current: dict[str, Any] | None = None
     try:
-        with open(path, "rb") as f:
-            for item in tar_file_iterator(f):
-                key, ext = base_plus_ext(item["fname"])
+        with open(path, "rb", buffering=READ_BUFFER) as f:
+            for fname, data in _members(f):
+                key, ext = base_plus_ext(fname)
                 if key is None:
                     continue
                 if current is not None and key != current["__key__"]:
@@ -169,125 +138,25 @@ def read_shard(path: str, skips: SkipCounter) -> Iterator[dict[str, Any]]:
                     current = None
                 if current is None:
                     current = {"__key__": key, "__shard__": name}
-                current[ext.lower()] = item["data"]
-            if not _ends_cleanly(f):
-                raise tarfile.ReadError("no end-of-archive marker: cut at a member boundary")
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+                current[ext.lower()] = data
+    except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error) as e:
         skips.skip("truncated_tar", name, None, e)
-        if current is not None and not _missing(current):
+        if current is not None and not missing_fields(current):
             yield current
         return
     if current is not None:
         yield current
 
 
-def _ends_cleanly(f: io.BufferedIOBase) -> bool:
-    """tarfile silently stops at a header cut short; an uncompressed tar must end in zero blocks."""
-    f.seek(257)
-    if f.read(5) != b"ustar":
-        return True  # compressed: the decompressor reports truncation itself
-    size = f.seek(0, io.SEEK_END)
-    if size < 1024 or size % 512:
-        return False
-    f.seek(size - 1024)
-    return f.read(1024) == bytes(1024)
+def _members(f: io.BufferedIOBase) -> Iterator[tuple[str, Any]]:
+    """Plain tars (all shards we write) through the fast reader, anything else (compressed
+    tars) through webdataset's tarfile-based one."""
+    if is_plain_tar(f):
+        yield from iter_tar(f)
+        return
+    for item in tar_file_iterator(f):
+        yield item["fname"], item["data"]
 
-
-def _missing(raw: Mapping[str, Any]) -> list[str]:
-    need = [f"{e}.npy" for e in EMBEDDINGS if f"{e}.npy" not in raw]
-    if not any(ext in raw for ext in IMAGE_EXTS):
-        need.append("png|jpg")
-    return need
-
-
-class _Skip(Exception):
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-
-
-def load_image(data: bytes, size: int) -> Image.Image:
-    """RGB at size×size: shorter side resized to `size`, then centre-cropped."""
-    with Image.open(io.BytesIO(data)) as im:
-        im = im.convert("RGB")
-    w, h = im.size
-    if (w, h) != (size, size):
-        scale = size / min(w, h)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        im = im.resize((nw, nh), Image.Resampling.BICUBIC)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        im = im.crop((left, top, left + size, top + size))
-    return im
-
-
-def image_tensor(im: Image.Image) -> Tensor:
-    """uint8 HWC → float32 [3,H,W] in [-1, 1]."""
-    arr = np.asarray(im, dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
-
-
-def _load_embedding(name: str, data: bytes, dims: EmbedDims) -> Tensor:
-    try:
-        arr = np.load(io.BytesIO(data), allow_pickle=False)
-    except Exception as e:  # numpy raises ValueError/EOFError/OSError for broken npy bytes
-        raise _Skip("bad_npy", f"{name}.npy: {e}") from None
-    want = dims.shape(name)
-    ok = arr.ndim == len(want) and all(w in (-1, s) for w, s in zip(want, arr.shape))
-    if name == "t5" and ok:
-        max_len = dims.t5_max_length
-        ok = arr.shape[0] >= 1 and (max_len is None or arr.shape[0] <= max_len)
-    if not ok or not np.issubdtype(arr.dtype, np.floating):
-        shown = tuple("L" if w == -1 else w for w in want)
-        raise _Skip("bad_shape", f"{name}.npy is {arr.dtype}{list(arr.shape)}, want {shown}")
-    if not np.isfinite(arr).all():
-        raise _Skip("nonfinite", f"{name}.npy holds NaN/Inf")
-    return torch.from_numpy(arr.astype(np.float32))
-
-
-def decode_sample(raw: Mapping[str, Any], image_size: int, dims: EmbedDims,
-                  lowres_size: int | None = None) -> dict[str, Any]:
-    """Raw tar members → tensors; raises _Skip with a reason for anything unusable."""
-    missing = _missing(raw)
-    if missing:
-        raise _Skip("missing_field", "no " + ", ".join(missing))
-    out: dict[str, Any] = {name: _load_embedding(name, raw[f"{name}.npy"], dims)
-                           for name in EMBEDDINGS}
-    ext = next(e for e in IMAGE_EXTS if e in raw)
-    try:
-        im = load_image(raw[ext], image_size)
-    except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError
-        raise _Skip("bad_image", f"{ext}: {e}") from None
-    out["image"] = image_tensor(im)
-    if lowres_size is not None:
-        small = im.resize((lowres_size, lowres_size), Image.Resampling.BICUBIC)
-        out["lowres"] = image_tensor(small)
-    txt = raw.get("txt", b"")
-    out["caption"] = txt.decode("utf-8", "replace") if isinstance(txt, bytes) else str(txt)
-    out["key"], out["shard"] = raw["__key__"], raw["__shard__"]
-    return out
-
-
-def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Stack a batch; T5 zero-padded to the batch's longest sequence, mask True on real tokens."""
-    lengths = [s["t5"].shape[0] for s in samples]
-    b, lmax, d = len(samples), max(lengths), samples[0]["t5"].shape[1]
-    t5 = torch.zeros(b, lmax, d)
-    mask = torch.zeros(b, lmax, dtype=torch.bool)
-    for i, (s, n) in enumerate(zip(samples, lengths)):
-        t5[i, :n] = s["t5"]
-        mask[i, :n] = True
-    batch: dict[str, Any] = {"image": torch.stack([s["image"] for s in samples]),
-                             "t5": t5, "t5_mask": mask}
-    for name in ("clip_txt", "clip_pool", "clip_img"):
-        batch[name] = torch.stack([s[name] for s in samples])
-    if "lowres" in samples[0]:
-        batch["lowres"] = torch.stack([s["lowres"] for s in samples])
-    for name in ("key", "caption", "shard"):
-        batch[name] = [s[name] for s in samples]
-    return batch
-
-
-# ----------------------------------------------------------------------------- dataset
 
 class ShardStream(IterableDataset):
     """Yields ready batches (use DataLoader(batch_size=None)); exactly `batches_per_epoch` per
@@ -319,6 +188,8 @@ class ShardStream(IterableDataset):
         self.batch_size, self.image_size, self.dims = batch_size, image_size, dims
         self.shuffle_buffer, self.seed, self.lowres_size = shuffle_buffer, seed, lowres_size
         self._epoch = multiprocessing.Value("q", 0, lock=False)
+        self.slab_flags = new_slab_flags()  # see batching.SlabPool
+        self._pool: SlabPool | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self._epoch.value = int(epoch)
@@ -333,6 +204,9 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        compact = info is not None  # crossing a process boundary: see batching.py
+        if compact and self._pool is None:
+            self._pool = SlabPool(self.slab_flags, worker)
         active = min(n_workers, len(range(self.rank, len(self.shards), self.world)))
         quota = worker_quota(self.batches_per_epoch, worker, active) if worker < active else 0
         if quota == 0:
@@ -355,14 +229,15 @@ class ShardStream(IterableDataset):
             good = 0
             for raw in stream:
                 try:
-                    sample = decode_sample(raw, self.image_size, self.dims, self.lowres_size)
+                    sample = decode_sample(raw, self.image_size, self.dims, self.lowres_size,
+                                           compact=compact)
                 except _Skip as s:
                     skips.skip(s.reason, raw["__shard__"], raw["__key__"], s)
                     continue
                 good += 1
                 batch.append(sample)
                 if len(batch) == self.batch_size:
-                    out = collate(batch)
+                    out = collate(batch, compact=compact, pool=self._pool)
                     out["skipped"] = skips.take()
                     batch = []
                     made += 1

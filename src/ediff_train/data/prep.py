@@ -1,0 +1,368 @@
+"""The embedding job behind data_prep/embed.py: input units → §4 shards, restartable, split
+over any number of independent processes.
+
+Completion, per unit: ShardWriter writes `NNNNNN.tar` under a temporary name and renames it when
+complete; then `parts/NNNNNN.json` (the unit's manifest, keys and skip counts) is written
+atomically. A unit is done only when its part exists, so a process killed at any moment leaves
+done units and units the next run redoes from scratch (with the same bytes: shards are
+deterministic). Task t of N takes units t, t+N, ...; any N works on a re-run, because done units
+are skipped. `manifest.json` is written when every unit's part exists, by whichever task sees
+that first, and never rewritten with equal content: re-running a finished job changes no file.
+`job.json` pins the settings; a re-run with another input, stage or encoders is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import logging
+import os
+import shutil
+import uuid
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ediff_train.data.images import ImageSkip, ImageSpec, prepare_image, read_source
+from ediff_train.data.manifest import MANIFEST, merge_manifests, write_manifest
+from ediff_train.data.shards import ShardWriter, encode_image
+from ediff_train.data.sources import Item, Listing, Unit, iter_unit, list_input
+from ediff_train.errors import EdiffError
+
+log = logging.getLogger(__name__)
+
+PREP_FORMAT = "ediff-prep/1"
+JOB_FILE = "job.json"
+PARTS = "parts"
+ENCODERS_DIR = "encoders"
+SKIP_REASONS = ("missing_image", "bad_image", "too_small", "no_image", "no_caption",
+                "truncated_tar", "duplicate_key", "nonfinite", "low_similarity")
+_PART_ONLY = ("unit", "source", "keys", "skipped", "bytes", "compute")
+_ONE_SHARD = 10**12  # samples_per_shard: a unit is exactly one shard
+
+
+@dataclass(frozen=True)
+class PrepConfig:
+    input: str | Path
+    output: str | Path
+    image: ImageSpec
+    unit_size: int = 5000  # jsonl records per unit (tar input: one unit per tar)
+    batch_size: int = 64
+    sort_window: int = 1024  # samples whose captions are sorted by T5 length before batching
+    workers: int = 4  # image decode/resize threads (0: in the calling thread)
+    clip_min_similarity: float | None = None
+
+
+@dataclass
+class TaskReport:
+    task_id: int
+    num_tasks: int
+    units_total: int
+    units_mine: int
+    done_before: int = 0
+    embedded: int = 0
+    written: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+    units_complete: int = 0
+    manifest: Path | None = None
+
+    def summary(self) -> str:
+        skips = ", ".join(f"{r} {n}" for r, n in sorted(self.skipped.items()) if n) or "none"
+        lines = [f"task {self.task_id}/{self.num_tasks}: {self.embedded} of my "
+                 f"{self.units_mine} units embedded now, {self.done_before} were done before; "
+                 f"{self.written} samples written, skipped: {skips}"]
+        if self.manifest is not None:
+            lines.append(f"all {self.units_total} units done: {self.manifest}")
+        else:
+            lines.append(f"{self.units_complete} of {self.units_total} units done; manifest.json "
+                         "is written when all are (re-run any task to finish)")
+        return "\n".join(lines)
+
+
+def resolve_task(task_id: int | None, num_tasks: int | None,
+                 env: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """Explicit values win, then SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT, then 0 / 1."""
+    env = os.environ if env is None else env
+    if task_id is None:
+        task_id = int(env.get("SLURM_ARRAY_TASK_ID", 0))
+    if num_tasks is None:
+        num_tasks = int(env.get("SLURM_ARRAY_TASK_COUNT", 1))
+    if num_tasks < 1 or not 0 <= task_id < num_tasks:
+        raise EdiffError(f"task_id {task_id} is not in [0, num_tasks={num_tasks}); SLURM arrays "
+                         "must be numbered from 0 (--array=0-N), else set task_id and num_tasks")
+    return task_id, num_tasks
+
+
+class _Skips(Counter):
+    """Skip counts; the first few of each reason are logged with their key."""
+
+    def __call__(self, reason: str, key: str, detail: str = "") -> None:
+        self[reason] += 1
+        if self[reason] <= 3:
+            log.warning("skipped %s: %s%s", key, reason, f" ({detail})" if detail else "")
+
+
+def _diff(want: Any, have: Any, prefix: str = "") -> list[str]:
+    if isinstance(want, dict) and isinstance(have, dict):
+        return [d for k in sorted(want.keys() | have.keys())
+                for d in _diff(want.get(k), have.get(k), f"{prefix}{k}.")]
+    return [] if want == have else [prefix.rstrip(".")]
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class EmbedJob:
+    """One shard set being made from one input; `run` does one task's share."""
+
+    def __init__(self, cfg: PrepConfig, encoders: Any, listing: Listing | None = None) -> None:
+        self.cfg, self.enc = cfg, encoders
+        self.listing = listing or list_input(cfg.input, cfg.unit_size)
+        self.out = Path(cfg.output)
+        if self.out.resolve() == self.listing.root.resolve():
+            raise EdiffError("output must not be the input folder")
+        self.parts = self.out / PARTS
+        self.entry = encoders.manifest_entry()
+
+    # ------------------------------------------------------------------ settings and encoders
+    def job_record(self) -> dict[str, Any]:
+        inp: dict[str, Any] = {"kind": self.listing.kind, "digest": self.listing.fingerprint,
+                               "units": len(self.listing.units)}
+        if self.listing.kind == "jsonl":
+            inp["unit_size"] = self.cfg.unit_size
+        return {"format": PREP_FORMAT, "input": inp, "image": asdict(self.cfg.image),
+                "clip_min_similarity": self.cfg.clip_min_similarity, "encoders": self.entry}
+
+    def _claim_output(self) -> None:
+        """Create or check job.json, save the encoders next to the shards."""
+        self.parts.mkdir(parents=True, exist_ok=True)
+        record, path = self.job_record(), self.out / JOB_FILE
+        if not path.is_file():
+            tmp = self.out / f".{JOB_FILE}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
+            tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
+            try:
+                os.link(tmp, path)  # atomic create-if-absent: racing tasks agree on one file
+            except FileExistsError:
+                pass
+            except OSError:  # no hard links on this file system: last writer wins
+                os.replace(tmp, path)
+            tmp.unlink(missing_ok=True)
+        have = json.loads(path.read_text())
+        bad = _diff(record, have)
+        if bad:
+            raise EdiffError(f"{self.out} was started with other settings ({', '.join(bad)} "
+                             "differ); continue it with the same ones, or use a new output")
+        self._save_encoders()
+
+    def _save_encoders(self) -> None:
+        """Tiny encoders' weights (pretrained ones: their paths) in output/encoders, where the
+        trainer and sampler look; saved once, under a temporary name, then renamed."""
+        target = self.out / ENCODERS_DIR
+        if not (target / "encoders.json").is_file():
+            tmp = self.out / f".{ENCODERS_DIR}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
+            self.enc.save(tmp)
+            try:
+                os.rename(tmp, target)
+            except OSError:  # another task saved them first
+                shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            saved = json.loads((target / "encoders.json").read_text())["fingerprints"]
+        except (OSError, ValueError, KeyError) as e:
+            raise EdiffError(f"{target} is not a saved encoders folder ({e})") from None
+        mine = {"t5": self.entry["t5"]["fingerprint"], "clip": self.entry["clip"]["fingerprint"]}
+        if saved != mine:
+            raise EdiffError(f"{target} holds other encoders than this job's")
+
+    # ------------------------------------------------------------------ running
+    def is_done(self, unit: Unit) -> bool:
+        return (self.parts / f"{unit.index:06d}.json").is_file()
+
+    def run(self, task_id: int = 0, num_tasks: int = 1, max_units: int | None = None,
+            progress: bool = True, finalize: bool = True,
+            cpu_threads: int | None = None) -> TaskReport:
+        """Embed this task's units that are not done yet; then finish the job if complete."""
+        from tqdm.auto import tqdm
+
+        mine = [u for u in self.listing.units if u.index % num_tasks == task_id]
+        report = TaskReport(task_id, num_tasks, len(self.listing.units), len(mine))
+        self._claim_output()
+        todo = [u for u in mine if not self.is_done(u)]
+        report.done_before = len(mine) - len(todo)
+        if max_units is not None:
+            todo = todo[:max(0, max_units)]
+        sizes = [u.size for u in todo]
+        total = None if None in sizes else sum(sizes)  # type: ignore[arg-type]
+        bar = tqdm(total=total, unit="sample", disable=not progress or not todo,
+                   desc=f"task {task_id}/{num_tasks}", dynamic_ncols=True, smoothing=0.1)
+        threads = ThreadPoolExecutor(self.cfg.workers) if self.cfg.workers > 0 else None
+        try:
+            with bar, _torch_threads(cpu_threads):
+                for unit in todo:
+                    bar.set_postfix_str(f"unit {unit.index}", refresh=False)
+                    part = self._run_unit(unit, bar, threads)
+                    report.embedded += 1
+                    report.written += part["num_samples"]
+                    report.skipped.update(part["skipped"])
+        finally:
+            if threads is not None:
+                threads.shutdown(cancel_futures=True)
+        if finalize and max_units is None:
+            report.manifest = self.finalize()
+        report.units_complete = sum(self.is_done(u) for u in self.listing.units)
+        return report
+
+    def _run_unit(self, unit: Unit, bar: Any, threads: ThreadPoolExecutor | None
+                  ) -> dict[str, Any]:
+        name = f"{unit.index:06d}.tar"
+        for stale in self.out.glob(f".{name}.tmp*"):  # left by a killed run
+            stale.unlink(missing_ok=True)
+        skips, keys = _Skips(), []
+        writer = ShardWriter(self.out, self.entry, image_format=self.cfg.image.format,
+                             image_size=self.cfg.image.size, samples_per_shard=_ONE_SHARD,
+                             start_index=unit.index)
+        items = iter_unit(self.listing, unit, skips)
+        seen: set[str] = set()
+        with writer:
+            while window := list(itertools.islice(items, self.cfg.sort_window)):
+                for item, image, emb in self._embed_window(window, skips, threads):
+                    if item.key in seen:
+                        skips("duplicate_key", item.key)
+                        continue
+                    seen.add(item.key)
+                    meta = {**item.meta, "original_width": image.width,
+                            "original_height": image.height, **emb.pop("meta")}
+                    writer.write(item.key, image.stored, item.caption, meta=meta, **emb)
+                    keys.append(item.key)
+                bar.update(len(window))
+        if name not in writer.shards:  # nothing usable: no shard (drop one from a crash)
+            (self.out / name).unlink(missing_ok=True)
+        part = writer.manifest(**self._extras())
+        part.update(unit=unit.index, source=unit.name, keys=keys,
+                    skipped={r: int(skips.get(r, 0)) for r in SKIP_REASONS},
+                    bytes={n: (self.out / n).stat().st_size for n in writer.shards},
+                    compute={"device": str(self.enc.device), "dtype": str(self.enc.dtype)})
+        self._write_json(self.parts / f"{unit.index:06d}.json", part)
+        return part
+
+    def _prepare(self, item: Item) -> Any:
+        try:
+            data = read_source(item.data, item.path)
+            image = prepare_image(data, self.cfg.image, self.enc.image_size)
+        except ImageSkip as s:
+            return s
+        if not isinstance(image.stored, bytes):  # encode here: in parallel, and it is smaller
+            image.stored = encode_image(image.stored, self.cfg.image.format)[0]
+        return image
+
+    def _embed_window(self, window: list[Item], skip: _Skips,
+                      threads: ThreadPoolExecutor | None
+                      ) -> list[tuple[Item, Any, dict[str, Any]]]:
+        """Images prepared (in threads), captions embedded in batches of similar T5 length."""
+        prepared = list(threads.map(self._prepare, window) if threads else
+                        map(self._prepare, window))
+        ok = []
+        for item, image in zip(window, prepared):
+            if isinstance(image, ImageSkip):
+                skip(image.reason, item.key, str(image))
+            else:
+                ok.append((item, image))
+        if not ok:
+            return []
+        emb = self._encode([it.caption for it, _ in ok], [im.clip for _, im in ok])
+        out = []
+        for (item, image), e in zip(ok, emb):
+            if e is None:
+                skip("nonfinite", item.key, "an embedding overflows float16")
+                continue
+            if (self.cfg.clip_min_similarity is not None
+                    and e["meta"]["clip_similarity"] < self.cfg.clip_min_similarity):
+                skip("low_similarity", item.key, f"{e['meta']['clip_similarity']:.3f}")
+                continue
+            out.append((item, image, e))
+        return out
+
+    def _encode(self, captions: list[str], clip_images: list[np.ndarray]
+                ) -> list[dict[str, Any] | None]:
+        enc, bs = self.enc, self.cfg.batch_size
+        ids = enc.t5_tokenizer(captions, truncation=True, max_length=enc.t5_max_length)
+        order = sorted(range(len(captions)), key=lambda i: len(ids["input_ids"][i]))
+        rows: list[dict[str, Any]] = [{} for _ in captions]
+        for start in range(0, len(order), bs):
+            chunk = order[start:start + bs]
+            text = enc.encode_text([captions[i] for i in chunk], batch_size=len(chunk))
+            for j, i in enumerate(chunk):
+                rows[i].update(t5=text["t5"][j], clip_txt=text["clip_txt"][j],
+                               clip_pool=text["clip_pool"][j])
+        for start in range(0, len(clip_images), bs):
+            x = torch.from_numpy(np.stack(clip_images[start:start + bs])).permute(0, 3, 1, 2)
+            img = enc.encode_image(x.float().div_(255.0), batch_size=bs)
+            for j, row in enumerate(rows[start:start + bs]):
+                row["clip_img"] = img[j]
+        out: list[dict[str, Any] | None] = []
+        for row in rows:
+            arrays = {k: v.numpy().astype(np.float16) for k, v in row.items()}
+            if not all(np.isfinite(a).all() for a in arrays.values()):
+                out.append(None)
+                continue
+            sim = torch.nn.functional.cosine_similarity(row["clip_pool"], row["clip_img"], dim=0)
+            out.append({**arrays, "meta": {"clip_similarity": round(float(sim), 4)}})
+        return out
+
+    # ------------------------------------------------------------------ finishing
+    def _extras(self) -> dict[str, Any]:
+        job = self.job_record()
+        return {"created_by": "data_prep/embed.py",
+                "prep": {k: job[k] for k in ("input", "image", "clip_min_similarity")}}
+
+    def finalize(self) -> Path | None:
+        """manifest.json from all unit parts, if every unit is done; None otherwise."""
+        parts = []
+        for unit in self.listing.units:
+            path = self.parts / f"{unit.index:06d}.json"
+            if not path.is_file():
+                return None
+            parts.append(json.loads(path.read_text()))
+        owner: dict[str, int] = {}
+        for part in parts:
+            for name, size in part["bytes"].items():
+                shard = self.out / name
+                if not shard.is_file() or shard.stat().st_size != size:
+                    raise EdiffError(f"{shard} is missing or changed since its unit finished; "
+                                     f"delete {PARTS}/{part['unit']:06d}.json and re-run")
+            for key in part["keys"]:
+                if key in owner:
+                    raise EdiffError(f"sample key {key!r} occurs in units {owner[key]} and "
+                                     f"{part['unit']}; input keys must be unique")
+                owner[key] = part["unit"]
+        merged = merge_manifests([{k: v for k, v in p.items() if k not in _PART_ONLY}
+                                  for p in parts])
+        skipped = sum((Counter(p["skipped"]) for p in parts), Counter())
+        merged["skipped"] = {r: int(skipped.get(r, 0)) for r in SKIP_REASONS}
+        merged["units"] = len(parts)
+        path = self.out / MANIFEST
+        text = json.dumps({**merged, "num_samples": sum(merged["shards"].values())},
+                          indent=1, sort_keys=True)
+        if not (path.is_file() and path.read_text() == text):
+            write_manifest(self.out, merged)
+        return path
+
+    @staticmethod
+    def _write_json(path: Path, obj: dict[str, Any]) -> None:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:6]}")
+        tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+        os.replace(tmp, path)

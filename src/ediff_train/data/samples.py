@@ -1,0 +1,157 @@
+"""One shard sample's raw tar members → tensors, with every check that can skip it.
+
+Embeddings keep their stored dtype (float16) here; the batch step decides what to convert.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from ediff_train.data.tario import read_npy
+from ediff_train.errors import EdiffError
+
+EMBEDDINGS = ("t5", "clip_txt", "clip_pool", "clip_img")
+IMAGE_EXTS = ("png", "jpg", "jpeg")
+_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+@dataclass(frozen=True)
+class EmbedDims:
+    """Expected embedding widths; a sample whose arrays disagree is skipped as `bad_shape`."""
+
+    t5: int
+    clip_txt: int
+    clip_pool: int
+    clip_img: int
+    t5_max_length: int | None = None
+    context_length: int = 77
+
+    @classmethod
+    def from_manifest(cls, manifest: Mapping[str, Any]) -> EmbedDims:
+        enc = manifest.get("encoders", {})
+        t5, clip = enc.get("t5", {}), enc.get("clip", {})
+        try:
+            return cls(t5=int(t5["dim"]), clip_txt=int(clip["text_dim"]),
+                       clip_pool=int(clip["pool_dim"]), clip_img=int(clip["image_dim"]),
+                       t5_max_length=t5.get("max_length"),
+                       context_length=int(clip.get("context_length", 77)))
+        except (KeyError, TypeError, ValueError) as e:
+            raise EdiffError(f"manifest lacks embedding dims ({e!r} missing or invalid)") from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Expected shape; -1 marks T5's free token count."""
+        return {"t5": (-1, self.t5), "clip_txt": (self.context_length, self.clip_txt),
+                "clip_pool": (self.clip_pool,), "clip_img": (self.clip_img,)}[name]
+
+
+class _Skip(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+def missing_fields(raw: Mapping[str, Any]) -> list[str]:
+    need = [f"{e}.npy" for e in EMBEDDINGS if f"{e}.npy" not in raw]
+    if not any(ext in raw for ext in IMAGE_EXTS):
+        need.append("png|jpg")
+    return need
+
+
+_PIL_FORMATS = {"png": ("PNG",), "jpg": ("JPEG",), "jpeg": ("JPEG",)}
+
+
+def load_image(data: bytes, size: int, ext: str | None = None) -> Image.Image:
+    """RGB at size×size: shorter side resized to `size`, then centre-cropped. `ext` names the
+    expected format (skips PIL's format probing; a mislabelled file still opens)."""
+    try:
+        im = Image.open(io.BytesIO(data), formats=_PIL_FORMATS.get(ext or ""))
+    except Image.UnidentifiedImageError:
+        im = Image.open(io.BytesIO(data))
+    im.load()
+    if im.mode != "RGB":
+        im = im.convert("RGB")
+    w, h = im.size
+    if (w, h) != (size, size):
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        im = im.resize((nw, nh), Image.Resampling.BICUBIC)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        im = im.crop((left, top, left + size, top + size))
+    return im
+
+
+def image_uint8(im: Image.Image) -> Tensor:
+    """uint8 HWC → uint8 [3,H,W] (a view)."""
+    return torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def to_unit_range(x: Tensor) -> Tensor:
+    """uint8 pixels → float32 in [-1, 1]."""
+    return x.float().div_(127.5).sub_(1.0)
+
+
+def image_tensor(im: Image.Image) -> Tensor:
+    """uint8 HWC → float32 [3,H,W] in [-1, 1]."""
+    return to_unit_range(image_uint8(im))
+
+
+def _load_embedding(name: str, data: bytes | bytearray, dims: EmbedDims) -> Tensor:
+    """The stored array as a tensor of its own dtype (float16 in our shards; float64 → 32)."""
+    try:
+        arr = read_npy(data)
+    except Exception as e:  # numpy raises ValueError/EOFError/OSError for broken npy bytes
+        raise _Skip("bad_npy", f"{name}.npy: {e}") from None
+    want = dims.shape(name)
+    ok = arr.ndim == len(want) and all(w in (-1, s) for w, s in zip(want, arr.shape))
+    if name == "t5" and ok:
+        max_len = dims.t5_max_length
+        ok = arr.shape[0] >= 1 and (max_len is None or arr.shape[0] <= max_len)
+    if not ok or arr.dtype not in _FLOATS:
+        shown = tuple("L" if w == -1 else w for w in want)
+        raise _Skip("bad_shape", f"{name}.npy is {arr.dtype}{list(arr.shape)}, want {shown}")
+    if not arr.flags.writeable:  # torch cannot wrap read-only memory; one memcpy is cheap
+        arr = arr.copy()
+    out = torch.from_numpy(arr)
+    if out.dtype == torch.float64:
+        out = out.float()
+    # A finite float32 sum proves every value finite at a fraction of isfinite's cost (float16
+    # values cannot overflow it); only a non-finite sum is checked element-wise.
+    if not math.isfinite(out.sum(dtype=torch.float32)) and not torch.isfinite(out).all():
+        raise _Skip("nonfinite", f"{name}.npy holds NaN/Inf")
+    return out
+
+
+def decode_sample(raw: Mapping[str, Any], image_size: int, dims: EmbedDims,
+                  lowres_size: int | None = None, compact: bool = False) -> dict[str, Any]:
+    """Raw tar members → tensors; raises _Skip with a reason for anything unusable.
+
+    Embeddings keep their stored dtype; images are float32 in [-1, 1], or uint8 with
+    `compact` (for `collate(..., compact=True)`)."""
+    missing = missing_fields(raw)
+    if missing:
+        raise _Skip("missing_field", "no " + ", ".join(missing))
+    out: dict[str, Any] = {name: _load_embedding(name, raw[f"{name}.npy"], dims)
+                           for name in EMBEDDINGS}
+    ext = next(e for e in IMAGE_EXTS if e in raw)
+    try:
+        im = load_image(raw[ext], image_size, ext)
+    except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError
+        raise _Skip("bad_image", f"{ext}: {e}") from None
+    pixels = image_uint8 if compact else image_tensor
+    out["image"] = pixels(im)
+    if lowres_size is not None:
+        out["lowres"] = pixels(im.resize((lowres_size, lowres_size), Image.Resampling.BICUBIC))
+    txt = raw.get("txt", b"")
+    out["caption"] = (txt.decode("utf-8", "replace") if isinstance(txt, (bytes, bytearray))
+                      else str(txt))
+    out["key"], out["shard"] = raw["__key__"], raw["__shard__"]
+    return out

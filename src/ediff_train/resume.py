@@ -1,0 +1,222 @@
+"""Surviving preemption, walltime and kill -9: the same command always picks up where it stopped.
+
+- Checkpoints are written to a temp name and renamed into place (`AtomicCheckpointIO`, and
+  strategies.DeepSpeed for checkpoint folders), so `last.ckpt` is the previous good one or the
+  new good one, never half of each.
+- On start, `resume_checkpoint` takes the newest *valid* checkpoint of the node among
+  `checkpoints/last.ckpt` and `checkpoints/hpc_ckpt_N.ckpt`; temp leftovers are deleted,
+  unreadable ones renamed `*.corrupt` with a warning, never loaded.
+- Under SLURM, `Requeue` turns the signal sent before the time limit (SIGUSR1) into: at the next
+  step boundary, on all ranks together, save `hpc_ckpt_N.ckpt`, `scontrol requeue`, stop without
+  hand-off. Lightning's own handler saves inside the signal handler, mid-step, which with several
+  ranks can pair the checkpoint's collectives with a different one on another rank.
+- The W&B run id is stored in the node folder on first start, so a requeued run continues it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from ediff_train.strategies import MARKER
+
+CKPT_DIR = "checkpoints"
+LAST = "last.ckpt"
+_HPC = re.compile(r"^hpc_ckpt_(\d+)\.ckpt$")
+WANDB_ID = "wandb_id"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's torch.save checkpoints, written to a temp file, synced, then renamed."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _env_rank() -> int:
+    """This process's global rank before the Trainer exists (0 when not distributed)."""
+    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 0
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The global step a checkpoint holds, or None if it is incomplete or unreadable."""
+    try:
+        if path.is_dir():  # DeepSpeed folder: complete once its marker was written
+            return int(json.loads((path / MARKER).read_text())["global_step"])
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return int(ckpt["global_step"])
+    except Exception:  # any unreadable file is skipped, whatever the reason
+        return None
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _candidates(ckpt_dir: Path) -> list[Path]:
+    return [p for p in ckpt_dir.iterdir() if p.name == LAST or _HPC.match(p.name)]
+
+
+def clean_leftovers(ckpt_dir: Path) -> None:
+    """Undo what a kill mid-save can leave: a folder swap cut in half, temp files."""
+    for old in ckpt_dir.glob(".*.old"):
+        final = ckpt_dir / old.name[1 : -len(".old")]
+        if not final.exists():
+            os.rename(old, final)  # the swap was cut between its two renames
+        else:
+            _remove(old)
+    for tmp in ckpt_dir.glob(".*.tmp*"):
+        _remove(tmp)
+
+
+def resume_checkpoint(ndir: str | os.PathLike, cleanup: bool | None = None) -> Path | None:
+    """The newest valid checkpoint of a node (by global step, then time), or None.
+
+    Rank 0 (`cleanup`, default: this process is rank 0) also tidies the folder: temp leftovers
+    go, unreadable checkpoints become `*.corrupt`, hpc checkpoints older than the choice go.
+    """
+    ckpt_dir = Path(ndir) / CKPT_DIR
+    if not ckpt_dir.is_dir():
+        return None
+    cleanup = _env_rank() == 0 if cleanup is None else cleanup
+    if cleanup:
+        clean_leftovers(ckpt_dir)
+    found: list[tuple[int, float, Path]] = []
+    for path in _candidates(ckpt_dir):
+        step = checkpoint_step(path)
+        if step is None:
+            warnings.warn(f"skipping unreadable checkpoint {path}", stacklevel=2)
+            if cleanup:
+                os.replace(path, path.with_name(path.name + ".corrupt"))
+            continue
+        try:
+            found.append((step, path.stat().st_mtime, path))
+        except OSError:  # removed meanwhile by rank 0's tidying: it was not the newest
+            continue
+    if not found:
+        return None
+    found.sort(key=lambda t: (t[0], t[1]))
+    best = found[-1][2]
+    if cleanup:
+        for _, _, path in found[:-1]:
+            if _HPC.match(path.name):
+                _remove(path)  # superseded by a newer one
+    return best
+
+
+def next_hpc_path(ckpt_dir: Path) -> Path:
+    taken = [int(m.group(1)) for p in ckpt_dir.glob("hpc_ckpt_*") if (m := _HPC.match(p.name))]
+    return ckpt_dir / f"hpc_ckpt_{max(taken, default=0) + 1}.ckpt"
+
+
+class Requeue(Callback):
+    """SLURM's early-warning signal → checkpoint at a step boundary → requeue → stop."""
+
+    def __init__(self, ckpt_dir: str | os.PathLike, signum: int = signal.SIGUSR1) -> None:
+        self.ckpt_dir, self.signum = Path(ckpt_dir), signum
+        self.signalled = False
+        self.requeued = False
+        self._previous: Any = None
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.signalled = True  # acted on at the next step boundary, never inside the handler
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        try:
+            self._previous = signal.signal(self.signum, self._handler)
+        except ValueError:  # not the main thread: nothing to install
+            self._previous = None
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._previous is not None:
+            signal.signal(self.signum, self._previous)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        flag = torch.tensor(1.0 if self.signalled else 0.0, device=pl_module.device)
+        if trainer.world_size > 1:
+            flag = trainer.strategy.reduce(flag, reduce_op="max")
+        if flag.item() < 0.5 or self.requeued or trainer.global_step >= (trainer.max_steps or 0):
+            return
+        path = next_hpc_path(self.ckpt_dir) if trainer.is_global_zero else None
+        path = trainer.strategy.broadcast(path)
+        trainer.save_checkpoint(path)
+        ok = trainer.strategy.broadcast(self._requeue() if trainer.is_global_zero else False)
+        if ok:
+            self.requeued = True
+            trainer.should_stop = True
+        else:
+            self.signalled = False  # no requeue: go on training until the limit, ckpt is saved
+
+    def _requeue(self) -> bool:
+        job = os.environ.get("SLURM_JOB_ID")
+        if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+            job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+        if not job:
+            return False
+        try:
+            proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+        except OSError as e:
+            warnings.warn(f"cannot requeue SLURM job {job}: {e}", stacklevel=2)
+            return False
+        if proc.returncode != 0:
+            warnings.warn(f"scontrol requeue {job} failed: {proc.stderr.strip()}", stacklevel=2)
+            return False
+        print(f"requeued SLURM job {job} after saving a checkpoint", flush=True)
+        return True
+
+
+def persistent_run_id(ndir: str | os.PathLike, name: str = WANDB_ID) -> str:
+    """A run id created once per node folder and reused by every later start (atomic create)."""
+    path = Path(ndir) / name
+    if path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{name}.tmp{os.getpid()}")
+    tmp.write_text(secrets.token_hex(4) + "\n")
+    try:
+        os.link(tmp, path)  # fails if another rank or run created it first: use theirs
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path.read_text().strip()

@@ -1,0 +1,141 @@
+"""How a node's training is spread over processes: the `strategy` group, the layout SLURM gives.
+
+`conf/strategy/*.yaml` holds either a plain Lightning name (`name: auto`) or a `_target_`
+instantiated here. DeepSpeed runs through `DeepSpeed`, a thin subclass whose checkpoints are
+written atomically (a temp folder renamed into place), so a kill mid-save never leaves a
+half-written `last.ckpt/` behind. Under SLURM, `num_nodes`/`devices` left at `auto` come from the
+allocation and Lightning's own requeue handler is switched off (resume.Requeue replaces it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+from hydra.utils import instantiate
+from lightning.pytorch.strategies import DeepSpeedStrategy
+from omegaconf import DictConfig, OmegaConf
+
+from ediff_train.errors import EdiffError
+
+MARKER = "ediff_ckpt.json"  # written last into a DeepSpeed checkpoint folder: it is complete
+
+
+def build_strategy(cfg: DictConfig | None) -> Any:
+    """A Lightning strategy object, or a registered name such as 'auto'."""
+    if cfg is None or "_target_" not in cfg:
+        return (cfg or {}).get("name", "auto")
+    target = str(cfg["_target_"])
+    if "deepspeed" in target.lower() or target.endswith(".DeepSpeed"):
+        _require_deepspeed(target)
+    return instantiate(cfg, _convert_="all")
+
+
+def _require_deepspeed(what: str) -> None:
+    try:
+        import deepspeed  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install that fails at import
+        why = str(e).splitlines()[0] if str(e) else "missing"
+        raise EdiffError(
+            f"strategy {what} needs DeepSpeed, which cannot be imported ({type(e).__name__}: "
+            f"{why}): pip install 'ediff-train[deepspeed]'"
+        ) from None
+
+
+def _first_count(value: str) -> int:
+    """SLURM's per-node counts look like '4', '4(x2)' or '4(x2),2': the first count."""
+    m = re.match(r"\s*(\d+)", value)
+    if not m:
+        raise EdiffError(f"cannot read a count from SLURM value {value!r}")
+    return int(m.group(1))
+
+
+def slurm_layout(trainer: Mapping[str, Any], env: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    """`num_nodes` and `devices` for the Trainer: SLURM's allocation where the config says auto.
+
+    Under `srun` Lightning wants one task per device (SLURM_NTASKS_PER_NODE); a single task per
+    node that starts its own device processes takes the GPUs on the node (SLURM_GPUS_ON_NODE).
+    An explicit value that contradicts the allocation is a one-line error, not a hang at start.
+    """
+    out = {"num_nodes": trainer.get("num_nodes", "auto"), "devices": trainer.get("devices", "auto")}
+    if out["num_nodes"] in (None, "auto"):
+        out["num_nodes"] = int(env.get("SLURM_NNODES", 1)) if "SLURM_JOB_ID" in env else 1
+    if "SLURM_JOB_ID" not in env:
+        return out
+    if env.get("SLURM_NTASKS_PER_NODE"):
+        per_node, source = _first_count(env["SLURM_NTASKS_PER_NODE"]), "--ntasks-per-node"
+    elif int(env.get("SLURM_NTASKS", "1")) > 1:
+        per_node, source = int(env["SLURM_NTASKS"]) // int(out["num_nodes"]), "--ntasks"
+    elif env.get("SLURM_GPUS_ON_NODE") and trainer.get("accelerator") not in ("cpu",):
+        per_node, source = _first_count(env["SLURM_GPUS_ON_NODE"]), "GPUs on the node"
+    else:
+        per_node, source = None, ""
+    if out["devices"] in (None, "auto") and per_node is not None:
+        out["devices"] = per_node
+    elif per_node is not None and source != "GPUs on the node" and out["devices"] != per_node:
+        raise EdiffError(
+            f"trainer.devices={out['devices']} but SLURM runs {per_node} task(s) per node "
+            f"({source}): set trainer.devices=auto or match the allocation"
+        )
+    nnodes = env.get("SLURM_NNODES")
+    if nnodes is not None and int(out["num_nodes"]) != int(nnodes):
+        raise EdiffError(
+            f"trainer.num_nodes={out['num_nodes']} but the SLURM job has {nnodes} node(s): "
+            "set trainer.num_nodes=auto"
+        )
+    return out
+
+
+def cluster_plugins() -> list[Any]:
+    """Under SLURM, the environment without Lightning's in-handler requeue (see resume.Requeue)."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
+
+
+def swap_into_place(tmp: Path, final: Path) -> None:
+    """Rename a finished temp folder (or file) over `final`; a crash in between leaves `.old`."""
+    old = final.with_name(f".{final.name}.old")
+    if old.exists():
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    if final.exists():
+        os.rename(final, old)
+    os.rename(tmp, final)
+    if old.exists():
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+class DeepSpeed(DeepSpeedStrategy):
+    """Lightning's DeepSpeed strategy with atomic checkpoint folders (see module docstring)."""
+
+    requires_cuda: ClassVar[bool] = True  # Lightning runs DeepSpeed on CUDA only
+
+    def save_checkpoint(
+        self, checkpoint: dict, filepath: Any, storage_options: Any | None = None
+    ) -> None:
+        final = Path(self.broadcast(str(filepath)))
+        tmp = final.with_name(f".{final.name}.tmp")
+        if self.is_global_zero and tmp.exists():
+            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+        self.barrier("ediff_ckpt_clean")
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        self.barrier("ediff_ckpt_written")  # every rank's shard is on disk
+        if self.is_global_zero:
+            marker = {"global_step": int(checkpoint.get("global_step", -1)),
+                      "world_size": self.world_size}
+            (tmp / MARKER).write_text(json.dumps(marker) + "\n")
+            swap_into_place(tmp, final)
+        self.barrier("ediff_ckpt_renamed")
+
+
+def trainer_config(cfg: DictConfig) -> dict[str, Any]:
+    """The `trainer:` group as Trainer kwargs, with the SLURM layout filled in."""
+    kw = OmegaConf.to_container(cfg.trainer, resolve=True)
+    assert isinstance(kw, dict)
+    kw.update(slurm_layout(kw))
+    return kw

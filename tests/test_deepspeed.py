@@ -1,0 +1,113 @@
+"""DeepSpeed ZeRO-2/3 on 2 CPU processes (gloo) through the real entry point: consolidated
+hand-off weights, an EMA equal to one recomputed without ZeRO from DeepSpeed's own fp32 weights,
+a child initialised from a ZeRO-3 parent, and resume from a DeepSpeed checkpoint folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, run_env
+
+from ediff_train.checkpoints import load_weights
+
+pytest.importorskip("deepspeed")
+
+FAST = ["logger=csv", "data.num_workers=0", "sample.per_prompt=0", "data.batch_size=8",
+        "trainer=ddp_cpu", "strategy._target_=cpu_deepspeed.CPUDeepSpeed",
+        "module.lr=3e-3"]  # steps large enough that EMA and raw weights visibly differ
+DECAY = 0.9999  # conf/train.yaml module.ema_decay, with warmup
+
+
+def train(tmp: Path, *args: str) -> None:
+    env = run_env(tmp)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *FAST, *args], cwd=tmp,
+                          env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+
+
+def record(tmp: Path, name: str) -> list[str]:
+    path = tmp / f"{name}.pt"
+    return ["+callbacks.record._target_=cpu_deepspeed.RecordWeights",
+            f"+callbacks.record.path={path}"]
+
+
+def reference_ema(ema0: dict, steps: dict[int, dict], first: int = 1) -> dict:
+    """The EMA recomputed in plain torch from the recorded raw fp32 weights after each step."""
+    ema = {k: v.clone() for k, v in ema0.items()}
+    for n in range(first, max(steps) + 1):
+        decay = min(DECAY, (1 + n) / (10 + n))
+        for k, v in steps[n].items():
+            ema[k].lerp_(v, 1.0 - decay)
+    return ema
+
+
+def close(a: dict, b: dict, tol: float) -> float:
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst <= tol, worst
+    return worst
+
+
+@pytest.fixture(scope="module")
+def z3_parent(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("ds")
+    train(tmp, "run_dir=R", "steps=4", "strategy=deepspeed_stage_3",
+          "checkpoint_every=4", *record(tmp, "parent"))
+    return tmp
+
+
+def test_zero3_handoff_and_ema_match_reference(z3_parent: Path) -> None:
+    ndir = z3_parent / "R" / "E0_0"
+    model, ema, meta = load_weights(ndir / "weights.safetensors")
+    assert meta["step"] == 4 and json.loads((ndir / "node.json").read_text())["step"] == 4
+    steps = torch.load(z3_parent / "parent.pt", weights_only=True)
+    assert sorted(steps) == [0, 1, 2, 3, 4]
+    close(model, steps[4], 0.0)  # consolidated fp32 master weights, bit for bit
+    assert all(v.numel() > 0 for v in ema.values())  # not the empty ZeRO-3 placeholders
+    ema0 = torch.load(z3_parent / "parent.ema0", weights_only=True)
+    close(ema0, steps[0], 0.0)  # a root's EMA starts at its initial weights
+    close(ema, reference_ema(ema0, steps), 1e-6)
+    assert max(float((ema[k] - model[k]).abs().max()) for k in ema) > 1e-3  # EMA lags
+    ckpt = ndir / "checkpoints" / "last.ckpt"
+    assert ckpt.is_dir() and json.loads((ckpt / "ediff_ckpt.json").read_text())["global_step"] == 4
+
+
+def test_zero3_child_starts_from_parent_weights(z3_parent: Path) -> None:
+    train(z3_parent, "run_dir=R", "expert=E1_1", "steps=2", "strategy=deepspeed_stage_3",
+          "checkpoint_every=10", *record(z3_parent, "child"))
+    parent_model, parent_ema, _ = load_weights(z3_parent / "R" / "E0_0" / "weights.safetensors")
+    steps = torch.load(z3_parent / "child.pt", weights_only=True)
+    close(steps[0], parent_model, 0.0)  # partitioned by DeepSpeed after loading, unchanged
+    ema0 = torch.load(z3_parent / "child.ema0", weights_only=True)
+    close(ema0, parent_ema, 0.0)
+    model, ema, meta = load_weights(z3_parent / "R" / "E1_1" / "weights.safetensors")
+    assert meta["step"] == 6
+    close(model, steps[2], 0.0)
+    close(ema, reference_ema(ema0, steps), 1e-6)
+
+
+def test_zero2_bf16_resume_keeps_ema(tmp_path: Path) -> None:
+    """bf16 weights, fp32 master fragments: the EMA follows the master weights, and survives a
+    resume from the DeepSpeed checkpoint folder."""
+    common = ["run_dir=R", "strategy=deepspeed_stage_2", "checkpoint_every=2"]
+    train(tmp_path, *common, "steps=2", *record(tmp_path, "a"))
+    train(tmp_path, *common, "steps=3", *record(tmp_path, "b"))  # resumes at step 2
+    a = torch.load(tmp_path / "a.pt", weights_only=True)
+    b = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert sorted(a) == [0, 1, 2] and sorted(b) == [2, 3]
+    close(b[2], a[2], 0.0)  # fp32 master weights restored exactly
+    model, ema, meta = load_weights(tmp_path / "R" / "E0_0" / "weights.safetensors")
+    assert meta["step"] == 3
+    close(model, b[3], 0.0)
+    ema0 = torch.load(tmp_path / "a.ema0", weights_only=True)
+    close(ema0, a[0], 0.0)  # fp32 master weights start at the fp32 init, not its bf16 copy
+    close(ema, reference_ema(ema0, {**a, **b}), 1e-6)
+    assert max(float((ema[k] - model[k]).abs().max()) for k in ema) > 1e-3
