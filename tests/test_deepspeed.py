@@ -1,6 +1,7 @@
-"""DeepSpeed ZeRO-2/3 on 2 CPU processes (gloo) through the real entry point: consolidated
-hand-off weights, an EMA equal to one recomputed without ZeRO from DeepSpeed's own fp32 weights,
-a child initialised from a ZeRO-3 parent, and resume from a DeepSpeed checkpoint folder."""
+"""DeepSpeed ZeRO-2/3 on 2 CPU processes (gloo, bf16 as configured) through the real entry point:
+consolidated hand-off weights, an EMA equal to one recomputed without ZeRO from DeepSpeed's own
+fp32 master weights, a child initialised exactly from a ZeRO-3 parent, and resume from a
+DeepSpeed checkpoint folder."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 import torch
 from conftest import ROOT, run_env
 
-from ediff_train.checkpoints import load_weights
+from ediff_train.checkpoints import load_expert, load_weights
 
 pytest.importorskip("deepspeed")
 
@@ -76,6 +77,9 @@ def test_zero3_handoff_and_ema_match_reference(z3_parent: Path) -> None:
     close(ema0, steps[0], 0.0)  # a root's EMA starts at its initial weights
     close(ema, reference_ema(ema0, steps), 1e-6)
     assert max(float((ema[k] - model[k]).abs().max()) for k in ema) > 1e-3  # EMA lags
+    node, denoiser = load_expert(ndir)  # what the sampler does, unchanged
+    assert node.name == "E0_0"
+    close(denoiser.state_dict(), ema, 0.0)
     ckpt = ndir / "checkpoints" / "last.ckpt"
     assert ckpt.is_dir() and json.loads((ckpt / "ediff_ckpt.json").read_text())["global_step"] == 4
 

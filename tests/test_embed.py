@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from conftest import ROOT, run_env
 from PIL import Image
 
-from conftest import ROOT, run_env
 from ediff_train.data.datamodule import ShardDataModule
 from ediff_train.data.images import ImageSpec, prepare_image
 from ediff_train.data.manifest import read_manifest

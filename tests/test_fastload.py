@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_loader import DIMS, make_sample, write_set
 
 from ediff_train.data.batching import SLABS_PER_WORKER, SlabPool, collate, expand_batch
 from ediff_train.data.datamodule import ShardLoader
 from ediff_train.data.loader import ShardStream, decode_sample
 from ediff_train.data.tario import iter_tar, read_npy
-from test_loader import DIMS, make_sample, write_set
 
 
 def tar_bytes(members: dict[str, bytes], fmt: int) -> bytes:

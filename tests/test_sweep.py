@@ -14,6 +14,7 @@ import pytest
 from conftest import ROOT, run_env
 from hydra import compose, initialize_config_dir
 
+from ediff_train.cli import register_nodes
 from ediff_train.errors import EdiffError
 from ediff_train.strategies import slurm_layout
 
@@ -36,7 +37,8 @@ def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 def test_local_sweep_trains_one_node_per_point(tmp_path: Path) -> None:
     ok(train(tmp_path))  # the root both sides start from
-    ok(train(tmp_path, "-m", "expert=below,above", "expert.split_sigma=1"))
+    # `++`: a single value is applied to the base config too, whose default expert has no split
+    ok(train(tmp_path, "-m", "expert=below,above", "++expert.split_sigma=1"))
     below = json.loads((tmp_path / "R" / "below_s1" / "node.json").read_text())
     above = json.loads((tmp_path / "R" / "above_s1" / "node.json").read_text())
     split_u = 0.5 * (1 + math.erf(1.2 / 1.2 / math.sqrt(2)))  # σ = 1 under ln σ ~ N(−1.2, 1.2²)
@@ -48,6 +50,7 @@ def test_local_sweep_trains_one_node_per_point(tmp_path: Path) -> None:
 
 
 def compose_train(*overrides: str):  # noqa: ANN201
+    register_nodes()
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         return compose("train", overrides=list(overrides), return_hydra_config=True)
 

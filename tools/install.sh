@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install ediff-train into ./.venv on a CPU machine (the README's commands call this).
 #   bash tools/install.sh          # the package
-#   bash tools/install.sh --dev    # plus test tools
+#   bash tools/install.sh --dev    # plus test tools, DeepSpeed and the submitit launcher
 # On a GPU machine with its own torch, use plain `pip install -e .` instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,4 +30,14 @@ if ! "$PY" -c "import torchvision" >/dev/null 2>&1; then
   "$PY" -c "import torchvision, open_clip, lightning" >/dev/null
   echo "installed the torchvision op-schema shim into $site"
 fi
+
+# DeepSpeed's setup.py imports torch: build it against the torch already here (no isolated
+# build env, which would fetch a CUDA torch) and without compiling its CUDA ops. ~15 s.
+if [ "${1:-}" = "--dev" ]; then
+  "$PY" -m pip install -q setuptools wheel
+  DS_BUILD_OPS=0 "$PY" -m pip install -q --no-build-isolation "deepspeed>=0.14" 2>&1 \
+    | grep -v "is ignored" || true
+  "$PY" -c "import deepspeed" >/dev/null 2>&1 || { echo "DeepSpeed failed to install" >&2; exit 1; }
+fi
+
 echo "ediff-train installed in $VENV"

@@ -1,7 +1,8 @@
 """Run-directory layout and the hand-off files between nodes (DESIGN §5).
 
 `runs/<experiment>/<node>/` holds Lightning's `checkpoints/` (resume state, never read by other
-nodes), `weights.safetensors` (model + EMA: what children and the sampler load), `node.json`
+nodes: `last.ckpt`, SLURM requeue `hpc_ckpt_N.ckpt`; files or DeepSpeed folders; resume.py),
+`weights.safetensors` (model + EMA: what children and the sampler load), `node.json`
 and the resolved `config.yaml`. Everything written here goes to a temp name first and is renamed
 into place, so an interrupted run never leaves a half-written hand-off file. Everything read
 here is weights-only (safetensors), so a shared run dir cannot execute code.
@@ -102,9 +103,10 @@ def parent_weights(run_dir: str | os.PathLike, parent: str, parent_dir: str | No
 
 
 def last_checkpoint(ndir: str | os.PathLike) -> Path | None:
-    """Lightning's resume checkpoint for this node, if an earlier run of it left one."""
-    path = Path(ndir) / "checkpoints" / LAST_CKPT
-    return path if path.is_file() else None
+    """The checkpoint a new run of this node would resume from (newest valid), if any."""
+    from ediff_train.resume import resume_checkpoint  # Lightning: only imported when asked
+
+    return resume_checkpoint(ndir, cleanup=False)
 
 
 def load_train_config(ndir: str | os.PathLike) -> Any:

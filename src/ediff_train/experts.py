@@ -184,10 +184,7 @@ def node_from_config(cfg: Mapping[str, Any]) -> Node:
             lo, hi = (None, split) if cfg.get("side") == "below" else (split, None)
         node = interval_node(lo, hi, cfg.get("u_lo"), cfg.get("u_hi"), parent=parent)
         base = cfg.get("name") or "interval"
-        if base == "interval":
-            name = node.name
-        else:
-            name = f"{base}_s{split}" if split is not None else base
+        name = node.name if base == "interval" else str(base)
         return Node(name, node.pieces, node.parent, "interval")
     return parse_node(str(cfg["name"]), parent)
 

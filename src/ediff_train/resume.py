@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from ediff_train.strategies import MARKER
@@ -54,6 +55,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         _fsync_dir(path.parent)
 
 
+class PeriodicCheckpoint(ModelCheckpoint):
+    """`last.ckpt` every n steps, except at the final step: that one is written by the hand-off
+    after weights.safetensors, so a checkpoint at the target step implies a finished hand-off
+    (a run resumed at its target does no step, and would never export otherwise)."""
+
+    def __init__(self, ckpt_dir: Path, every_n_steps: int) -> None:
+        super().__init__(dirpath=ckpt_dir, save_last=True, save_top_k=0,
+                         every_n_train_steps=every_n_steps, save_on_train_epoch_end=False)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        if trainer.global_step < (trainer.max_steps or 0) or trainer.max_steps < 0:
+            super().on_train_batch_end(trainer, pl_module, *args)
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -69,7 +84,7 @@ def _fsync_dir(path: Path) -> None:
 
 def _env_rank() -> int:
     """This process's global rank before the Trainer exists (0 when not distributed)."""
-    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):  # Lightning sets LOCAL_RANK in its children
         if os.environ.get(key, "").isdigit():
             return int(os.environ[key])
     return 0
@@ -156,16 +171,15 @@ class Requeue(Callback):
         self.ckpt_dir, self.signum = Path(ckpt_dir), signum
         self.signalled = False
         self.requeued = False
-        self._previous: Any = None
+        # Installed at once, not at fit start: a signal during the set-up (data, parent weights)
+        # would otherwise kill the process with SIGUSR1's default action.
+        try:
+            self._previous: Any = signal.signal(self.signum, self._handler)
+        except ValueError:  # not the main thread: nothing to install
+            self._previous = None
 
     def _handler(self, signum: int, frame: Any) -> None:
         self.signalled = True  # acted on at the next step boundary, never inside the handler
-
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        try:
-            self._previous = signal.signal(self.signum, self._handler)
-        except ValueError:  # not the main thread: nothing to install
-            self._previous = None
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self._previous is not None:

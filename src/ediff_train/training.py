@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import sys
-import warnings
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from ediff_train.checkpoints import CONFIG, load_encoders, node_dir, parent_weights
@@ -29,16 +28,15 @@ from ediff_train.experts import Node, node_from_config
 from ediff_train.module import ExpertModule
 from ediff_train.resume import (
     CKPT_DIR,
+    LAST,
     AtomicCheckpointIO,
+    PeriodicCheckpoint,
     Requeue,
     persistent_run_id,
     resume_checkpoint,
 )
 from ediff_train.sampling import embed_prompts, generate, make_grid
 from ediff_train.strategies import build_strategy, cluster_plugins, trainer_config
-
-# The EMA copy is kept in eval mode on purpose; Lightning would warn about it at every start.
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 
 def manifest_expectations(cfg: DictConfig) -> dict[str, Any]:
@@ -72,6 +70,8 @@ class HandOff(Callback):
         usage.mkdir(parents=True, exist_ok=True)
         (usage / f"rank{trainer.global_rank}.json").write_text(json.dumps(dict(self.shards)))
         module.export(self.ndir, self.info, seen, write=trainer.is_global_zero)
+        # then the final resume checkpoint (see resume.PeriodicCheckpoint for why in this order)
+        trainer.save_checkpoint(self.ndir / CKPT_DIR / LAST)
 
 
 def build_module(cfg: DictConfig, node: Node, ndir: Path) -> tuple[ExpertModule, Path | None]:
@@ -105,8 +105,8 @@ def build_logger(cfg: DictConfig, ndir: Path) -> Any:
     return instantiate(cfg.logger)
 
 
-def build_trainer(cfg: DictConfig, ndir: Path, callbacks: list[Callback], logger: Any) -> L.Trainer:
-    """Trainer from the `trainer` and `strategy` groups, the SLURM layout and resume plugins."""
+def build_distributed(cfg: DictConfig) -> tuple[dict[str, Any], Any]:
+    """Trainer kwargs (SLURM layout filled in) and the strategy, checked against each other."""
     kw = trainer_config(cfg)
     strategy = build_strategy(cfg.get("strategy"))
     if getattr(strategy, "requires_cuda", False) and kw.get("accelerator") == "cpu":
@@ -114,6 +114,15 @@ def build_trainer(cfg: DictConfig, ndir: Path, callbacks: list[Callback], logger
             f"strategy {type(strategy).__name__} runs on GPUs only: use trainer=gpu "
             f"(got trainer.accelerator=cpu)"
         )
+    return kw, strategy
+
+
+def build_trainer(
+    cfg: DictConfig, ndir: Path, callbacks: list[Callback], logger: Any,
+    distributed: tuple[dict[str, Any], Any],
+) -> L.Trainer:
+    """Trainer from the `trainer` and `strategy` groups, the SLURM layout and resume plugins."""
+    kw, strategy = distributed
     extra = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     return L.Trainer(
         **kw,
@@ -128,28 +137,42 @@ def build_trainer(cfg: DictConfig, ndir: Path, callbacks: list[Callback], logger
     )
 
 
+_DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "NODE_RANK", "LOCAL_RANK", "RANK")
+
+
 @contextlib.contextmanager
-def single_run_argv() -> Iterator[None]:
-    """Inside a Hydra multirun, make sys.argv this job's own command line.
+def isolated_job() -> Iterator[None]:
+    """One node's fit, leaving nothing behind for the next job of a Hydra sweep.
 
-    Lightning starts the other local ranks by re-running sys.argv; in a sweep that would be the
-    whole sweep (`-m expert=below,above ...`), so each rank would train the wrong nodes."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
+    Lightning starts the other local ranks by re-running sys.argv; in a sweep that is the whole
+    sweep (`-m expert=below,above ...`), so it becomes this job's own overrides. The process group
+    and the rendezvous variables of this job are torn down at the end: the next job's ranks are
+    new processes (and a gloo group left open may abort the interpreter at exit)."""
+    import torch.distributed as dist
 
-        hc = HydraConfig.get() if HydraConfig.initialized() else None
-    except ImportError:
-        hc = None
-    if hc is None or hc.mode != RunMode.MULTIRUN:
-        yield
-        return
-    saved = sys.argv
-    sys.argv = [saved[0], *hc.overrides.task]
+    hc = _hydra_config()
+    saved_argv, saved_env = sys.argv, {k: os.environ.get(k) for k in _DIST_ENV}
+    if hc is not None and str(hc.mode) == "RunMode.MULTIRUN":
+        sys.argv = [saved_argv[0], *hc.overrides.task]
     try:
         yield
     finally:
-        sys.argv = saved
+        sys.argv = saved_argv
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _hydra_config() -> Any:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+    except ImportError:
+        return None
+    return HydraConfig.get() if HydraConfig.initialized() else None
 
 
 def train_node(cfg: DictConfig) -> Path:
@@ -158,6 +181,10 @@ def train_node(cfg: DictConfig) -> Path:
     ndir = node_dir(cfg.run_dir, node.name)
     if int(cfg.steps) < 1:
         raise EdiffError(f"steps must be ≥ 1, got {cfg.steps}")
+    distributed = build_distributed(cfg)
+    # In a SLURM job we requeue on SIGUSR1; under submitit, submitit owns preemption (SIGUSR2).
+    slurm_job = "SLURM_JOB_ID" in os.environ and "SUBMITIT_EXECUTOR" not in os.environ
+    requeue = Requeue(ndir / CKPT_DIR) if slurm_job else None
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     module, resume = build_module(cfg, node, ndir)
     data = instantiate(cfg.data, expect=manifest_expectations(cfg))
@@ -165,23 +192,14 @@ def train_node(cfg: DictConfig) -> Path:
     ndir.mkdir(parents=True, exist_ok=True)
     (ndir / CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
     info = {"run_dir": str(cfg.run_dir), "data_root": str(cfg.data.root), "config": CONFIG}
-    ckpt = ModelCheckpoint(
-        dirpath=ndir / CKPT_DIR,
-        save_last=True,
-        save_top_k=0,
-        every_n_train_steps=int(cfg.checkpoint_every),
-        save_on_train_epoch_end=False,
-    )
+    ckpt = PeriodicCheckpoint(ndir / CKPT_DIR, int(cfg.checkpoint_every))
     callbacks: list[Callback] = [ckpt, HandOff(ndir, info), TQDMProgressBar(refresh_rate=10)]
-    # Under SLURM we requeue on SIGUSR1; under submitit, submitit owns preemption (SIGUSR2).
-    slurm = bool(cluster_plugins()) and "SUBMITIT_EXECUTOR" not in os.environ
-    requeue = Requeue(ndir / CKPT_DIR) if slurm else None
     callbacks += [requeue] if requeue else []
     logger = build_logger(cfg, ndir)
-    trainer = build_trainer(cfg, ndir, callbacks, logger)
+    trainer = build_trainer(cfg, ndir, callbacks, logger, distributed)
     ckpt_path = str(resume) if resume else None
     try:
-        with single_run_argv():
+        with isolated_job():
             trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
         finished = trainer.global_step >= int(cfg.steps)
         if finished and trainer.is_global_zero and cfg.sample.per_prompt > 0:

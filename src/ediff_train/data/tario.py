@@ -104,7 +104,7 @@ def iter_tar(f: io.BufferedIOBase) -> Iterator[tuple[str, bytearray]]:
             else:
                 name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
                 prefix = header[345:500].split(b"\0", 1)[0]
-                if prefix and header[257:262] == b"ustar":
+                if prefix and header[257:263] == b"ustar\0":  # POSIX; GNU keeps times there
                     name = prefix.decode("utf-8", "replace") + "/" + name
             yield name, data
         long_name, pax = None, {}
