@@ -8,7 +8,7 @@ from ediff_train.cli import entry_point, reporting_errors
 from ediff_train.sampling import embed_prompts, generate, load_ensemble, save_images
 
 
-@hydra.main(config_path="conf", config_name="sample", version_base="1.3")
+@hydra.main(config_path="conf/sampling", config_name="config", version_base="1.3")
 @reporting_errors
 def main(cfg: DictConfig) -> None:
     names = list(cfg.experts) if cfg.experts else [str(cfg.expert)]
@@ -32,4 +32,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    entry_point(main)()
+    entry_point(main, register=False)()

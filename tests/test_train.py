@@ -118,3 +118,20 @@ def test_ddp_two_ranks_read_disjoint_shards(tmp_path: Path) -> None:
     assert r0 and r1 and not set(r0) & set(r1)
     assert sum(r0.values()) == sum(r1.values()) == 4 * 16
     assert json.loads((ndir / "node.json").read_text())["step"] == 4
+
+
+def test_sample_cli_writes_pngs_and_grid(root_run: Path) -> None:
+    out = root_run / "samples"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "sample.py"), f"run_dir={root_run / 'R'}", "expert=E0_0",
+         "prompt=the number 3", "n=4", f"out={out}", "steps=3"],
+        cwd=root_run, env=run_env(root_run), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in out.glob("sample_*.png")) == [f"sample_{i:04d}.png"
+                                                                for i in range(4)]
+    assert (out / "grid.png").is_file() and "E0_0: 5" in proc.stdout  # 3 Heun steps = 5 calls
+    bad = subprocess.run(
+        [sys.executable, str(ROOT / "sample.py"), f"run_dir={root_run / 'R'}",
+         "experts=[E0_0,E1_1]", f"out={out}"],
+        cwd=root_run, env=run_env(root_run), capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "overlap" in bad.stderr and "Traceback" not in bad.stderr

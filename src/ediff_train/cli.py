@@ -74,8 +74,11 @@ def fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
-def entry_point(main: Callable[[], Any]) -> Callable[[], Any]:
-    """Wrap a Hydra main: check `expert=` first, register nodes, report EdiffError in one line."""
+def entry_point(main: Callable[[], Any], register: bool = True) -> Callable[[], Any]:
+    """Wrap a Hydra main: check `expert=` first, register nodes, report EdiffError in one line.
+
+    Apps whose `expert` is a plain key rather than the config group (sample.py) pass
+    register=False, or Hydra would read `expert=E0_0` as a group choice."""
 
     @functools.wraps(main)
     def run() -> Any:
@@ -83,7 +86,8 @@ def entry_point(main: Callable[[], Any]) -> Callable[[], Any]:
             extra = check_expert_overrides(sys.argv[1:])
         except EdiffError as e:
             fail(str(e))
-        register_nodes(extra)
+        if register:
+            register_nodes(extra)
         return main()
 
     return run
