@@ -36,7 +36,7 @@ def test_tar_reader_matches_tarfile(fmt: int) -> None:
         members = {"a.txt": b"x", f"{long_dir}/key.t5.npy": bytes(range(256)) * 5,
                    "empty.json": b""}
     data = tar_bytes(members, fmt)
-    got = {name: bytes(body) for name, body in iter_tar(io.BytesIO(data))}
+    got = {name: bytes(body) for name, body in iter_tar(data)}
     assert got == members
 
 
@@ -44,11 +44,11 @@ def test_tar_reader_refuses_truncation_and_corrupt_headers() -> None:
     data = tar_bytes({"a.txt": b"hello", "b.txt": b"world" * 200}, tarfile.USTAR_FORMAT)
     for cut in (100, 512 + 3, 1024 + 100, 1536 + 1000):  # in headers, in data, no end block
         with pytest.raises(tarfile.ReadError):
-            list(iter_tar(io.BytesIO(data[:cut])))
+            list(iter_tar(data[:cut]))
     broken = bytearray(data)
     broken[1024 + 5] ^= 0xFF  # second header's name
     with pytest.raises(tarfile.ReadError, match="checksum"):
-        list(iter_tar(io.BytesIO(bytes(broken))))
+        list(iter_tar(bytes(broken)))
 
 
 @pytest.mark.parametrize("arr", [
@@ -77,7 +77,7 @@ def test_slabs_are_reused_only_after_their_batch_was_expanded() -> None:
     pool = SlabPool(flags, worker=1)
     rng = np.random.default_rng(0)
     raws = [{**make_sample(f"k{i}", rng), "__shard__": "x.tar"} for i in range(4)]
-    samples = [decode_sample(r, 16, DIMS, compact=True) for r in raws]
+    samples = [decode_sample(r, 16, DIMS) for r in raws]
     batches = [collate(samples, compact=True, pool=pool) for _ in range(SLABS_PER_WORKER + 1)]
     slabs = [SLABS_PER_WORKER + k for k in range(SLABS_PER_WORKER)]  # worker 1's flat indices
     assert [b.get("slab") for b in batches] == slabs + [None]

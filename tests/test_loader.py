@@ -27,6 +27,7 @@ from ediff_train.data.loader import (
     worker_shards,
 )
 from ediff_train.data.manifest import new_manifest, write_manifest
+from ediff_train.data.samples import to_unit_range
 from ediff_train.errors import EdiffError
 
 DIMS = EmbedDims(t5=32, clip_txt=32, clip_pool=24, clip_img=24, t5_max_length=16)
@@ -266,7 +267,7 @@ def test_collate_pads_t5_and_builds_mask() -> None:
     assert batch["t5"].shape == (4, 9, DIMS.t5) and batch["t5_mask"].dtype == torch.bool
     assert batch["t5_mask"].sum(1).tolist() == lengths
     for i, n in enumerate(lengths):
-        assert torch.equal(batch["t5"][i, :n], samples[i]["t5"])
+        assert torch.equal(batch["t5"][i, :n], torch.tensor(samples[i]["t5"]).float())
         assert not batch["t5"][i, n:].any() and not batch["t5_mask"][i, n:].any()
     assert batch["image"].shape == (4, 3, 16, 16) and batch["image"].dtype == torch.float32
     assert batch["clip_txt"].shape == (4, 77, 32) and batch["clip_pool"].shape == (4, 24)
@@ -281,16 +282,20 @@ def test_image_resized_centre_cropped_and_lowres() -> None:
     rgb[:, 8:16] = (255, 0, 0)
     raw = {**make_sample("k", np.random.default_rng(4)), "png": png(rgb), "__shard__": "x.tar"}
     out = decode_sample(raw, 6, DIMS, lowres_size=3)
-    img = out["image"]
+    assert out["image"].dtype == np.uint8
+    img = to_unit_range(torch.tensor(out["image"]))
     assert img.shape == (3, 6, 6) and img.min() >= -1 and img.max() <= 1
     # 24x12 → 12x6, centre 6 columns = columns 3..8 of the resized image: red in the middle,
     # blue at both edges.
     assert img[0, :, 2:4].min() > 0.9 and img[2, :, 2:4].max() < -0.9
     assert img[2, :, 0].min() > 0.5 and img[2, :, 5].min() > 0.5
-    assert out["lowres"].shape == (3, 3, 3) and out["lowres"][0, 1, 1] > 0.5
+    assert out["lowres"].shape == (3, 3, 3) and out["lowres"][0, 1, 1] > 191
 
 
-def test_lightning_fit_reshuffles_per_epoch(tmp_path: Path) -> None:
+@pytest.mark.parametrize("cast_on_device", [None, True])
+def test_lightning_fit_reshuffles_per_epoch(tmp_path: Path, cast_on_device: bool | None) -> None:
+    """Also the on-device cast: with cast_on_device the loader hands compact batches over and
+    the datamodule's on_after_batch_transfer hook gives the step the same float32 contract."""
     import lightning as L
 
     root = tmp_path / "shards"
@@ -304,6 +309,9 @@ def test_lightning_fit_reshuffles_per_epoch(tmp_path: Path) -> None:
 
         def training_step(self, batch: dict, idx: int) -> torch.Tensor:
             self.shards.setdefault(self.current_epoch, set()).update(batch["shard"])
+            assert "compact" not in batch and "slab" not in batch
+            assert batch["image"].dtype == batch["t5"].dtype == torch.float32
+            assert -1 <= batch["image"].min() < batch["image"].max() <= 1
             return (self.w - batch["image"].mean()) ** 2
 
         def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -311,7 +319,7 @@ def test_lightning_fit_reshuffles_per_epoch(tmp_path: Path) -> None:
 
     dm = ShardDataModule(str(root), batch_size=2, image_size=16, num_workers=2, seed=5,
                          builder=lambda: built.append(write_set(root, [2] * 6)),
-                         rank=0, world_size=2)  # rank 0 of a simulated pair
+                         cast_on_device=cast_on_device, rank=0, world_size=2)  # rank 0 of 2
     probe = Probe()
     trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
@@ -322,3 +330,4 @@ def test_lightning_fit_reshuffles_per_epoch(tmp_path: Path) -> None:
     assert len({frozenset(e) for e in expected}) > 1  # the test can tell epochs apart
     assert [probe.shards[epoch] for epoch in range(3)] == expected
     assert dm.skip_counts()["bad_image"] == 0
+    assert dm.train_dataloader().expand is (cast_on_device is None)  # CPU: None → expand early

@@ -82,17 +82,17 @@ class SlabPool:
 
 def collate(samples: Sequence[Mapping[str, Any]], compact: bool = False,
             pool: SlabPool | None = None) -> dict[str, Any]:
-    """Stack a batch; T5 zero-padded to the batch's longest sequence, mask True on real tokens.
+    """Stack decoded samples (numpy, see decode_sample); T5 zero-padded to the batch's longest
+    sequence, mask True on real tokens.
 
-    Default: the float32 batch contract. `compact` (samples decoded with compact=True): images
-    stay uint8, embeddings float16 when stored so, the batch carries `compact=True` (and its
-    slab when `pool` is given); `expand_batch` finishes it."""
-    lengths = [s["t5"].shape[0] for s in samples]
-    b, lmax, d = len(samples), max(lengths), samples[0]["t5"].shape[1]
-    emb = torch.float32
-    if compact and all(s[n].dtype == torch.float16 for s in samples for n in EMBEDDINGS):
-        emb = torch.float16
-    pix = torch.uint8 if compact else torch.float32
+    Default: the float32 batch contract. `compact`: images stay uint8, embeddings float16
+    when stored so, the batch carries `compact=True` (and its slab when `pool` is given);
+    `expand_batch` finishes it. The copies run in numpy: per row, its indexing costs a tenth
+    of torch's."""
+    lengths = np.fromiter((s["t5"].shape[0] for s in samples), np.int64, len(samples))
+    b, lmax, d = len(samples), int(lengths.max()), samples[0]["t5"].shape[1]
+    half = all(s[n].dtype == np.float16 for s in samples for n in EMBEDDINGS)
+    emb = torch.float16 if half else torch.float32
     first = samples[0]
     specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
         "t5": ((b, lmax, d), emb), "t5_mask": ((b, lmax), torch.bool)}
@@ -100,33 +100,27 @@ def collate(samples: Sequence[Mapping[str, Any]], compact: bool = False,
         specs[name] = ((b, *first[name].shape), emb)
     for name in ("image", "lowres"):
         if name in first:
-            specs[name] = ((b, *first[name].shape), pix)
+            specs[name] = ((b, *first[name].shape), torch.uint8)
     if pool is not None:
         out, slab = pool.carve(specs)
     else:
         buf, slab = _shared_bytes(_nbytes(specs)), None
         out = _carve(buf, specs)
-    t5, mask = out["t5"], out["t5_mask"]
+    arrays = {name: t.numpy() for name, t in out.items()}
+    t5 = arrays["t5"]
     for i, (s, n) in enumerate(zip(samples, lengths)):
         t5[i, :n] = s["t5"]
-        t5[i, n:] = 0.0
-        mask[i, :n] = True
-        mask[i, n:] = False
+        t5[i, n:] = 0
+    np.less(np.arange(lmax), lengths[:, None], out=arrays["t5_mask"])
     for name in specs.keys() - {"t5", "t5_mask"}:
-        parts = [s[name] for s in samples]
-        if all(p.dtype == out[name].dtype for p in parts):
-            torch.stack(parts, out=out[name])
-        else:
-            for i, part in enumerate(parts):
-                out[name][i] = part
+        np.stack([s[name] for s in samples], out=arrays[name])
     batch: dict[str, Any] = dict(out)
     for name in ("key", "caption", "shard"):
         batch[name] = [s[name] for s in samples]
-    if compact:
-        batch["compact"] = True
-        if slab is not None:
-            batch["slab"] = slab
-    return batch
+    batch["compact"] = True
+    if slab is not None:
+        batch["slab"] = slab
+    return batch if compact else expand_batch(batch)
 
 
 def expand_batch(batch: dict[str, Any], flags: Tensor | None = None) -> dict[str, Any]:

@@ -32,17 +32,20 @@ log = logging.getLogger(__name__)
 class ShardLoader(DataLoader):
     """DataLoader over a ShardStream that (1) sets the stream's epoch before each pass, so
     persistent workers reshuffle, (2) sums the per-batch skip counts in the main process, and
-    (3) expands the workers' compact batches (uint8 images, float16 embeddings) to float32.
+    (3) expands the workers' compact batches (uint8 images, float16 embeddings) to float32 —
+    unless `expand=False`: then the consumer calls `finish(batch)`, e.g. after the batch reached
+    the GPU, where the cast is free and half the bytes travel.
 
     The epoch comes from `epoch_fn()` (e.g. the trainer's current epoch, which survives a resume)
     or, when that gives None, from a counter of passes over this loader.
     """
 
     def __init__(self, dataset: ShardStream, num_workers: int = 0,
-                 epoch_fn: Callable[[], int | None] | None = None, **kwargs: Any) -> None:
+                 epoch_fn: Callable[[], int | None] | None = None, expand: bool = True,
+                 **kwargs: Any) -> None:
         kwargs.setdefault("persistent_workers", num_workers > 0)
         super().__init__(dataset, batch_size=None, num_workers=num_workers, **kwargs)
-        self.epoch_fn = epoch_fn
+        self.epoch_fn, self.expand = epoch_fn, expand
         self.skips = SkipCounter()
         self._next_epoch = 0
 
@@ -58,7 +61,7 @@ class ShardLoader(DataLoader):
         try:
             for batch in batches:
                 self.skips.update(batch.get("skipped", {}))
-                yield expand_batch(batch, self.dataset.slab_flags)
+                yield self.finish(batch) if self.expand else batch
         except Exception as e:
             self._stop_workers()
             if not isinstance(e, EdiffError):
@@ -66,6 +69,10 @@ class ShardLoader(DataLoader):
             # from a worker, torch prepends a traceback: keep the one-line message
             last = str(e).strip().splitlines()[-1] if str(e).strip() else ""
             raise EdiffError(last.split("EdiffError: ", 1)[-1]) from None
+
+    def finish(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The float32 batch contract (on the batch's device); hands its worker slab back."""
+        return expand_batch(batch, self.dataset.slab_flags)
 
     def _stop_workers(self) -> None:
         """Shut the workers down now: left to the cyclic GC (the traceback holds this loader),
@@ -95,14 +102,16 @@ class ShardDataModule(L.LightningDataModule):
 
     `expect` holds manifest checks (keys of manifest.check_manifest, e.g. t5_dim); `builder`,
     if given, creates the shard set in `prepare_data` (runs once per node, before setup).
-    `rank`/`world_size` override the detected ones (tests).
+    `cast_on_device`: batches travel compact (uint8 images, float16 embeddings) and become
+    float32 in `on_after_batch_transfer`, on the training device; None = only when that device
+    is a GPU (on a CPU it changes nothing). `rank`/`world_size` override the detected ones.
     """
 
     def __init__(self, root: str, batch_size: int, image_size: int, num_workers: int = 2,
                  shuffle_buffer: int = 1000, seed: int = 0, batches_per_epoch: int | None = None,
                  lowres_size: int | None = None, expect: dict | None = None,
-                 builder: Callable[[], Any] | None = None, *, rank: int | None = None,
-                 world_size: int | None = None) -> None:
+                 builder: Callable[[], Any] | None = None, cast_on_device: bool | None = None,
+                 *, rank: int | None = None, world_size: int | None = None) -> None:
         super().__init__()
         if lowres_size is not None and not 1 <= lowres_size <= image_size:
             raise EdiffError(f"lowres_size {lowres_size} must lie in [1, image_size={image_size}]")
@@ -111,6 +120,7 @@ class ShardDataModule(L.LightningDataModule):
         self.num_workers, self.shuffle_buffer, self.seed = num_workers, shuffle_buffer, seed
         self.batches_per_epoch, self.lowres_size = batches_per_epoch, lowres_size
         self.expect, self.builder = dict(expect or {}), builder
+        self.cast_on_device = cast_on_device
         self.rank, self.world_size = rank, world_size
         self.manifest: dict | None = None
         self.dims: EmbedDims | None = None
@@ -151,8 +161,22 @@ class ShardDataModule(L.LightningDataModule):
             num_samples=int(num_samples),
             batches_per_epoch=self.batches_per_epoch, shuffle_buffer=self.shuffle_buffer,
             seed=self.seed, lowres_size=self.lowres_size, rank=rank, world=world)
-        self._loader = ShardLoader(stream, num_workers=workers, epoch_fn=_trainer_epoch(self))
+        self._loader = ShardLoader(stream, num_workers=workers, epoch_fn=_trainer_epoch(self),
+                                   expand=not self._casts_on_device())
         return self._loader
+
+    def _casts_on_device(self) -> bool:
+        if self.cast_on_device is not None:
+            return self.cast_on_device
+        trainer = self.trainer
+        return trainer is not None and trainer.strategy.root_device.type == "cuda"
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Compact batches (see cast_on_device) become float32 here, after the move to the
+        device: the copy to a GPU has left the worker's slab, which is handed back."""
+        if isinstance(batch, dict) and batch.get("compact") and self._loader is not None:
+            return self._loader.finish(batch)
+        return batch
 
     def skip_counts(self) -> dict[str, int]:
         """Samples skipped so far on this rank, by reason (summed from the batches seen)."""

@@ -9,7 +9,6 @@ worker processes and needs no shared state.
 
 from __future__ import annotations
 
-import io
 import itertools
 import logging
 import multiprocessing
@@ -24,17 +23,15 @@ from typing import Any
 import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from ediff_train.data.batching import SlabPool, collate, new_slab_flags
 from ediff_train.data.samples import EmbedDims, _Skip, decode_sample, missing_fields
-from ediff_train.data.tario import is_plain_tar, iter_tar
+from ediff_train.data.tario import split_key, tar_members
 from ediff_train.errors import EdiffError
 
 log = logging.getLogger(__name__)
 
 # Why a sample (or the rest of a shard) was dropped; every batch reports all of them.
-READ_BUFFER = 1 << 20  # fewer syscalls for the many 512-byte tar headers
 SKIP_REASONS = ("truncated_tar", "bad_image", "bad_npy", "bad_shape", "nonfinite", "missing_field")
 
 
@@ -123,22 +120,21 @@ def worker_quota(batches: int, worker: int, num_workers: int) -> int:
 # ----------------------------------------------------------------------------- reading
 
 def read_shard(path: str, skips: SkipCounter) -> Iterator[dict[str, Any]]:
-    """Raw samples ({ext: bytes, __key__, __shard__}) of one tar; a truncated or corrupt tar
-    ends the shard there (counted once) and keeps every complete sample read before it."""
+    """Raw samples ({ext: bytes-like, __key__, __shard__}) of one tar; a truncated or corrupt
+    tar ends the shard there (counted once) and keeps every complete sample read before it."""
     name = os.path.basename(path)
     current: dict[str, Any] | None = None
     try:
-        with open(path, "rb", buffering=READ_BUFFER) as f:
-            for fname, data in _members(f):
-                key, ext = base_plus_ext(fname)
-                if key is None:
-                    continue
-                if current is not None and key != current["__key__"]:
-                    yield current
-                    current = None
-                if current is None:
-                    current = {"__key__": key, "__shard__": name}
-                current[ext.lower()] = data
+        for fname, data in tar_members(path):
+            key, ext = split_key(fname)
+            if key is None:
+                continue
+            if current is not None and key != current["__key__"]:
+                yield current
+                current = None
+            if current is None:
+                current = {"__key__": key, "__shard__": name}
+            current[ext.lower()] = data
     except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error) as e:
         skips.skip("truncated_tar", name, None, e)
         if current is not None and not missing_fields(current):
@@ -146,16 +142,6 @@ def read_shard(path: str, skips: SkipCounter) -> Iterator[dict[str, Any]]:
         return
     if current is not None:
         yield current
-
-
-def _members(f: io.BufferedIOBase) -> Iterator[tuple[str, Any]]:
-    """Plain tars (all shards we write) through the fast reader, anything else (compressed
-    tars) through webdataset's tarfile-based one."""
-    if is_plain_tar(f):
-        yield from iter_tar(f)
-        return
-    for item in tar_file_iterator(f):
-        yield item["fname"], item["data"]
 
 
 class ShardStream(IterableDataset):
@@ -229,8 +215,7 @@ class ShardStream(IterableDataset):
             good = 0
             for raw in stream:
                 try:
-                    sample = decode_sample(raw, self.image_size, self.dims, self.lowres_size,
-                                           compact=compact)
+                    sample = decode_sample(raw, self.image_size, self.dims, self.lowres_size)
                 except _Skip as s:
                     skips.skip(s.reason, raw["__shard__"], raw["__key__"], s)
                     continue

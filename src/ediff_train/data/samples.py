@@ -6,13 +6,11 @@ Embeddings keep their stored dtype (float16) here; the batch step decides what t
 from __future__ import annotations
 
 import io
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 from torch import Tensor
 
@@ -72,6 +70,14 @@ _PIL_FORMATS = {"png": ("PNG",), "jpg": ("JPEG",), "jpeg": ("JPEG",)}
 def load_image(data: bytes, size: int, ext: str | None = None) -> Image.Image:
     """RGB at size×size: shorter side resized to `size`, then centre-cropped. `ext` names the
     expected format (skips PIL's format probing; a mislabelled file still opens)."""
+    if ext in ("jpg", "jpeg"):
+        # A stored image is already size×size: hand the bytes straight to libjpeg, skipping
+        # Image.open's marker parsing in Python (77 → 42 µs at 64 px). The decoder refuses any
+        # other size, CMYK and damaged data; those take the general path below.
+        try:
+            return Image.frombytes("RGB", (size, size), data, "jpeg", "RGB", "")
+        except (OSError, ValueError):
+            pass
     try:
         im = Image.open(io.BytesIO(data), formats=_PIL_FORMATS.get(ext or ""))
     except Image.UnidentifiedImageError:
@@ -89,23 +95,20 @@ def load_image(data: bytes, size: int, ext: str | None = None) -> Image.Image:
     return im
 
 
-def image_uint8(im: Image.Image) -> Tensor:
-    """uint8 HWC → uint8 [3,H,W] (a view)."""
-    return torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1)
-
-
 def to_unit_range(x: Tensor) -> Tensor:
     """uint8 pixels → float32 in [-1, 1]."""
     return x.float().div_(127.5).sub_(1.0)
 
 
-def image_tensor(im: Image.Image) -> Tensor:
-    """uint8 HWC → float32 [3,H,W] in [-1, 1]."""
-    return to_unit_range(image_uint8(im))
+def image_array(im: Image.Image) -> np.ndarray:
+    """uint8 [3,H,W] (a channel-first view of PIL's HWC copy)."""
+    return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
 
 
-def _load_embedding(name: str, data: bytes | bytearray, dims: EmbedDims) -> Tensor:
-    """The stored array as a tensor of its own dtype (float16 in our shards; float64 → 32)."""
+def _load_embedding(name: str, data: bytes | bytearray | memoryview, dims: EmbedDims
+                    ) -> np.ndarray:
+    """The stored array in its own dtype (float16 in our shards; float64 → float32), checked
+    for shape and finiteness; a read-only view of the shard's bytes where possible."""
     try:
         arr = read_npy(data)
     except Exception as e:  # numpy raises ValueError/EOFError/OSError for broken npy bytes
@@ -118,24 +121,33 @@ def _load_embedding(name: str, data: bytes | bytearray, dims: EmbedDims) -> Tens
     if not ok or arr.dtype not in _FLOATS:
         shown = tuple("L" if w == -1 else w for w in want)
         raise _Skip("bad_shape", f"{name}.npy is {arr.dtype}{list(arr.shape)}, want {shown}")
-    if not arr.flags.writeable:  # torch cannot wrap read-only memory; one memcpy is cheap
-        arr = arr.copy()
-    out = torch.from_numpy(arr)
-    if out.dtype == torch.float64:
-        out = out.float()
-    # A finite float32 sum proves every value finite at a fraction of isfinite's cost (float16
-    # values cannot overflow it); only a non-finite sum is checked element-wise.
-    if not math.isfinite(out.sum(dtype=torch.float32)) and not torch.isfinite(out).all():
+    if arr.dtype == np.float64:
+        arr = arr.astype(np.float32)
+    if not all_finite(arr):
         raise _Skip("nonfinite", f"{name}.npy holds NaN/Inf")
-    return out
+    return arr
+
+
+# A float is NaN or ±Inf exactly when its exponent bits are all ones.
+_EXPONENT = {np.dtype(np.float16): (np.uint16, 0x7C00),
+             np.dtype(np.float32): (np.uint32, 0x7F800000)}
+
+
+def all_finite(arr: np.ndarray) -> bool:
+    """No NaN/Inf in a native float16/float32 array. One masked max over the raw bits: as fast
+    as torch's float32 sum, ~20x numpy's isfinite on float16, and fine on read-only views."""
+    if arr.size == 0:
+        return True
+    utype, mask = _EXPONENT[arr.dtype]
+    return int(np.bitwise_and(arr.view(utype), mask).max()) != mask
 
 
 def decode_sample(raw: Mapping[str, Any], image_size: int, dims: EmbedDims,
-                  lowres_size: int | None = None, compact: bool = False) -> dict[str, Any]:
-    """Raw tar members → tensors; raises _Skip with a reason for anything unusable.
+                  lowres_size: int | None = None) -> dict[str, Any]:
+    """Raw tar members → numpy arrays; raises _Skip with a reason for anything unusable.
 
-    Embeddings keep their stored dtype; images are float32 in [-1, 1], or uint8 with
-    `compact` (for `collate(..., compact=True)`)."""
+    Embeddings keep their stored dtype, images are uint8 [3,H,W]: `collate` decides what the
+    batch holds, so nothing is converted twice."""
     missing = missing_fields(raw)
     if missing:
         raise _Skip("missing_field", "no " + ", ".join(missing))
@@ -146,12 +158,12 @@ def decode_sample(raw: Mapping[str, Any], image_size: int, dims: EmbedDims,
         im = load_image(raw[ext], image_size, ext)
     except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError
         raise _Skip("bad_image", f"{ext}: {e}") from None
-    pixels = image_uint8 if compact else image_tensor
-    out["image"] = pixels(im)
+    out["image"] = image_array(im)
     if lowres_size is not None:
-        out["lowres"] = pixels(im.resize((lowres_size, lowres_size), Image.Resampling.BICUBIC))
+        out["lowres"] = image_array(im.resize((lowres_size, lowres_size),
+                                              Image.Resampling.BICUBIC))
     txt = raw.get("txt", b"")
-    out["caption"] = (txt.decode("utf-8", "replace") if isinstance(txt, (bytes, bytearray))
-                      else str(txt))
+    out["caption"] = (bytes(txt).decode("utf-8", "replace")
+                      if isinstance(txt, (bytes, bytearray, memoryview)) else str(txt))
     out["key"], out["shard"] = raw["__key__"], raw["__shard__"]
     return out

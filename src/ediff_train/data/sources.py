@@ -14,14 +14,13 @@ import json
 import logging
 import re
 import tarfile
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from webdataset.tariterators import base_plus_ext
-
-from ediff_train.data.tario import is_plain_tar, iter_tar
+from ediff_train.data.tario import split_key, tar_members
 from ediff_train.errors import EdiffError
 
 log = logging.getLogger(__name__)
@@ -168,33 +167,21 @@ def iter_unit(listing: Listing, unit: Unit, skip: Skip) -> Iterator[Item]:
     yield from _iter_tar_samples(unit.tar, skip)
 
 
-def _tar_members(f: Any) -> Iterator[tuple[str, Any]]:
-    if is_plain_tar(f):
-        yield from iter_tar(f)
-        return
-    with tarfile.open(fileobj=f, mode="r|*") as tf:
-        for info in tf:
-            if info.isreg():
-                member = tf.extractfile(info)
-                yield info.name, member.read() if member is not None else b""
-
-
 def _iter_tar_samples(path: Path, skip: Skip) -> Iterator[Item]:
     """Members grouped by key (WebDataset convention: a sample's files are adjacent)."""
     current: dict[str, Any] | None = None
     try:
-        with open(path, "rb", buffering=1 << 20) as f:
-            for name, data in _tar_members(f):
-                base, ext = base_plus_ext(name)
-                if base is None or Path(base).name.startswith("_"):
-                    continue
-                if current is not None and base != current["__key__"]:
-                    yield from _tar_item(current, path, skip)
-                    current = None
-                if current is None:
-                    current = {"__key__": base}
-                current[ext.lower()] = data
-    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+        for name, data in tar_members(path):
+            base, ext = split_key(name)
+            if base is None or Path(base).name.startswith("_"):
+                continue
+            if current is not None and base != current["__key__"]:
+                yield from _tar_item(current, path, skip)
+                current = None
+            if current is None:
+                current = {"__key__": base}
+            current[ext.lower()] = data
+    except (tarfile.TarError, OSError, EOFError, ValueError, zlib.error) as e:
         skip("truncated_tar", path.name, str(e))
         return  # the sample being read when the tar broke may be incomplete: dropped
     if current is not None:
