@@ -15,7 +15,10 @@ files holding the same samples (the fixed one for the first --fixed-samples samp
 
 Throughput: samples/s through the DataLoader with 1 and 2 worker processes after one warm-up
 batch, per worker, and per CPU-second the workers actually used (read from /proc: on a loaded
-machine this is the figure to hold against "samples/s per core"). Data sits in the page cache.
+machine this is the figure to hold against "samples/s per core"), for two consumers: CPU
+training (the main process expands each batch to float32) and GPU training (the batch goes to
+the GPU compact and is cast there). Data sits in the page cache. Each row is the median of
+--repeat trials; all trials are listed, since shared machines are noisy.
 """
 
 from __future__ import annotations
@@ -34,8 +37,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
+from ediff_train.data.batching import release_slab
 from ediff_train.data.datamodule import ShardDataModule
 from ediff_train.data.shards import ShardWriter, npy_bytes
 
@@ -109,28 +114,50 @@ def cpu_seconds(pid: int) -> float:
         return 0.0
 
 
-def measure(root: Path, workers: int, batch_size: int, image_size: int, batches: int
-            ) -> dict[str, float]:
-    """One timed pass: wall rate, and CPU-seconds of the workers and of the main process (which
-    expands the compact batches to float32, as CPU training does; on a GPU that cast moves to
-    the device, see ShardDataModule.cast_on_device)."""
+def measure(root: Path, workers: int, batch_size: int, image_size: int, batches: int,
+            consumer: str) -> dict[str, Any]:
+    """One timed pass: wall rate, and CPU-seconds of the workers and of the main process.
+
+    consumer "float32": the main process expands batches to float32 (CPU training).
+    consumer "compact": GPU training (ShardDataModule.cast_on_device): the compact batch is
+    copied once to the GPU, which casts it; without a GPU a host copy stands in for the
+    transfer, then the slab goes back to its worker."""
     dm = ShardDataModule(str(root), batch_size=batch_size, image_size=image_size,
                          num_workers=workers, shuffle_buffer=1000, batches_per_epoch=batches + 1,
-                         rank=0, world_size=1)
+                         cast_on_device=consumer == "compact", rank=0, world_size=1)
     dm.setup("fit")
-    it = iter(dm.train_dataloader())
-    next(it)  # warm-up: workers started, shuffle buffers filled
+    loader = dm.train_dataloader()
+    cuda = torch.cuda.is_available()
+
+    def consume(batch: dict[str, Any]) -> int:
+        if consumer == "compact" and batch.get("compact"):
+            if cuda:
+                moved = {k: v.to("cuda", non_blocking=True) if torch.is_tensor(v) else v
+                         for k, v in batch.items()}
+                dm.on_after_batch_transfer(moved, 0)
+            else:  # one thread, like a DMA engine: torch's pool would fight the workers
+                threads = torch.get_num_threads()
+                torch.set_num_threads(1)
+                _ = {k: v.clone() for k, v in batch.items() if torch.is_tensor(v)}
+                torch.set_num_threads(threads)
+                release_slab(batch.get("slab"), loader.dataset.slab_flags)
+        return len(batch["key"])
+
+    it = iter(loader)
+    consume(next(it))  # warm-up: workers started, shuffle buffers filled
     pids = [p.pid for p in multiprocessing.active_children()] if workers else [os.getpid()]
     c0, m0 = sum(cpu_seconds(p) for p in pids), time.process_time()
     t0, n = time.perf_counter(), 0
     for batch in it:
-        n += len(batch["key"])
+        n += consume(batch)
+    if cuda:
+        torch.cuda.synchronize()
     wall = time.perf_counter() - t0
     cpu = sum(cpu_seconds(p) for p in pids) - c0
     main_cpu = time.process_time() - m0
     del it
     rate = n / wall
-    return {"workers": workers, "samples": n, "seconds": round(wall, 3),
+    return {"consumer": consumer, "workers": workers, "samples": n, "seconds": round(wall, 3),
             "samples_per_s": round(rate, 1),
             "samples_per_s_per_worker": round(rate / max(workers, 1), 1),
             "worker_cpu_s": round(cpu, 3),
@@ -158,7 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--batches", type=int, default=40, help="timed batches per measurement")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--repeat", type=int, default=3, help="trials per worker count (median shown)")
+    p.add_argument("--repeat", type=int, default=3, help="trials per row (median shown)")
+    p.add_argument("--consumers", nargs="+", choices=("float32", "compact"),
+                   default=["float32", "compact"], help="what the training process does "
+                   "with a batch: expand it on the CPU, or ship it compact to the GPU")
     p.add_argument("--fixed-samples", type=int, default=128)
     p.add_argument("--root", type=Path, default=None, help="where to write (default: a temp dir)")
     p.add_argument("--json", type=Path, default=None, help="write the figures here")
@@ -183,8 +213,9 @@ def main(argv: list[str] | None = None) -> int:
         fixed = (Path(tmp) / "fixed.tar").stat().st_size / nf
         tokens_mean = sum(len(s[3]) for s in samples) / a.samples
         del samples
-        runs = [median_run([measure(root, k, a.batch_size, a.image_size, a.batches)
-                            for _ in range(max(a.repeat, 1))]) for k in a.workers]
+        runs = [median_run([measure(root, k, a.batch_size, a.image_size, a.batches, c)
+                            for _ in range(max(a.repeat, 1))])
+                for c in a.consumers for k in a.workers]
     figures = {
         "machine": {"cpus": os.cpu_count(), "load_avg": os.getloadavg(),
                     "python": platform.python_version(), "platform": platform.platform()},
@@ -201,13 +232,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bytes/sample: ours {ours:,.0f} (all {a.samples}); on the same {nf} samples ours "
           f"{same:,.0f} vs fixed fp32 113-token {fixed:,.0f}: ratio {same / fixed:.3f} "
           "(target ≤ 0.125)")
-    print(f"{'workers':>7} {'samples/s':>10} {'per worker':>11} {'per worker-CPU-s':>17} "
-          f"{'main µs/sample':>15}  trials (per worker-CPU-s)")
+    print(f"{'consumer':>8} {'workers':>7} {'samples/s':>10} {'per worker':>11} "
+          f"{'per worker-CPU-s':>17} {'main µs/sample':>15}  trials (per worker-CPU-s)")
     for r in runs:
         cpu, main_us = r["samples_per_worker_cpu_s"], r["main_cpu_us_per_sample"]
         shown = "n/a" if cpu is None else f"{cpu:,.0f}"
         trials = ", ".join(f"{t:,.0f}" for t in r["trials"] if t)
-        print(f"{r['workers']:>7} {r['samples_per_s']:>10,.0f} "
+        print(f"{r['consumer']:>8} {r['workers']:>7} {r['samples_per_s']:>10,.0f} "
               f"{r['samples_per_s_per_worker']:>11,.0f} {shown:>17} "
               f"{'n/a' if main_us is None else f'{main_us:,.0f}':>15}  {trials}")
     print("target: ≥ 3,000 samples/s per CPU core (a worker is one core: per worker-CPU-s)")

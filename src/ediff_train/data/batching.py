@@ -143,6 +143,12 @@ def expand_batch(batch: dict[str, Any], flags: Tensor | None = None) -> dict[str
         batch["t5_mask"] = batch["t5_mask"].clone()
     finally:
         torch.set_num_threads(threads)
-    if slab is not None and flags is not None:
-        flags.view(-1)[int(slab)] = 0  # after every copy above: the worker may refill it now
+    release_slab(slab, flags)  # after every copy above: the worker may refill it now
     return batch
+
+
+def release_slab(slab: int | None, flags: Tensor | None) -> None:
+    """Hand a compact batch's slab (its "slab" entry) back to its worker; only once every
+    tensor of the batch has been copied out (to float32, or to a GPU)."""
+    if slab is not None and flags is not None:
+        flags.view(-1)[int(slab)] = 0

@@ -123,12 +123,15 @@ def iter_tar(data: bytes | bytearray | memoryview | mmap.mmap) -> Iterator[tuple
 
 def map_file(path: str | PathLike[str]) -> mmap.mmap | bytes:
     """The file's contents, mapped read-only (views of it are read-only numpy arrays; copy
-    before writing). Empty files come back as b"" (they cannot be mapped)."""
+    before writing). Empty files come back as b"", and a file system that cannot map files
+    gets the whole file read into memory."""
     with open(path, "rb") as f:
         try:
             return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        except ValueError:
+        except ValueError:  # empty: nothing to map
             return b""
+        except OSError:  # e.g. ENODEV on some FUSE mounts
+            return f.read()
 
 
 def tar_members(path: str | PathLike[str]) -> Iterator[tuple[str, memoryview | bytes]]:
