@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import tarfile
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -169,6 +170,35 @@ def test_run_killed_after_first_unit_resumes_to_the_same_set(src, full: Path, en
     assert shard_hashes(out) == shard_hashes(full)
     assert not list(out.glob(".*tmp*"))
     assert read_manifest(out) == read_manifest(full)
+
+
+def test_sigkill_mid_run_then_rerun_gives_every_key_once(src, tmp_path: Path) -> None:
+    """The real thing: the CLI is killed with SIGKILL as soon as its first unit is done, then
+    run again; the result holds every input key exactly once and no temporary files."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "data_prep" / "embed.py"), f"input={src[0]}",
+           f"output={out}", "stage.size=16", "stage.min_side=16", "unit_size=10", "workers=0",
+           "progress=false"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=run_env(tmp_path),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "parts" / "000000.json").exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "the first unit never finished"
+            time.sleep(0.002)
+        proc.kill()
+    finally:
+        proc.wait(timeout=60)
+    done = len(list((out / "parts").glob("*.json")))
+    assert 1 <= done < 20 and not (out / "manifest.json").exists()  # really cut short
+    again = subprocess.run(cmd, cwd=tmp_path, env=run_env(tmp_path), capture_output=True,
+                           text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert f"{20 - done} of my 20 units embedded now, {done} were done before" in again.stdout
+    assert set(samples(out)) == set(src[1])  # samples() fails on any key seen twice
+    assert read_manifest(out)["num_samples"] == 200
+    assert not [p.name for p in out.rglob("*") if "tmp" in p.name]
 
 
 def test_rerunning_a_finished_job_changes_nothing(src, full: Path, enc: Encoders) -> None:

@@ -9,12 +9,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_loader import DIMS, make_sample, write_set
+from test_loader import DIMS, make_sample, npy, write_set
 
-from ediff_train.data.batching import SLABS_PER_WORKER, SlabPool, collate, expand_batch
+from ediff_train.data.batching import (
+    SLABS_PER_WORKER,
+    NonFiniteRows,
+    SlabPool,
+    collate,
+    expand_batch,
+)
 from ediff_train.data.datamodule import ShardLoader
 from ediff_train.data.loader import ShardStream, decode_sample
 from ediff_train.data.tario import iter_tar, read_npy
+from ediff_train.errors import EdiffError
 
 
 def tar_bytes(members: dict[str, bytes], fmt: int) -> bytes:
@@ -110,3 +117,54 @@ def test_worker_batches_equal_in_process_batches(tmp_path: Path) -> None:
         assert a["key"] == b["key"] and "compact" not in b and "slab" not in b
         for name in ("image", "lowres", "t5", "t5_mask", "clip_txt", "clip_pool", "clip_img"):
             assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+
+
+def test_collate_finds_nonfinite_rows_and_frees_the_slab() -> None:
+    """The NaN/Inf check runs inside collate (on rows still in cache): one bad value anywhere
+    in a row refuses the batch, names every bad row, and gives the slab back."""
+    rng = np.random.default_rng(6)
+    raws = [{**make_sample(f"k{i}", rng, t5_len=4), "__shard__": "x.tar"} for i in range(5)]
+    t5 = np.ones((4, DIMS.t5), np.float16)
+    t5[3, 7] = np.nan  # the last real token only
+    raws[1]["t5.npy"] = npy(t5)
+    img = np.zeros(DIMS.clip_img, np.float16)
+    img[-1] = -np.inf
+    raws[3]["clip_img.npy"] = npy(img)
+    raws[3]["clip_txt.npy"] = npy(np.full((77, DIMS.clip_txt), np.inf, np.float16))
+    samples = [decode_sample(r, 16, DIMS) for r in raws]  # decoding does not look for NaN
+    flags = torch.zeros(1, SLABS_PER_WORKER, dtype=torch.uint8)
+    pool = SlabPool(flags, worker=0)
+    with pytest.raises(NonFiniteRows) as err:
+        collate(samples, compact=True, pool=pool)
+    assert err.value.rows == [(1, "t5"), (3, "clip_img"), (3, "clip_txt")]
+    assert not flags.any()  # the refused batch's slab is free again
+    with pytest.raises(NonFiniteRows):
+        collate(samples)  # the float32 path checks too
+    good = collate([s for i, s in enumerate(samples) if i not in (1, 3)], compact=True, pool=pool)
+    assert good["key"] == ["k0", "k2", "k4"] and flags[0].tolist() == [1, 0, 0, 0]
+
+
+def test_nonfinite_samples_dropped_when_a_pass_never_fills_a_batch(tmp_path: Path,
+                                                                  caplog) -> None:
+    """Shards smaller than a batch: NaN samples never reach a batch, and a shard set with
+    nothing usable fails after one pass (each bad sample logged once), instead of cycling."""
+    rng = np.random.default_rng(7)
+    bad = []
+    for name in ("t5", "clip_txt", "clip_pool"):
+        sample = make_sample(f"nan_{name}", rng, t5_len=2)
+        sample[f"{name}.npy"] = npy(np.full_like(decode_sample(
+            {**sample, "__shard__": "x"}, 16, DIMS)[name], np.nan))
+        bad.append(sample)
+    paths = write_set(tmp_path, [1], bad={"000000.tar": bad[:1]})
+    stream = ShardStream(paths, 4, 16, DIMS, batches_per_epoch=2, shuffle_buffer=0)
+    batches = list(ShardLoader(stream, num_workers=0))
+    assert [b["key"] for b in batches] == [["s0_0"] * 4] * 2  # the one good sample, cycled
+    assert sum(b["skipped"]["nonfinite"] for b in batches) == 8  # once per pass read
+
+    only_nan = write_set(tmp_path / "bad", [0], bad={"000000.tar": bad})
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ediff_train.data.loader"):
+        with pytest.raises(EdiffError, match="no usable sample in shards 000000.tar"):
+            list(ShardStream(only_nan, 4, 16, DIMS, batches_per_epoch=1, shuffle_buffer=0))
+    logged = [r.getMessage() for r in caplog.records if "nonfinite" in r.getMessage()]
+    assert len(logged) == 3 and all("hold NaN/Inf" in line for line in logged)

@@ -6,6 +6,12 @@ shared-memory slab; the main process expands it to float32 (`expand_batch`) and 
 back. Measured on real-size embeddings (T5 4096-d, CLIP 768-d) at 64 px: fresh shared memory
 costs ~0.8 ms per MB (allocation + page faults), which made handing over a float32 batch cost
 more than decoding it; compact batches halve the bytes and reused slabs remove the faults.
+
+NaN/Inf is looked for here, in each row just after it was copied (so it is still in cache),
+not at decode time: by the time a sample reaches a batch, a 1,000-sample shuffle buffer and 63
+other samples have pushed it out of cache, and a separate check cost one more pass over memory
+(~55 µs of ~275 per sample at real dims). A batch holding such rows is refused whole
+(`NonFiniteRows`); the stream drops those samples, counts them and builds the batch again.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import get_worker_info
 
-from ediff_train.data.samples import EMBEDDINGS, to_unit_range
+from ediff_train.data.samples import EMBEDDINGS, all_finite, to_unit_range
 
 SLABS_PER_WORKER = 4  # ≥ prefetch_factor (2) + the batch being expanded + one spare
 MAX_POOLED_WORKERS = 64  # workers beyond this id allocate fresh memory per batch
@@ -60,6 +66,7 @@ class SlabPool:
     that never calls expand_batch) a fresh buffer is used: slower, never unsafe."""
 
     def __init__(self, flags: Tensor, worker: int) -> None:
+        self.flags_tensor = flags
         self.flags = flags.numpy()  # a view of the shared tensor: cheap to poll
         self.worker = worker
         self.slabs: list[Tensor | None] = [None] * flags.shape[1]
@@ -80,10 +87,19 @@ class SlabPool:
         return _carve(_shared_bytes(need), specs), None
 
 
+class NonFiniteRows(ValueError):
+    """Rows of a batch whose embeddings hold NaN/Inf (after the cast to the batch's dtype, so
+    a float32/64 value that overflows float16 counts too); nothing of the batch was kept."""
+
+    def __init__(self, rows: list[tuple[int, str]]) -> None:
+        super().__init__(", ".join(f"row {i}: {what}" for i, what in rows))
+        self.rows = rows
+
+
 def collate(samples: Sequence[Mapping[str, Any]], compact: bool = False,
             pool: SlabPool | None = None) -> dict[str, Any]:
     """Stack decoded samples (numpy, see decode_sample); T5 zero-padded to the batch's longest
-    sequence, mask True on real tokens.
+    sequence, mask True on real tokens. Raises NonFiniteRows if any embedding holds NaN/Inf.
 
     Default: the float32 batch contract. `compact`: images stay uint8, embeddings float16
     when stored so, the batch carries `compact=True` (and its slab when `pool` is given);
@@ -107,13 +123,24 @@ def collate(samples: Sequence[Mapping[str, Any]], compact: bool = False,
         buf, slab = _shared_bytes(_nbytes(specs)), None
         out = _carve(buf, specs)
     arrays = {name: t.numpy() for name, t in out.items()}
-    t5 = arrays["t5"]
+    t5, clip_txt = arrays["t5"], arrays["clip_txt"]
+    bad: list[tuple[int, str]] = []
     for i, (s, n) in enumerate(zip(samples, lengths)):
         t5[i, :n] = s["t5"]
         t5[i, n:] = 0
-    np.less(np.arange(lmax), lengths[:, None], out=arrays["t5_mask"])
-    for name in specs.keys() - {"t5", "t5_mask"}:
+        clip_txt[i] = s["clip_txt"]
+        for name, row in (("t5", t5[i, :n]), ("clip_txt", clip_txt[i])):
+            if not all_finite(row):
+                bad.append((i, name))
+    for name in specs.keys() - {"t5", "t5_mask", "clip_txt"}:
         np.stack([s[name] for s in samples], out=arrays[name])
+    for name in ("clip_pool", "clip_img"):  # small: one check per batch, rows only on a hit
+        if not all_finite(arrays[name]):
+            bad += [(i, name) for i in range(b) if not all_finite(arrays[name][i])]
+    if bad:
+        release_slab(slab, pool.flags_tensor if pool is not None else None)
+        raise NonFiniteRows(sorted(bad))
+    np.less(np.arange(lmax), lengths[:, None], out=arrays["t5_mask"])
     batch: dict[str, Any] = dict(out)
     for name in ("key", "caption", "shard"):
         batch[name] = [s[name] for s in samples]

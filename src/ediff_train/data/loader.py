@@ -24,8 +24,14 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ediff_train.data.batching import SlabPool, collate, new_slab_flags
-from ediff_train.data.samples import EmbedDims, _Skip, decode_sample, missing_fields
+from ediff_train.data.batching import NonFiniteRows, SlabPool, collate, new_slab_flags
+from ediff_train.data.samples import (
+    EmbedDims,
+    _Skip,
+    decode_sample,
+    missing_fields,
+    nonfinite_fields,
+)
 from ediff_train.data.tario import split_key, tar_members
 from ediff_train.errors import EdiffError
 
@@ -212,24 +218,38 @@ class ShardStream(IterableDataset):
             if self.shuffle_buffer > 1:  # per pass, so one pass never leaks into the next
                 stream = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer,
                                      rng=buffer_rng)(stream)
-            good = 0
+            made_before = made
             for raw in stream:
                 try:
-                    sample = decode_sample(raw, self.image_size, self.dims, self.lowres_size)
+                    batch.append(decode_sample(raw, self.image_size, self.dims,
+                                               self.lowres_size))
                 except _Skip as s:
                     skips.skip(s.reason, raw["__shard__"], raw["__key__"], s)
                     continue
-                good += 1
-                batch.append(sample)
-                if len(batch) == self.batch_size:
+                if len(batch) < self.batch_size:
+                    continue
+                try:
                     out = collate(batch, compact=compact, pool=self._pool)
-                    out["skipped"] = skips.take()
-                    batch = []
-                    made += 1
-                    yield out
-                    if made >= quota:
-                        return
-            if good == 0:
-                names = ", ".join(os.path.basename(p) for p in mine[:3])
-                raise EdiffError(f"no usable sample in shards {names}"
-                                 f"{' ...' if len(mine) > 3 else ''} (see skip warnings)")
+                except NonFiniteRows as e:  # drop those samples, keep filling
+                    _drop(batch, {i: f"{name}.npy holds NaN/Inf" for i, name in e.rows}, skips)
+                    continue
+                out["skipped"] = skips.take()
+                batch = []
+                made += 1
+                yield out
+                if made >= quota:
+                    return
+            if made == made_before:  # a pass without a batch: is anything usable at all?
+                _drop(batch, {i: f"{', '.join(bad)} hold NaN/Inf" for i, s in enumerate(batch)
+                              if (bad := nonfinite_fields(s))}, skips)
+                if not batch:
+                    names = ", ".join(os.path.basename(p) for p in mine[:3])
+                    raise EdiffError(f"no usable sample in shards {names}"
+                                     f"{' ...' if len(mine) > 3 else ''} (see skip warnings)")
+
+
+def _drop(batch: list[dict[str, Any]], bad: Mapping[int, str], skips: SkipCounter) -> None:
+    """Remove samples `bad` (index → why) from `batch` in place, counting each as nonfinite."""
+    for i, why in sorted(bad.items()):
+        skips.skip("nonfinite", batch[i]["shard"], batch[i]["key"], why)
+    batch[:] = [s for i, s in enumerate(batch) if i not in bad]

@@ -108,7 +108,8 @@ def image_array(im: Image.Image) -> np.ndarray:
 def _load_embedding(name: str, data: bytes | bytearray | memoryview, dims: EmbedDims
                     ) -> np.ndarray:
     """The stored array in its own dtype (float16 in our shards; float64 → float32), checked
-    for shape and finiteness; a read-only view of the shard's bytes where possible."""
+    for shape; a read-only view of the shard's bytes where possible. NaN/Inf is found later,
+    by `collate`, while the batch copy has the data in cache."""
     try:
         arr = read_npy(data)
     except Exception as e:  # numpy raises ValueError/EOFError/OSError for broken npy bytes
@@ -121,11 +122,7 @@ def _load_embedding(name: str, data: bytes | bytearray | memoryview, dims: Embed
     if not ok or arr.dtype not in _FLOATS:
         shown = tuple("L" if w == -1 else w for w in want)
         raise _Skip("bad_shape", f"{name}.npy is {arr.dtype}{list(arr.shape)}, want {shown}")
-    if arr.dtype == np.float64:
-        arr = arr.astype(np.float32)
-    if not all_finite(arr):
-        raise _Skip("nonfinite", f"{name}.npy holds NaN/Inf")
-    return arr
+    return arr.astype(np.float32) if arr.dtype == np.float64 else arr
 
 
 # A float is NaN or ±Inf exactly when its exponent bits are all ones.
@@ -142,9 +139,16 @@ def all_finite(arr: np.ndarray) -> bool:
     return int(np.bitwise_and(arr.view(utype), mask).max()) != mask
 
 
+def nonfinite_fields(sample: Mapping[str, Any]) -> list[str]:
+    """The embeddings of a decoded sample that hold NaN/Inf (collate checks whole batches;
+    this is for samples that never reach one)."""
+    return [name for name in EMBEDDINGS if not all_finite(sample[name])]
+
+
 def decode_sample(raw: Mapping[str, Any], image_size: int, dims: EmbedDims,
                   lowres_size: int | None = None) -> dict[str, Any]:
-    """Raw tar members → numpy arrays; raises _Skip with a reason for anything unusable.
+    """Raw tar members → numpy arrays; raises _Skip with a reason for anything unusable
+    except NaN/Inf in an embedding, which `collate` finds (see batching.py).
 
     Embeddings keep their stored dtype, images are uint8 [3,H,W]: `collate` decides what the
     batch holds, so nothing is converted twice."""
