@@ -94,11 +94,34 @@ def test_nan_loss_stops_with_clear_error(root_run: Path) -> None:
     assert all(torch.equal(before[k], v) for k, v in module.denoiser.state_dict().items())
 
 
+def test_manifest_expectations_name_the_configured_encoders() -> None:
+    from ediff_train.data.manifest import check_manifest
+    from ediff_train.training import manifest_expectations
+
+    register_nodes(["E0_0"])
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        tiny = compose("train")
+        paper = compose("train", overrides=["encoders=t5xxl_clipl14",
+                                            "encoders.t5_path=/models/t5-v1_1-xxl"])
+    want = manifest_expectations(paper)
+    assert want["t5_name"] == "t5-v1_1-xxl" and want["clip_name"] == "ViT-L-14"
+    assert want["t5_dim"] == 4096 and manifest_expectations(tiny)["clip_name"] == "tiny-clip"
+    made = {"encoders": {"t5": {"name": "flan-t5-xxl", "dim": 4096},
+                         "clip": {"name": "ViT-L-14", "text_dim": 768, "pool_dim": 768,
+                                  "image_dim": 768}}}
+    with pytest.raises(EdiffError, match="t5.name is 'flan-t5-xxl' but the model expects "
+                                         "'t5-v1_1-xxl'$"):
+        check_manifest(made, want)
+
+
 @pytest.mark.parametrize(
     "args, needle",
     [(["expert=E9_600"], "0–511"),
      (["expert=E1_1", "run_dir=EMPTY"], "EMPTY/E0_0/weights.safetensors"),
-     (["encoders.dims.t5=48", "run_dir=D"], "t5.dim is 32 but the model expects 48")],
+     (["encoders.dims.t5=48", "run_dir=D"], "t5.dim is 32 but the model expects 48"),
+     (["encoders=t5xxl_clipl14", "encoders.dims.t5=32", "encoders.dims.clip_txt=32",
+       "encoders.dims.clip_pool=24", "encoders.dims.clip_img=24", "run_dir=D"],
+      "clip.name is 'tiny-clip' but the model expects 'ViT-L-14'")],
 )
 def test_bad_input_one_line_error(root_run: Path, args: list[str], needle: str) -> None:
     proc = train(root_run, *args, "steps=2", check=False)

@@ -25,6 +25,7 @@ RECIPE_VERSION = "1"  # bump when the way embeddings are extracted changes
 SAVED_JSON = "encoders.json"
 CLIP_WEIGHTS = "clip.safetensors"
 DEFAULT_T5_MAX_LENGTH = 113  # eDiff-I's T5 sequence length
+TINY_NAMES = {"t5": "tiny-t5", "clip": "tiny-clip"}  # the names their manifests carry
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -189,7 +190,8 @@ class Encoders:
 
         t5, tok = tiny_t5(seed)
         spec = {"kind": "tiny", "seed": int(seed),
-                "t5": {"name": "tiny-t5"}, "clip": {"name": "tiny-clip", "config": TINY_CLIP}}
+                "t5": {"name": TINY_NAMES["t5"]},
+                "clip": {"name": TINY_NAMES["clip"], "config": TINY_CLIP}}
         return cls(t5, tok, tiny_clip(seed), SimpleTokenizer(context_length=77), spec,
                    t5_max_length, device, dtype)
 

@@ -23,6 +23,7 @@ from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from ediff_train.checkpoints import CONFIG, load_encoders, node_dir, parent_weights
+from ediff_train.encoders import TINY_NAMES
 from ediff_train.errors import EdiffError
 from ediff_train.experts import Node, node_from_config
 from ediff_train.module import ExpertModule
@@ -40,13 +41,23 @@ from ediff_train.strategies import build_strategy, cluster_plugins, trainer_conf
 
 
 def manifest_expectations(cfg: DictConfig) -> dict[str, Any]:
-    """What the shards must hold for this model: the encoder dims the network was built for."""
-    dims = cfg.encoders.dims
+    """What the shards must hold for this model: the encoder dims the network was built for,
+    and the encoder names the `encoders` config stands for (tiny: the tiny encoders; pretrained:
+    the open_clip model name, and T5's folder name when `t5_path` is set). None = unchecked."""
+    enc = cfg.encoders
+    dims = enc.dims
+    if enc.get("kind") == "tiny":
+        t5_name, clip_name = TINY_NAMES["t5"], TINY_NAMES["clip"]
+    else:
+        t5_path, clip_name = enc.get("t5_path"), enc.get("clip_model")
+        t5_name = Path(str(t5_path)).name if t5_path else None
     return {
         "t5_dim": int(dims.t5),
         "clip_txt_dim": int(dims.clip_txt),
         "clip_pool_dim": int(dims.clip_pool),
         "clip_img_dim": int(dims.clip_img),
+        "t5_name": t5_name,
+        "clip_name": clip_name,
     }
 
 
