@@ -88,8 +88,9 @@ class SlabPool:
 
 
 class NonFiniteRows(ValueError):
-    """Rows of a batch whose embeddings hold NaN/Inf (after the cast to the batch's dtype, so
-    a float32/64 value that overflows float16 counts too); nothing of the batch was kept."""
+    """Rows of a batch whose embeddings hold NaN/Inf, as (row, embedding name). Checked on
+    the batch's own copy, so a float64 value that overflowed float32 when decoded counts too.
+    Nothing of the refused batch is kept."""
 
     def __init__(self, rows: list[tuple[int, str]]) -> None:
         super().__init__(", ".join(f"row {i}: {what}" for i, what in rows))
