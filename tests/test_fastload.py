@@ -131,17 +131,21 @@ def test_collate_finds_nonfinite_rows_and_frees_the_slab() -> None:
     img[-1] = -np.inf
     raws[3]["clip_img.npy"] = npy(img)
     raws[3]["clip_txt.npy"] = npy(np.full((77, DIMS.clip_txt), np.inf, np.float16))
-    samples = [decode_sample(r, 16, DIMS) for r in raws]  # decoding does not look for NaN
+    raws[4]["clip_pool.npy"] = npy(np.full(DIMS.clip_pool, 1e300))  # float64: inf in float32
+    with np.errstate(over="ignore"):
+        samples = [decode_sample(r, 16, DIMS) for r in raws]  # decoding does not look for NaN
     flags = torch.zeros(1, SLABS_PER_WORKER, dtype=torch.uint8)
     pool = SlabPool(flags, worker=0)
     with pytest.raises(NonFiniteRows) as err:
         collate(samples, compact=True, pool=pool)
-    assert err.value.rows == [(1, "t5"), (3, "clip_img"), (3, "clip_txt")]
+    assert err.value.rows == [(1, "t5"), (3, "clip_img"), (3, "clip_txt"), (4, "clip_pool")]
     assert not flags.any()  # the refused batch's slab is free again
     with pytest.raises(NonFiniteRows):
         collate(samples)  # the float32 path checks too
-    good = collate([s for i, s in enumerate(samples) if i not in (1, 3)], compact=True, pool=pool)
-    assert good["key"] == ["k0", "k2", "k4"] and flags[0].tolist() == [1, 0, 0, 0]
+    good = collate([s for i, s in enumerate(samples) if i not in (1, 3, 4)], compact=True,
+                   pool=pool)
+    assert good["key"] == ["k0", "k2"] and flags[0].tolist() == [1, 0, 0, 0]
+    assert good["t5"].dtype == torch.float16  # the float64 sample no longer widens the batch
 
 
 def test_nonfinite_samples_dropped_when_a_pass_never_fills_a_batch(tmp_path: Path,
