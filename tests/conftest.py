@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,13 +18,32 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 
+# One data cache for the whole session: the digits build (with its encoder training) is made
+# once, under its lock, by whichever test needs it first; tests of the cache itself use their own.
+# EDIFF_TEST_CACHE=/some/dir keeps it between sessions (a developer's reruns).
+if os.environ.get("EDIFF_TEST_CACHE"):
+    SHARED_CACHE = Path(os.environ["EDIFF_TEST_CACHE"])
+else:
+    SHARED_CACHE = Path(tempfile.mkdtemp(prefix="ediff-test-cache-"))
+    atexit.register(shutil.rmtree, SHARED_CACHE, True)
+
+
 def run_env(tmp: Path) -> dict[str, str]:
-    """Environment for entry-point subprocesses: offline, no inherited distributed vars."""
+    """Environment for entry-point subprocesses: offline, no inherited distributed vars, the
+    session's shared data cache."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(HF_HUB_OFFLINE="1", WANDB_MODE="offline", WANDB_SILENT="true",
-               EDIFF_CACHE=str(tmp / "cache"), PYTHONUNBUFFERED="1")
+               EDIFF_CACHE=str(SHARED_CACHE), PYTHONUNBUFFERED="1")
     return env
+
+
+@pytest.fixture(scope="session")
+def digits_root() -> Path:
+    """The default digits build (training split, val/, trained tiny encoders), made once."""
+    from ediff_train.data.digits import build_digits
+
+    return build_digits(SHARED_CACHE / "digits16")
 
 
 @pytest.fixture

@@ -116,8 +116,8 @@ def test_shard_writer_rejects_bad_samples_and_drops_partial_shard(tmp_path) -> N
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    return build_digits(tmp_path_factory.mktemp("cache") / "digits16")
+def digits(digits_root: Path) -> Path:
+    return digits_root
 
 
 def _all_samples(root: Path) -> dict[str, dict[str, bytes]]:
@@ -132,10 +132,14 @@ def _all_samples(root: Path) -> dict[str, dict[str, bytes]]:
 
 def test_digits_build_is_complete_shuffled_and_captioned(digits: Path) -> None:
     m = read_manifest(digits)
-    assert m["num_samples"] == 1797 and len(m["shards"]) == 15
+    assert m["num_samples"] == 1500 and len(m["shards"]) == 12 and m["validation"] == "val"
     assert m["dataset"] == "digits" and m["created_by"] == "ediff_train.data.digits"
     assert m["params"]["image_size"] == 16 and m["image"] == {"format": "png", "size": 16}
-    samples = _all_samples(digits)
+    val = read_manifest(digits / "val")
+    assert val["num_samples"] == 297 and val["split"] == "val"
+    train, held = _all_samples(digits), _all_samples(digits / "val")
+    assert not train.keys() & held.keys()  # training never sees a held-out digit
+    samples = {**train, **held}
     assert sorted(samples) == [f"digit{i:04d}" for i in range(1797)]
     wordings = set()
     for s in samples.values():
@@ -178,9 +182,9 @@ def test_digits_cache_hit_does_not_rebuild(digits: Path) -> None:
 def test_digits_race_then_rebuild_on_new_params(digits: Path, tmp_path) -> None:
     root = tmp_path / "d"
     results: list[Path] = []
-    threads = [threading.Thread(target=lambda: results.append(build_digits(root,
-                                                                           samples_per_shard=600)))
-               for _ in range(2)]
+    # align_steps=0 (random encoders) keeps this fast: caching and racing do not depend on it
+    threads = [threading.Thread(target=lambda: results.append(
+        build_digits(root, samples_per_shard=600, val_size=0, align_steps=0))) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
@@ -189,10 +193,11 @@ def test_digits_race_then_rebuild_on_new_params(digits: Path, tmp_path) -> None:
     assert read_manifest(root)["shards"] == {"000000.tar": 600, "000001.tar": 600,
                                              "000002.tar": 597}
     assert sorted(p.name for p in tmp_path.iterdir()) == [".d.lock", "d"]  # no temp folders
-    # Same seed → same caption for every key, whatever the sharding.
+    # Same seed → same caption for every key, whatever the sharding and split.
     a = {k: s["txt"] for k, s in _all_samples(root).items()}
-    assert a == {k: s["txt"] for k, s in _all_samples(digits).items()}
-    build_digits(root, samples_per_shard=1000)
+    b = {k: s["txt"] for r in (digits, digits / "val") for k, s in _all_samples(r).items()}
+    assert a == b
+    build_digits(root, samples_per_shard=1000, val_size=0, align_steps=0)
     assert read_manifest(root)["shards"] == {"000000.tar": 1000, "000001.tar": 797}
     assert sorted(os.listdir(root)) == ["000000.tar", "000001.tar", "encoders", "manifest.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".d.lock", "d"]

@@ -156,6 +156,23 @@ def _text_norm(clip: torch.nn.Module) -> torch.nn.Module:
     return norm
 
 
+def clip_pixels(clip: torch.nn.Module, x: Tensor) -> Tensor:
+    """[B,3,H,W] in [0,1] → CLIP input (shorter side bicubic, centre crop, the cfg's mean/std)."""
+    from open_clip.model import get_model_preprocess_cfg
+
+    cfg = get_model_preprocess_cfg(clip)
+    th, tw = map(int, (s, s) if isinstance(s := clip.visual.image_size, int) else s[:2])
+    h, w = x.shape[-2:]
+    scale = max(th / h, tw / w)
+    nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
+    if (nh, nw) != (h, w):
+        x = F.interpolate(x, (nh, nw), mode="bicubic", antialias=True).clamp(0, 1)
+    top, left = (nh - th) // 2, (nw - tw) // 2
+    x = x[..., top:top + th, left:left + tw]
+    mean = torch.tensor(cfg.get("mean", OPENAI_MEAN), device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / torch.tensor(cfg.get("std", OPENAI_STD), device=x.device).view(1, 3, 1, 1)
+
+
 # ------------------------------------------------------------------------------ the wrapper
 
 
@@ -349,26 +366,9 @@ class Encoders:
             raise EdiffError(f"encode_image wants [B,3,H,W] images, got {tuple(images.shape)}")
         out = [torch.zeros(0, self.dims["clip_img"])]
         for i in range(0, images.shape[0], batch_size):
-            x = self._preprocess(images[i:i + batch_size].to(self.device, torch.float32))
+            x = clip_pixels(self.clip, images[i:i + batch_size].to(self.device, torch.float32))
             out.append(self.clip.encode_image(x.to(self.dtype)).float().cpu())
         return torch.cat(out)
-
-    def _preprocess(self, x: Tensor) -> Tensor:
-        from open_clip.model import get_model_preprocess_cfg
-
-        cfg = get_model_preprocess_cfg(self.clip)
-        th, tw = self.image_size
-        h, w = x.shape[-2:]
-        scale = max(th / h, tw / w)
-        nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
-        if (nh, nw) != (h, w):
-            x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True,
-                              align_corners=False).clamp(0, 1)
-        top, left = (nh - th) // 2, (nw - tw) // 2
-        x = x[..., top:top + th, left:left + tw]
-        mean = torch.tensor(cfg.get("mean", OPENAI_MEAN), device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(cfg.get("std", OPENAI_STD), device=x.device).view(1, 3, 1, 1)
-        return (x - mean) / std
 
 
 def build_encoders(kind: str = "tiny", *, path: str | os.PathLike | None = None,

@@ -103,10 +103,11 @@ def save_images(images: Tensor, out_dir: str | Path, prefix: str = "sample") -> 
     return grid_path
 
 
-def make_grid(images: Tensor, pad: int = 1, upscale: int | None = None) -> object:
+def make_grid(images: Tensor, pad: int = 1, upscale: int | None = None,
+              cols: int | None = None) -> object:
     """A uint8 HxWx3 numpy grid of [N,3,H,W] images in [0, 1], upscaled so small images show."""
     n, _, h, w = images.shape
-    cols = int(n**0.5 + 0.999)
+    cols = cols or int(n**0.5 + 0.999)
     rows = (n + cols - 1) // cols
     scale = upscale or max(1, 64 // max(h, w))
     grid = torch.zeros(3, rows * (h + pad) + pad, cols * (w + pad) + pad)
@@ -116,6 +117,25 @@ def make_grid(images: Tensor, pad: int = 1, upscale: int | None = None) -> objec
         grid[:, y : y + h, x : x + w] = images[k].clamp(0, 1).cpu().float()
     grid = grid.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
     return (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def labelled_grid(images: Tensor, labels: Sequence[str], per_row: int,
+                  upscale: int | None = None) -> object:
+    """A grid with one row per label (`per_row` images each) and the label written on its left,
+    so a reader sees at once whether each row follows its prompt. Returns a PIL image."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    grid = Image.fromarray(make_grid(images, upscale=upscale, cols=per_row))
+    font = ImageFont.load_default()
+    draw = ImageDraw.Draw(grid)
+    width = max(int(draw.textlength(str(t), font=font)) for t in labels) + 8
+    out = Image.new("RGB", (grid.width + width, grid.height), (255, 255, 255))
+    out.paste(grid, (width, 0))
+    draw = ImageDraw.Draw(out)
+    row_h = grid.height / max(len(labels), 1)
+    for r, text in enumerate(labels):
+        draw.text((4, int(r * row_h + row_h / 2 - 5)), str(text), fill=(0, 0, 0), font=font)
+    return out
 
 
 @torch.no_grad()
@@ -130,12 +150,18 @@ def generate(
     sigma_max: float = 80.0,
     rho: float = 7.0,
     channels: int = 3,
+    noise: Tensor | None = None,
 ) -> Tensor:
-    """Text-to-image with Heun + CFG; returns images in [0, 1]. One sample per cond row."""
+    """Text-to-image with Heun + CFG; returns images in [0, 1]. One sample per cond row.
+
+    `noise` [N,C,H,W] (unit variance) replaces the seeded draw, so a caller can give every
+    image its own seed and get the same image whatever batch it lands in."""
     device = cond.t5.device
-    g = torch.Generator().manual_seed(seed)
     n = cond.batch_size
-    x = torch.randn(n, channels, image_size, image_size, generator=g).to(device)
+    if noise is None:
+        g = torch.Generator().manual_seed(seed)
+        noise = torch.randn(n, channels, image_size, image_size, generator=g)
+    x = noise.to(device)
     sigmas = karras_sigmas(steps, sigma_min, sigma_max, rho)
     x = x * sigmas[0].to(torch.float32)
     denoise = guided(model, cond, cond.null(), guidance)

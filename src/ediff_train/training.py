@@ -36,7 +36,7 @@ from ediff_train.resume import (
     persistent_run_id,
     resume_checkpoint,
 )
-from ediff_train.sampling import embed_prompts, generate, make_grid
+from ediff_train.sampling import embed_prompts, generate, labelled_grid
 from ediff_train.strategies import build_strategy, cluster_plugins, trainer_config
 
 
@@ -205,6 +205,7 @@ def train_node(cfg: DictConfig) -> Path:
     info = {"run_dir": str(cfg.run_dir), "data_root": str(cfg.data.root), "config": CONFIG}
     ckpt = PeriodicCheckpoint(ndir / CKPT_DIR, int(cfg.checkpoint_every))
     callbacks: list[Callback] = [ckpt, HandOff(ndir, info), TQDMProgressBar(refresh_rate=10)]
+    callbacks += [sigma_monitor(cfg, data, ndir)] if cfg.get("monitor") else []
     callbacks += [requeue] if requeue else []
     logger = build_logger(cfg, ndir)
     trainer = build_trainer(cfg, ndir, callbacks, logger, distributed)
@@ -223,6 +224,18 @@ def train_node(cfg: DictConfig) -> Path:
     return ndir
 
 
+def sigma_monitor(cfg: DictConfig, data: Any, ndir: Path) -> Callback:
+    """Held-out loss at a coarse σ grid every `monitor.every` steps (metrics/loss_by_sigma.py)."""
+    from ediff_train.metrics.loss_by_sigma import SigmaLossMonitor, sigma_grid
+
+    m = cfg.monitor
+    batches = getattr(data, "val_batches", None)
+    return SigmaLossMonitor(
+        (lambda: batches(int(m.batches), int(m.batch_size))) if batches else list,
+        sigma_grid(int(m.sigmas), float(m.sigma_min), float(m.sigma_max)),
+        int(m.every), ndir / "loss_by_sigma.csv", seed=int(cfg.seed))
+
+
 def finish_wandb(logger: Any) -> None:
     """Close this node's W&B run: the next job of a sweep must not log into it."""
     if type(logger).__name__ == "WandbLogger" and getattr(logger, "_experiment", None):
@@ -233,8 +246,6 @@ def finish_wandb(logger: Any) -> None:
 
 def sample_grid(cfg: DictConfig, module: ExpertModule) -> Path:
     """A grid from the EMA weights for the configured prompts (rows: prompts)."""
-    from PIL import Image
-
     encoders = load_encoders(cfg)
     prompts = [p for p in cfg.sample.prompts for _ in range(int(cfg.sample.per_prompt))]
     cond = embed_prompts(encoders, prompts)
@@ -248,5 +259,6 @@ def sample_grid(cfg: DictConfig, module: ExpertModule) -> Path:
         seed=int(cfg.seed),
     )
     path = node_dir(cfg.run_dir, module.node.name) / "samples.png"
-    Image.fromarray(make_grid(images, upscale=4)).save(path)
+    labelled_grid(images, list(cfg.sample.prompts), int(cfg.sample.per_prompt),
+                  upscale=4).save(path)
     return path

@@ -16,6 +16,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from ediff_train.data.batching import expand_batch
+from ediff_train.data.heldout import validation_source
 from ediff_train.data.loader import (
     EmbedDims,
     ShardStream,
@@ -111,6 +112,7 @@ class ShardDataModule(L.LightningDataModule):
                  shuffle_buffer: int = 1000, seed: int = 0, batches_per_epoch: int | None = None,
                  lowres_size: int | None = None, expect: dict | None = None,
                  builder: Callable[[], Any] | None = None, cast_on_device: bool | None = None,
+                 val_root: str | None = None, val_fraction: float = 0.0,
                  *, rank: int | None = None, world_size: int | None = None) -> None:
         super().__init__()
         if lowres_size is not None and not 1 <= lowres_size <= image_size:
@@ -122,6 +124,7 @@ class ShardDataModule(L.LightningDataModule):
         self.expect, self.builder = dict(expect or {}), builder
         self.cast_on_device = cast_on_device
         self.rank, self.world_size = rank, world_size
+        self.val_root, self.val_fraction = val_root, float(val_fraction or 0.0)
         self.manifest: dict | None = None
         self.dims: EmbedDims | None = None
         self.shard_paths: list[str] = []
@@ -156,14 +159,35 @@ class ShardDataModule(L.LightningDataModule):
             log.warning("only %d shard(s) per rank: using %d dataloader worker(s), not %d",
                         len(self.shard_paths) // world, workers, self.num_workers)
         num_samples = self.manifest.get("num_samples", sum(self.manifest["shards"].values()))
+        num_samples = int(num_samples * (1.0 - self.val_fraction))  # the key split holds out
         stream = ShardStream(
             self.shard_paths, self.batch_size, self.image_size, self.dims,
             num_samples=int(num_samples),
             batches_per_epoch=self.batches_per_epoch, shuffle_buffer=self.shuffle_buffer,
-            seed=self.seed, lowres_size=self.lowres_size, rank=rank, world=world)
+            seed=self.seed, lowres_size=self.lowres_size, rank=rank, world=world,
+            holdout=(self.val_fraction, False) if self.val_fraction else None)
         self._loader = ShardLoader(stream, num_workers=workers, epoch_fn=_trainer_epoch(self),
                                    expand=not self._casts_on_device())
         return self._loader
+
+    def validation(self) -> tuple[Path, float] | None:
+        """(shard set, key fraction) of the held-out data, or None (see data/heldout.py)."""
+        return validation_source(self.root, self.val_root, self.val_fraction)
+
+    def val_batches(self, num_batches: int, batch_size: int | None = None) -> list[dict[str, Any]]:
+        """The first `num_batches` held-out batches, float32, in a fixed order (no shuffling,
+        in-process): the same samples on every call, rank and run. [] when none are named."""
+        source = self.validation()
+        if source is None or num_batches < 1:
+            return []
+        root, fraction = source
+        manifest = read_manifest(root)
+        paths = [str(Path(root) / name) for name in sorted(manifest.get("shards") or {})]
+        stream = ShardStream(paths, batch_size or self.batch_size, self.image_size,
+                             EmbedDims.from_manifest(manifest), batches_per_epoch=num_batches,
+                             shuffle_buffer=0, seed=0, lowres_size=self.lowres_size, rank=0,
+                             world=1, holdout=(fraction, True) if fraction else None)
+        return [{k: v for k, v in b.items() if k != "skipped"} for b in stream]
 
     def _casts_on_device(self) -> bool:
         if self.cast_on_device is not None:

@@ -3,8 +3,13 @@
 Upsampled (bicubic) to `image_size`, drawn as a white digit on black (sklearn's values are ink
 intensity, so no inversion), captioned from the label with varied wording, embedded by the tiny
 offline encoders and written as ordinary shards, so the default run exercises the same data path
-as a real T5/CLIP shard set. The build is cached by its parameters and safe to race: it is made
-in a temporary folder, renamed into place under a lock, and a complete build is never rebuilt.
+as a real T5/CLIP shard set. Before embedding, the tiny encoders are trained contrastively on the
+training split's image–caption pairs (data/align.py), so that "the number 3" and "a handwritten
+three" mean the same thing to them, as they would to pretrained T5/CLIP. `val_size` images are
+held out in `val/` (a shard set of its own, named in the manifest as "validation"): training
+never reads them; evaluation and loss-by-σ do. The build is cached by its parameters and safe
+to race: it is made in a temporary folder, renamed into place under a lock, and a complete
+build is never rebuilt.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,7 +33,7 @@ from ediff_train.data.manifest import MANIFEST, read_manifest
 from ediff_train.data.shards import ShardWriter
 from ediff_train.errors import EdiffError
 
-DIGITS_VERSION = 1  # bump when images, captions or embeddings change, so caches rebuild
+DIGITS_VERSION = 2  # bump when images, captions or embeddings change, so caches rebuild
 SOURCE = "sklearn.datasets.load_digits"
 ENCODER_SEED = 0  # the tiny encoders are the same for every digits build
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -61,9 +67,22 @@ def digit_images(image_size: int) -> tuple[np.ndarray, np.ndarray]:
     return out, data.target.astype(np.int64)
 
 
-def _params(image_size: int, seed: int, samples_per_shard: int) -> dict[str, int]:
+VAL_DIR = "val"
+
+
+def _params(image_size: int, seed: int, samples_per_shard: int, val_size: int,
+            align_steps: int) -> dict[str, int]:
     return {"image_size": int(image_size), "seed": int(seed),
-            "samples_per_shard": int(samples_per_shard), "version": DIGITS_VERSION}
+            "samples_per_shard": int(samples_per_shard), "val_size": int(val_size),
+            "align_steps": int(align_steps), "version": DIGITS_VERSION}
+
+
+def split_indices(n: int, seed: int, val_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) sklearn indices: a seeded permutation, the first `val_size` held out."""
+    if not 0 <= val_size < n:
+        raise EdiffError(f"digits val_size must lie in [0, {n - 1}], got {val_size}")
+    order = np.random.default_rng([seed, 1]).permutation(n)
+    return order[val_size:], order[:val_size]
 
 
 def is_built(root: str | os.PathLike, params: dict[str, int]) -> bool:
@@ -77,7 +96,11 @@ def is_built(root: str | os.PathLike, params: dict[str, int]) -> bool:
         return False
     if manifest.get("dataset") != "digits" or manifest.get("params") != params:
         return False
-    return all((root / name).is_file() for name in manifest.get("shards", {}))
+    sets = [root] + ([root / VAL_DIR] if params["val_size"] else [])
+    try:
+        return all((r / name).is_file() for r in sets for name in read_manifest(r)["shards"])
+    except EdiffError:
+        return False
 
 
 @contextlib.contextmanager
@@ -115,27 +138,50 @@ def _lock(path: Path) -> Iterator[None]:
 
 def _write(out: Path, params: dict[str, int]) -> None:
     """Build the whole shard set into `out` (a fresh private folder)."""
+    from ediff_train.data.align import align_encoders
     from ediff_train.encoders import Encoders
 
     size, seed = params["image_size"], params["seed"]
     images, labels = digit_images(size)
     rng = np.random.default_rng(seed)
-    order = rng.permutation(len(labels))  # every shard mixes all digits
     choice = rng.integers(0, len(TEMPLATES), size=len(labels))  # by sklearn index
     captions = [TEMPLATES[c].format(n=int(d), w=WORDS[int(d)]) for c, d in zip(choice, labels)]
+    train, val = split_indices(len(labels), seed, params["val_size"])
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+    y = torch.from_numpy(labels)
 
+    enc = Encoders.tiny(ENCODER_SEED)
+    report = None
+    with _one_thread():
+        if params["align_steps"] > 0:
+            holdout = (pixels[val], y[val]) if len(val) else None
+            report = align_encoders(enc, pixels[train], y[train],
+                                    [digit_captions(d) for d in range(10)],
+                                    steps=params["align_steps"], seed=seed, holdout=holdout)
     # Embed with the saved-and-reloaded copy: exactly what sampling will load later.
-    Encoders.tiny(ENCODER_SEED).save(out / "encoders")
+    enc.save(out / "encoders")
     enc = Encoders.load(out / "encoders")
+    extra = {"align": report} if report else {}
+    _write_split(out, enc, train, images, pixels, labels, captions, params,
+                 validation=VAL_DIR if len(val) else None, **extra)
+    if len(val):
+        _write_split(out / VAL_DIR, enc, val, images, pixels, labels, captions, params,
+                     split="val")
+
+
+def _write_split(out: Path, enc: Any, indices: np.ndarray, images: np.ndarray, pixels: Any,
+                 labels: np.ndarray, captions: list[str], params: dict[str, int],
+                 **extra: Any) -> None:
+    """One shard set of the given sklearn indices, shuffled so every shard mixes all digits."""
+    order = np.random.default_rng([params["seed"], 2, len(indices)]).permutation(indices)
     caps = [captions[i] for i in order]
-    unique = sorted(set(caps))  # 150 distinct captions: embed each once
-    pixels = torch.from_numpy(images[order]).permute(0, 3, 1, 2).float() / 255.0
+    unique = sorted(set(caps))  # at most 150 distinct captions: embed each once
     with _one_thread():
         emb = enc.encode_text(unique, batch_size=256)
-        img = enc.encode_image(pixels, batch_size=256)
+        img = enc.encode_image(pixels[order], batch_size=256)
     row = {c: j for j, c in enumerate(unique)}
-
-    writer = ShardWriter(out, enc.manifest_entry(), image_format="png", image_size=size,
+    writer = ShardWriter(out, enc.manifest_entry(), image_format="png",
+                         image_size=params["image_size"],
                          samples_per_shard=params["samples_per_shard"])
     with writer:
         for j, i in enumerate(order):
@@ -143,17 +189,20 @@ def _write(out: Path, params: dict[str, int]) -> None:
             writer.write(f"digit{i:04d}", images[i], caps[j], emb["t5"][r], emb["clip_txt"][r],
                          emb["clip_pool"][r], img[j],
                          meta={"source": SOURCE, "index": int(i), "label": int(labels[i])})
-    writer.finish(created_by="ediff_train.data.digits", dataset="digits", params=params)
+    writer.finish(created_by="ediff_train.data.digits", dataset="digits", params=params,
+                  **extra)
 
 
 def build_digits(root: str | os.PathLike, image_size: int = 16, seed: int = 0,
-                 samples_per_shard: int = 128, force: bool = False) -> Path:
+                 samples_per_shard: int = 128, val_size: int = 297, align_steps: int = 300,
+                 force: bool = False) -> Path:
     """Build (or find cached) the digits shard set at `root`; returns `root`.
 
-    `seed` fixes the sample order and each sample's caption wording. `force` rebuilds even
-    when a matching build exists."""
+    `seed` fixes the split, the sample order and each sample's caption wording; `val_size`
+    images are held out in `root/val`; `align_steps` trains the tiny encoders on the training
+    pairs first (0 = leave them random). `force` rebuilds even when a matching build exists."""
     root = Path(root).absolute()
-    params = _params(image_size, seed, samples_per_shard)
+    params = _params(image_size, seed, samples_per_shard, val_size, align_steps)
     if not force and is_built(root, params):
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -186,18 +235,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--samples-per-shard", type=int, default=128)
+    p.add_argument("--val-size", type=int, default=297, help="images held out in val/")
+    p.add_argument("--align-steps", type=int, default=300,
+                   help="contrastive steps that give the tiny encoders meaning (0: random)")
     p.add_argument("--force", action="store_true", help="rebuild even if a matching build exists")
     a = p.parse_args(argv)
     start = time.perf_counter()
     try:
         root = build_digits(a.root or default_root(a.image_size), a.image_size, a.seed,
-                            a.samples_per_shard, a.force)
+                            a.samples_per_shard, a.val_size, a.align_steps, a.force)
     except EdiffError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     m = read_manifest(root)
-    print(f"{root}: {m['num_samples']} samples in {len(m['shards'])} shards "
-          f"({time.perf_counter() - start:.1f} s)")
+    held = read_manifest(root / VAL_DIR)["num_samples"] if m.get("validation") else 0
+    print(f"{root}: {m['num_samples']} training samples in {len(m['shards'])} shards, {held} "
+          f"held out ({time.perf_counter() - start:.1f} s); encoders: {m.get('align')}")
     return 0
 
 

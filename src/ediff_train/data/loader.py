@@ -25,6 +25,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ediff_train.data.batching import NonFiniteRows, SlabPool, collate, new_slab_flags
+from ediff_train.data.heldout import in_holdout
 from ediff_train.data.samples import (
     EmbedDims,
     _Skip,
@@ -162,7 +163,7 @@ class ShardStream(IterableDataset):
                  dims: EmbedDims, *, num_samples: int | None = None,
                  batches_per_epoch: int | None = None, shuffle_buffer: int = 1000, seed: int = 0,
                  lowres_size: int | None = None, rank: int | None = None,
-                 world: int | None = None) -> None:
+                 world: int | None = None, holdout: tuple[float, bool] | None = None) -> None:
         super().__init__()
         if batch_size < 1 or image_size < 1:
             raise EdiffError(f"batch_size ({batch_size}) and image_size ({image_size}) "
@@ -179,6 +180,9 @@ class ShardStream(IterableDataset):
         self.batches_per_epoch = int(batches_per_epoch)
         self.batch_size, self.image_size, self.dims = batch_size, image_size, dims
         self.shuffle_buffer, self.seed, self.lowres_size = shuffle_buffer, seed, lowres_size
+        # (fraction, wanted): keep only samples whose key is (wanted=True) or is not in the
+        # key-hash validation split (heldout.in_holdout)
+        self.holdout = holdout if holdout and holdout[0] > 0 else None
         self._epoch = multiprocessing.Value("q", 0, lock=False)
         self.slab_flags = new_slab_flags()  # see batching.SlabPool
         self._pool: SlabPool | None = None
@@ -220,6 +224,8 @@ class ShardStream(IterableDataset):
                                      rng=buffer_rng)(stream)
             made_before = made
             for raw in stream:
+                if self.holdout and in_holdout(raw["__key__"], self.holdout[0]) != self.holdout[1]:
+                    continue
                 try:
                     batch.append(decode_sample(raw, self.image_size, self.dims,
                                                self.lowres_size))

@@ -1,0 +1,27 @@
+"""Evaluate nodes or ensembles: `python evaluate.py run_dir=R expert=E0_0 guidance=[1,2,4,8]`.
+
+Under torchrun or srun every rank generates its share of the images; rank 0 scores them."""
+
+import hydra
+from omegaconf import DictConfig
+
+from ediff_train.cli import entry_point, reporting_errors
+from ediff_train.errors import EdiffError
+
+
+@hydra.main(config_path="conf/evaluate", config_name="config", version_base="1.3")
+@reporting_errors
+def main(cfg: DictConfig) -> None:
+    from ediff_train.evaluation import evaluate_images, evaluate_loss_by_sigma
+
+    metric = str(cfg.metric)
+    if metric not in ("images", "loss_by_sigma", "all"):
+        raise EdiffError(f"metric must be images, loss_by_sigma or all, got {metric!r}")
+    if metric in ("loss_by_sigma", "all"):
+        evaluate_loss_by_sigma(cfg)
+    if metric in ("images", "all"):
+        evaluate_images(cfg)
+
+
+if __name__ == "__main__":
+    entry_point(main, register=False)()

@@ -1,0 +1,1 @@
+"""Offline metrics (FID, CLIP score) computed with local feature extractors only."""

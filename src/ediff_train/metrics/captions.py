@@ -1,0 +1,71 @@
+"""Caption sets to evaluate on: the embedded digits prompts, or a COCO-style captions file.
+
+Every item has a stable integer id (its position in the set), which fixes its file name and its
+noise seed: a caption gives the same image whatever rank, batch or rerun generates it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from ediff_train.errors import EdiffError
+
+
+@dataclass(frozen=True)
+class Item:
+    id: int
+    caption: str
+    digit: int | None = None  # the prompted digit (digits sets only)
+    image: str | None = None  # a real image for this caption (COCO-style files), if given
+
+
+def digits_items(per_caption: int = 2, templates: str = "all") -> list[Item]:
+    """Every digit × wording ("the number 3", "a handwritten three", ...), `per_caption` each.
+
+    templates="plain" keeps only "the number {n}" (the README's prompts)."""
+    from ediff_train.data.digits import TEMPLATES, WORDS
+
+    if per_caption < 1:
+        raise EdiffError(f"captions.per_caption must be ≥ 1, got {per_caption}")
+    chosen = {"all": TEMPLATES, "plain": ("the number {n}",)}.get(templates)
+    if chosen is None:
+        raise EdiffError(f"captions.templates must be 'all' or 'plain', got {templates!r}")
+    items: list[Item] = []
+    for t in chosen:
+        for d in range(10):
+            for _ in range(per_caption):
+                items.append(Item(len(items), t.format(n=d, w=WORDS[d]), digit=d))
+    return items
+
+
+def file_items(path: str | os.PathLike, n: int | None = None, seed: int = 0) -> list[Item]:
+    """A jsonl of {"caption": ..., "image": optional path (relative to the file)}, one per line
+    (the COCO-2014-val protocol: 30K captions drawn at random; `n` draws them, seeded).
+    A bad line stops with its line number; nothing is generated before the file is read."""
+    path = Path(path)
+    if not path.is_file():
+        raise EdiffError(f"captions file {path} does not exist")
+    rows: list[tuple[str, str | None]] = []
+    with path.open(encoding="utf-8") as fh:
+        for no, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                caption = row["caption"]
+                if not isinstance(caption, str) or not caption.strip():
+                    raise ValueError("empty caption")
+            except (ValueError, KeyError, TypeError) as e:
+                raise EdiffError(f"{path}:{no}: not a {{\"caption\": ...}} json line "
+                                 f"({e})") from None
+            image = row.get("image")
+            rows.append((caption, str(path.parent / image) if image else None))
+    if not rows:
+        raise EdiffError(f"captions file {path} holds no captions")
+    if n is not None and n < len(rows):
+        rows = random.Random(seed).sample(rows, int(n))
+    return [Item(i, c, image=img) for i, (c, img) in enumerate(rows)]

@@ -1,0 +1,71 @@
+"""The two pictures evaluation draws: the FID-vs-CLIP trade-off curve over guidance scales (the
+paper's Fig. 7 axes) and loss by σ with each expert's band shaded. Several runs share a plot."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on a cluster node
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def fid_clip_plot(runs: Sequence[dict[str, Any]], x_key: str, y_key: str, x_label: str,
+                  y_label: str, path: str | os.PathLike) -> Path:
+    """One curve per run through its guidance scales, each point labelled with its scale."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4.2), dpi=100)
+    for run in runs:
+        rows = sorted(run["rows"], key=lambda r: r["guidance"])
+        xs, ys = [r[x_key] for r in rows], [r[y_key] for r in rows]
+        ax.plot(xs, ys, marker="o", label=run["label"])
+        for r, x, y in zip(rows, xs, ys):
+            ax.annotate(f"{r['guidance']:g}", (x, y), textcoords="offset points", xytext=(4, 4),
+                        fontsize=7)
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
+    ax.set_title("guidance sweep (numbers: guidance scale)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def loss_by_sigma_plot(runs: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
+    """Held-out loss against σ (log-log); every expert band of every ensemble shaded and named."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=100)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    lo_all = min(min(r["sigmas"]) for r in runs)
+    hi_all = max(max(r["sigmas"]) for r in runs)
+    for k, run in enumerate(runs):
+        c = colours[k % len(colours)]
+        ax.plot(run["sigmas"], run["loss"], marker=".", color=c, label=run["label"])
+        bands = run["bands"]
+        if len(bands) < 2:
+            continue
+        for j, band in enumerate(bands):
+            lo, hi = max(band["sigma_lo"], lo_all), min(band["sigma_hi"], hi_all)
+            ax.axvspan(lo, hi, color=c, alpha=0.06 + 0.06 * (j % 2), lw=0)
+            ax.text((lo * hi) ** 0.5, 1.0 - 0.05 * (k + 1), band["node"], color=c, fontsize=7,
+                    ha="center", transform=ax.get_xaxis_transform())
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("σ")
+    ax.set_ylabel("held-out EDM loss λ(σ)·‖D − x‖²")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,116 @@
+"""evaluate.py through the real entry point on a tiny trained tree (root + two children):
+image metrics with a guidance sweep, loss-by-σ of an ensemble against its parent, and the
+one-line errors for bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, run_env
+
+FAST = ["logger=csv", "data.num_workers=0", "sample.per_prompt=1", "sample.steps=3",
+        "checkpoint_every=50", "data.batch_size=16", "monitor.every=5", "monitor.batches=1",
+        "monitor.batch_size=16"]
+EVAL = ["captions.per_caption=1", "captions.templates=plain", "steps=3", "batch_size=7",
+        "device=cpu"]
+
+
+def _run(tmp: Path, script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=tmp,
+                          env=run_env(tmp), capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("evaltree")
+    for args in (["steps=12"], ["expert=E1_0", "steps=6"], ["expert=E1_1", "steps=6"]):
+        proc = _run(tmp, "train.py", *FAST, "run_dir=R", *args)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp
+
+
+def test_training_logs_heldout_loss_by_sigma(tree: Path) -> None:
+    rows = list(csv.reader((tree / "R" / "E0_0" / "loss_by_sigma.csv").open()))
+    assert rows[0][0] == "step" and len(rows[0]) == 9  # 8 σ values
+    assert [int(r[0]) for r in rows[1:]] == [5, 10]
+    child = list(csv.reader((tree / "R" / "E1_1" / "loss_by_sigma.csv").open()))
+    assert [int(r[0]) for r in child[1:]] == [17]  # its global step: parent's 12 + 5
+    assert all(float(v) > 0 for r in rows[1:] + child[1:] for v in r[1:])
+
+
+def test_images_metrics_and_guidance_sweep(tree: Path) -> None:
+    proc = _run(tree, "evaluate.py", "run_dir=R", "expert=E0_0", "guidance=[1,3]", "out=ev",
+                *EVAL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "prompt_accuracy" in proc.stdout and "digits_fid" in proc.stdout
+    report = json.loads((tree / "ev" / "eval.json").read_text())
+    assert report["classifier"]["heldout_accuracy"] >= 0.95
+    (run,) = report["runs"]
+    assert run["label"] == "E0_0" and run["node_steps"] == {"E0_0": 12}
+    assert [r["guidance"] for r in run["rows"]] == [1.0, 3.0]
+    for row in run["rows"]:
+        assert 0.0 <= row["prompt_accuracy"] <= 1.0 and row["digits_fid"] > 0
+        assert row["images"] == 10 and row["generation"]["generated"] == 10
+    assert report["settings"]["steps"] == 3 and report["settings"]["seed"] == 0
+    sweep = list(csv.reader((tree / "ev" / "sweep.csv").open()))
+    assert sweep[0][:2] == ["run", "guidance"] and len(sweep) == 3
+    assert (tree / "ev" / "fid_clip.png").stat().st_size > 1000
+    assert len(list((tree / "ev" / "E0_0" / "guidance_3").glob("*.png"))) == 10
+    # a rerun finds every image and generates none
+    again = _run(tree, "evaluate.py", "run_dir=R", "expert=E0_0", "guidance=[1,3]", "out=ev",
+                 *EVAL)
+    assert again.returncode == 0, again.stderr[-3000:]
+    rows = json.loads((tree / "ev" / "eval.json").read_text())["runs"][0]["rows"]
+    assert all(r["generation"]["generated"] == 0 for r in rows)
+    assert [r["prompt_accuracy"] for r in rows] == [r["prompt_accuracy"] for r in run["rows"]]
+
+
+def test_ensemble_vs_parent_loss_by_sigma(tree: Path) -> None:
+    proc = _run(tree, "evaluate.py", "run_dir=R", "experts=[E1_0,E1_1]", "compare=[[E0_0]]",
+                "metric=loss_by_sigma", "loss_by_sigma.sigmas=10", "loss_by_sigma.images=32",
+                "loss_by_sigma.batch_size=16", "out=lbs", "device=cpu")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "band E1_1" in proc.stdout
+    report = json.loads((tree / "lbs" / "loss_by_sigma.json").read_text())
+    ens, base = report["runs"]
+    assert ens["label"] == "E1_0+E1_1" and base["label"] == "E0_0"
+    split = 0.30119
+    assert all(o == ("E1_0" if s < split else "E1_1") for s, o in zip(ens["sigmas"],
+                                                                        ens["owner"]))
+    assert set(base["owner"]) == {"E0_0"} and report["images"] == 32
+    both = report["band_means"]["E1_1"]
+    assert set(both) == {"E1_0+E1_1", "E0_0"} and all(v > 0 for v in both.values())
+    assert ens["loss"] != base["loss"]
+    assert (tree / "lbs" / "loss_by_sigma.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["expert=E9_999"], "level 9 has indices"),
+    (["expert=E2_0"], "no trained node"),
+    (["run_dir=nowhere"], "no trained node"),
+    (["experts=[E1_0]"], "gap"),
+    (["experts=[E0_0,E1_1]"], "overlap"),
+    (["captions.source=bad.jsonl"], "bad.jsonl:2:"),
+    (["metrics.backend=real", "metrics.reference=empty"], "holds no images"),
+    (["metrics.backend=real", "metrics.reference=refs"], "metrics.inception_weights"),
+])
+def test_bad_input_is_one_line_and_writes_no_report(tree: Path, args: list[str],
+                                                    needle: str) -> None:
+    (tree / "bad.jsonl").write_text('{"caption": "the number 3"}\n{"caption": 3}\n')
+    (tree / "empty").mkdir(exist_ok=True)
+    (tree / "refs").mkdir(exist_ok=True)
+    from PIL import Image
+
+    Image.new("RGB", (16, 16)).save(tree / "refs" / "a.png")
+    out = tree / "badout"
+    proc = _run(tree, "evaluate.py", "run_dir=R", *args, f"out={out}", *EVAL)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert lines[-1].startswith("error:") and needle in lines[-1], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not (out / "eval.json").exists() and not (out / "loss_by_sigma.json").exists()
