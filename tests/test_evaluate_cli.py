@@ -68,6 +68,11 @@ def test_images_metrics_and_guidance_sweep(tree: Path) -> None:
     rows = json.loads((tree / "ev" / "eval.json").read_text())["runs"][0]["rows"]
     assert all(r["generation"]["generated"] == 0 for r in rows)
     assert [r["prompt_accuracy"] for r in rows] == [r["prompt_accuracy"] for r in run["rows"]]
+    # other settings into the same folders would mix old and new images: refused
+    four = [a for a in EVAL if not a.startswith("steps=")] + ["steps=4"]
+    other = _run(tree, "evaluate.py", "run_dir=R", "expert=E0_0", "guidance=[1,3]", "out=ev",
+                 *four)
+    assert other.returncode == 2 and "made with other settings (steps)" in other.stderr
 
 
 def test_ensemble_vs_parent_loss_by_sigma(tree: Path) -> None:

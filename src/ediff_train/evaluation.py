@@ -23,7 +23,12 @@ from ediff_train.checkpoints import load_encoders, load_train_config, read_node_
 from ediff_train.errors import EdiffError
 from ediff_train.experts import Router, node_from_config
 from ediff_train.metrics.captions import Item, digits_items, file_items
-from ediff_train.metrics.generation import generate_items, rank_world, wait_for_images
+from ediff_train.metrics.generation import (
+    claim_folder,
+    generate_items,
+    rank_world,
+    wait_for_images,
+)
 from ediff_train.sampling import Ensemble, embed_prompts, generate
 
 
@@ -137,6 +142,12 @@ def evaluate_images(cfg: DictConfig) -> dict[str, Any] | None:
                                 sigma_min=float(cfg.sigma_min), sigma_max=float(cfg.sigma_max),
                                 rho=float(cfg.rho), noise=noise)
 
+            claim_folder(folder, {
+                "nodes": [str(d.resolve()) for d in spec["dirs"]], "node_steps": spec["steps"],
+                "weights": str(cfg.weights), "guidance": g, "steps": int(cfg.steps),
+                "sigma_min": float(cfg.sigma_min), "sigma_max": float(cfg.sigma_max),
+                "rho": float(cfg.rho), "seed": int(cfg.seed), "captions": described,
+                "size": size})
             timings[f"{spec['label']}@{g:g}"] = generate_items(
                 sample, items, folder, (3, size, size), seed=int(cfg.seed),
                 batch_size=int(cfg.batch_size), rank=rank, world=world)

@@ -53,6 +53,27 @@ def save_png(image: Tensor, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def claim_folder(folder: str | os.PathLike, settings: dict[str, Any]) -> None:
+    """Record what a folder's images are made with; refuse to resume into a folder made with
+    other settings (its images would silently be mixed with the new ones)."""
+    import json
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "settings.json"
+    want = json.loads(json.dumps(settings))  # normalise tuples, numbers
+    if path.is_file():
+        have = json.loads(path.read_text())
+        if have != want:
+            diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+            raise EdiffError(f"{folder} holds images made with other settings ({', '.join(diff)}"
+                             "): choose another out= or delete that folder")
+        return
+    tmp = path.with_name(f".settings.json.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(want, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
 def generate_items(sample: Callable[[list[str], Tensor], Tensor], items: Sequence[Item],
                    folder: str | os.PathLike, shape: Sequence[int], seed: int = 0,
                    batch_size: int = 64, rank: int = 0, world: int = 1,
