@@ -97,7 +97,6 @@ def test_ensemble_vs_parent_loss_by_sigma(tree: Path) -> None:
 @pytest.mark.parametrize("args, needle", [
     (["expert=E9_999"], "level 9 has indices"),
     (["expert=E2_0"], "no trained node"),
-    (["run_dir=nowhere"], "no trained node"),
     (["experts=[E1_0]"], "gap"),
     (["experts=[E0_0,E1_1]"], "overlap"),
     (["captions.source=bad.jsonl"], "bad.jsonl:2:"),
