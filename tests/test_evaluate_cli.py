@@ -56,6 +56,7 @@ def test_images_metrics_and_guidance_sweep(tree: Path) -> None:
     for row in run["rows"]:
         assert 0.0 <= row["prompt_accuracy"] <= 1.0 and row["digits_fid"] > 0
         assert row["images"] == 10 and row["generation"]["generated"] == 10
+        assert set(row["prompt_accuracy_per_wording"]) == {"the number N"}
     assert report["settings"]["steps"] == 3 and report["settings"]["seed"] == 0
     sweep = list(csv.reader((tree / "ev" / "sweep.csv").open()))
     assert sweep[0][:2] == ["run", "guidance"] and len(sweep) == 3

@@ -15,7 +15,13 @@ from ediff_train.data.heldout import in_holdout, read_records
 from ediff_train.errors import EdiffError
 from ediff_train.experts import parse_node
 from ediff_train.metrics.captions import digits_items, file_items
-from ediff_train.metrics.digits import accuracy, load_or_train, prompt_digit, records_tensor
+from ediff_train.metrics.digits import (
+    accuracy,
+    caption_wording,
+    load_or_train,
+    prompt_digit,
+    records_tensor,
+)
 from ediff_train.metrics.generation import generate_items, image_path
 from ediff_train.metrics.loss_by_sigma import band_means, loss_by_sigma, sigma_grid
 from ediff_train.sampling import Ensemble
@@ -36,6 +42,8 @@ def test_prompt_digit_reads_numbers_and_words() -> None:
     assert prompt_digit("the number 3") == 3 and prompt_digit("a handwritten seven") == 7
     assert prompt_digit("a white zero on a black background") == 0
     assert prompt_digit("a cat") is None
+    assert caption_wording("a handwritten Seven") == caption_wording("a handwritten 3") == \
+        "a handwritten N"
     items = digits_items(2)
     assert len(items) == 300 and all(prompt_digit(i.caption) == i.digit for i in items)
     assert [i.id for i in items] == list(range(300))

@@ -38,6 +38,11 @@ def prompt_digit(caption: str) -> int | None:
     return int(m.group(1)) if m.group(1) is not None else _WORDS.index(m.group(2))
 
 
+def caption_wording(caption: str) -> str:
+    """The wording with its digit replaced by N ("the number N"), to report accuracy per wording."""
+    return _DIGIT.sub("N", caption.lower())
+
+
 class DigitClassifier(nn.Module):
     """Three conv blocks → 64-d features → 10 logits, on images resized to 16×16 grey."""
 

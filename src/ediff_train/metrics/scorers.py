@@ -65,9 +65,12 @@ class DigitsScorer:
 
     @torch.no_grad()
     def score(self, folder: str | os.PathLike, items: Sequence[Item]) -> dict[str, Any]:
+        from ediff_train.metrics.digits import caption_wording
+
         stats = FeatureStats()
         right = torch.zeros(10)
         total = torch.zeros(10)
+        by_wording: dict[str, list[int]] = {}
         for i in range(0, len(items), CHUNK):
             chunk = items[i:i + CHUNK]
             images = load_images([image_path(folder, it) for it in chunk])
@@ -76,11 +79,16 @@ class DigitsScorer:
             guess = self.model.head(feats).argmax(1)
             want = torch.tensor([-1 if it.digit is None else it.digit for it in chunk])
             known = want >= 0
+            for it, ok in zip(chunk, (guess == want).tolist()):
+                if it.digit is not None:
+                    by_wording.setdefault(caption_wording(it.caption), []).append(int(ok))
             total += torch.bincount(want[known], minlength=10).float()
             right += torch.bincount(want[known & (guess == want)], minlength=10).float()
         per = {str(d): round(float(right[d] / total[d]), 4) for d in range(10) if total[d] > 0}
         return {"prompt_accuracy": round(float(right.sum() / total.sum().clamp(min=1)), 4),
                 "prompt_accuracy_per_digit": per,
+                "prompt_accuracy_per_wording": {w: round(sum(v) / len(v), 4)
+                                                for w, v in by_wording.items()},
                 "digits_fid": round(fid_from_stats(stats, self.reference), 3),
                 "images": len(items)}
 
