@@ -4,15 +4,13 @@ real architecture, and CLIP score on a tiny open_clip model trained here to tell
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
 import torch.nn.functional as F
 
+from ediff_train.data.digits import one_thread
 from ediff_train.encoders import clip_pixels
 from ediff_train.errors import EdiffError
 from ediff_train.metrics.fid import (
@@ -28,17 +26,6 @@ def _features(n: int = 500, d: int = 16, seed: int = 0) -> np.ndarray:
     """Correlated features with a non-trivial covariance (a random linear mix)."""
     rng = np.random.default_rng(seed)
     return rng.normal(size=(n, d)) @ (rng.normal(size=(d, d)) / np.sqrt(d)) + rng.normal(size=d)
-
-
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """Small CPU ops on 2 shared cores: extra threads only contend (up to 20x slower here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _reference_fid(a: np.ndarray, b: np.ndarray) -> float:
@@ -173,7 +160,7 @@ def test_inception_loads_a_local_state_dict_and_rounds_to_uint8(tmp_path, monkey
     assert "inception-v3-compat" in inc.name and "299" in inc.name
     grid = torch.randint(0, 256, (2, 3, 24, 20), generator=torch.Generator().manual_seed(0)) / 255
     below = (grid - 0.4 / 255).clamp(0, 1)  # rounds back to the grid; truncation would not
-    with _one_thread():
+    with one_thread():
         out = inc(torch.cat([grid, below]))
         assert out.shape == (4, 2048) and out.dtype == torch.float32 and torch.isfinite(out).all()
         assert torch.equal(out[:2], out[2:]) and not torch.equal(out[0], out[1])
@@ -225,7 +212,7 @@ def clip_checkpoint(tmp_path_factory):
     model.token_embedding.requires_grad_(False)  # skips Adam on 49,408 rows; the rest learns
     ids = SimpleTokenizer(context_length=77)(CAPTIONS)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-3)
-    with _one_thread():
+    with one_thread():
         for _ in range(STEPS):
             labels = torch.randperm(32, generator=gen) % 4  # 8 of each colour
             pixels = clip_pixels(model, _squares(labels, 16, gen))
@@ -250,7 +237,7 @@ def test_clip_score_ranks_matching_captions_first(clip_checkpoint) -> None:
     images = _squares(labels, 32, torch.Generator().manual_seed(99))  # resized to 16 inside
     right = [CAPTIONS[k] for k in labels]
     wrong = [CAPTIONS[(k + 1 + j % 3) % 4] for j, k in enumerate(labels.tolist())]
-    with _one_thread():
+    with one_thread():
         s_right, s_wrong = scorer.score(images, right, batch_size=5), scorer.score(images, wrong)
         cos, cos_wrong = scorer.cosine(images, right), scorer.cosine(images, wrong)
         sims = scorer.image_embeddings(images) @ scorer.text_embeddings(CAPTIONS).T  # [24, 4]

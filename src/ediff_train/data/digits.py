@@ -104,7 +104,7 @@ def is_built(root: str | os.PathLike, params: dict[str, int]) -> bool:
 
 
 @contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
+def one_thread() -> Iterator[None]:
     """The tiny encoders gain nothing from intra-op threads, and on a busy 2-core machine
     OpenMP spinning made embedding 5x slower; restore the caller's setting afterwards."""
     before = torch.get_num_threads()
@@ -152,7 +152,7 @@ def _write(out: Path, params: dict[str, int]) -> None:
 
     enc = Encoders.tiny(ENCODER_SEED)
     report = None
-    with _one_thread():
+    with one_thread():
         if params["align_steps"] > 0:
             holdout = (pixels[val], y[val]) if len(val) else None
             report = align_encoders(enc, pixels[train], y[train],
@@ -176,7 +176,7 @@ def _write_split(out: Path, enc: Any, indices: np.ndarray, images: np.ndarray, p
     order = np.random.default_rng([params["seed"], 2, len(indices)]).permutation(indices)
     caps = [captions[i] for i in order]
     unique = sorted(set(caps))  # at most 150 distinct captions: embed each once
-    with _one_thread():
+    with one_thread():
         emb = enc.encode_text(unique, batch_size=256)
         img = enc.encode_image(pixels[order], batch_size=256)
     row = {c: j for j, c in enumerate(unique)}
