@@ -157,3 +157,21 @@ def test_val_fraction_training_and_validation_streams_are_disjoint(digits_root: 
     keys = {k for b in plain.val_batches(2) for k in b["key"]}
     held = {json.loads(json.dumps(r["key"])) for r in read_records(digits_root / "val")}
     assert keys and keys <= held
+
+
+def test_images_of_different_sizes_are_refused_unless_resized(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from ediff_train.metrics.generation import load_images
+    from ediff_train.metrics.scorers import image_files
+
+    Image.new("RGB", (16, 16), (255, 0, 0)).save(tmp_path / "a.png")
+    Image.new("RGB", (20, 12), (0, 255, 0)).save(tmp_path / "b.png")
+    paths = image_files(tmp_path)
+    with pytest.raises(EdiffError, match="differ in size"):
+        load_images(paths)
+    both = load_images(paths, size=8)  # references: shorter side resized, centre-cropped
+    assert both.shape == (2, 3, 8, 8) and float(both[0, 0].mean()) == pytest.approx(1.0)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EdiffError, match="holds no images"):
+        image_files(tmp_path / "empty")
