@@ -119,3 +119,21 @@ def test_bad_input_is_one_line_and_writes_no_report(tree: Path, args: list[str],
     assert lines[-1].startswith("error:") and needle in lines[-1], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert not (out / "eval.json").exists() and not (out / "loss_by_sigma.json").exists()
+
+
+def test_two_ranks_share_the_images_and_rank0_scores(tree: Path) -> None:
+    cmd = [sys.executable, str(ROOT / "evaluate.py"), "run_dir=R", "expert=E0_0",
+           "guidance=2", "out=ranks", "wait_timeout=300", *EVAL]
+    procs = []
+    for rank in (1, 0):  # rank 1 first: rank 0 must wait for its share
+        env = {**run_env(tree), "RANK": str(rank), "WORLD_SIZE": "2"}
+        procs.append(subprocess.Popen(cmd, cwd=tree, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert "prompt_accuracy" in outs[1][0] and "prompt_accuracy" not in outs[0][0]
+    report = json.loads((tree / "ranks" / "eval.json").read_text())
+    row = report["runs"][0]["rows"][0]
+    assert report["settings"]["ranks"] == 2 and row["images"] == 10
+    assert row["generation"]["generated"] == 5  # rank 0's share; rank 1 made the other 5
+    assert len(list((tree / "ranks" / "E0_0" / "guidance_2").glob("*.png"))) == 10
