@@ -34,8 +34,8 @@ def main(cfg: DictConfig) -> None:
         sigma_max=float(cfg.sigma_max),
         rho=float(cfg.rho),
     )
-    grid = save_images(images, cfg.out)
-    labelled_grid(images, prompts, per, upscale=max(1, 64 // images.shape[-1])).save(grid)
+    labelled = labelled_grid(images, prompts, per, upscale=max(1, 64 // images.shape[-1]))
+    grid = save_images(images, cfg.out, grid=labelled)
     calls = ", ".join(f"{n.name}: {c}" for n, c in zip(ensemble.router.nodes, ensemble.calls))
     print(f"wrote {len(images)} images and {grid} (expert calls: {calls})")
 

@@ -29,7 +29,7 @@ from ediff_train.metrics.generation import (
     rank_world,
     wait_for_images,
 )
-from ediff_train.sampling import Ensemble, embed_prompts, generate
+from ediff_train.sampling import Ensemble, embed_prompts, generate, load_ensemble
 
 
 def run_specs(cfg: DictConfig) -> list[dict[str, Any]]:
@@ -62,10 +62,7 @@ def pick_device(name: str) -> torch.device:
 
 def load_spec(spec: dict[str, Any], weights: str, device: torch.device) -> Ensemble:
     """The ensemble's experts from their node folders (the Router refuses a bad tiling)."""
-    from ediff_train.checkpoints import load_expert
-
-    loaded = [load_expert(d, weights) for d in spec["dirs"]]
-    return Ensemble([n for n, _ in loaded], [m for _, m in loaded]).to(device)
+    return load_ensemble(".", [str(d) for d in spec["dirs"]], weights).to(device)
 
 
 def caption_set(cfg: DictConfig) -> tuple[list[Item], str]:

@@ -89,8 +89,10 @@ class Ensemble(nn.Module):
         return out
 
 
-def save_images(images: Tensor, out_dir: str | Path, prefix: str = "sample") -> Path:
-    """Write each image as PNG plus a square-ish grid.png; images in [0, 1], [N,3,H,W]."""
+def save_images(images: Tensor, out_dir: str | Path, prefix: str = "sample",
+                grid: Any = None) -> Path:
+    """Write each image as PNG plus grid.png (`grid`, a PIL image, or a square-ish grid of the
+    images); images in [0, 1], [N,3,H,W]."""
     from PIL import Image
 
     out = Path(out_dir)
@@ -99,7 +101,7 @@ def save_images(images: Tensor, out_dir: str | Path, prefix: str = "sample") -> 
     for i, a in enumerate(arr):
         Image.fromarray(a).save(out / f"{prefix}_{i:04d}.png")
     grid_path = out / "grid.png"
-    Image.fromarray(make_grid(images)).save(grid_path)
+    (grid if grid is not None else Image.fromarray(make_grid(images))).save(grid_path)
     return grid_path
 
 
