@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ediff_train.data.align import clip_text_short
+from ediff_train.data.digits import digit_captions
 from ediff_train.data.manifest import read_manifest
 from ediff_train.encoders import Encoders
 
@@ -22,25 +23,31 @@ def test_short_text_pass_equals_open_clip_full_context() -> None:
     torch.testing.assert_close(short, full, rtol=1e-4, atol=1e-5)
 
 
+def _class_of_each_caption(enc: Encoders, key: str) -> float:
+    """Leave-one-out nearest-class-mean accuracy over all 150 digit captions, on features
+    centred over the set: does a caption's embedding tell its digit without seeing that caption?
+    Raw cosines between two captions are dominated by the component every caption shares, and
+    that varies from build to build; which digit a caption sits nearest does not."""
+    caps = [digit_captions(d) for d in range(10)]
+    label = torch.tensor([d for d, cs in enumerate(caps) for _ in cs])
+    out = enc.encode_text([c for cs in caps for c in cs])
+    v = torch.stack([t.mean(0) for t in out["t5"]]) if key == "t5" else out[key]
+    v = F.normalize(v - v.mean(0), dim=-1)
+    hits = 0
+    for i in range(len(v)):
+        others = torch.arange(len(v)) != i
+        means = torch.stack([v[(label == k) & others].mean(0) for k in range(10)])
+        hits += int((F.normalize(means, dim=-1) @ v[i]).argmax()) == int(label[i])
+    return hits / len(v)
+
+
 def test_trained_encoders_give_wordings_of_one_digit_one_meaning(digits_root: Path) -> None:
     report = read_manifest(digits_root)["align"]
     assert report["steps"] == 300 and report["zero_shot_accuracy"] >= 0.6  # chance: 0.1
     trained, random = Encoders.load(digits_root / "encoders"), Encoders.tiny(0)
-    same = ["the number 3", "a handwritten three"]
-    other = ["the number 7", "a handwritten seven"]
-
-    def cos(enc: Encoders, a: str, b: str, key: str) -> float:
-        out = enc.encode_text([a, b])
-        if key == "t5":
-            v = [t.mean(0) for t in out["t5"]]
-        else:
-            v = list(out[key])
-        return float(F.cosine_similarity(v[0], v[1], dim=0))
-
     for key in ("clip_pool", "t5"):
-        for a, b in zip(same, other):
-            assert cos(trained, same[0], same[1], key) > cos(trained, a, b, key) + 0.2, key
-        # the random encoders do not separate them: "3" vs "7" is one byte apart
-        gap_random = cos(random, *same, key) - cos(random, same[0], other[0], key)
-        gap_trained = cos(trained, *same, key) - cos(trained, same[0], other[0], key)
-        assert gap_trained > gap_random + 0.2, key
+        # measured: trained 1.0 (CLIP) and 0.96-0.97 (T5) over three align seeds; random 0.21/0.29
+        acc_trained, acc_random = (_class_of_each_caption(e, key) for e in (trained, random))
+        assert acc_trained >= 0.85, (key, acc_trained)
+        # the random encoders do not: "the number 3" and "the number 7" are one byte apart
+        assert acc_random <= 0.5 and acc_trained > acc_random + 0.4, (key, acc_random)
