@@ -1,10 +1,15 @@
-"""Sample from trained experts: `python sample.py run_dir=R expert=E0_0 prompt="the number 3"`."""
+"""Sample from trained experts: `python sample.py run_dir=R expert=E0_0 prompt="the number 3"`,
+or a whole cascade (base, then SR stages): `python sample.py cascade=digits`."""
+
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
+from ediff_train.cascade import call_report, load_stages, read_cascade, run_cascade, write_cascade
 from ediff_train.checkpoints import load_encoders, load_train_config
 from ediff_train.cli import entry_point, reporting_errors
+from ediff_train.errors import EdiffError
 from ediff_train.sampling import (
     embed_prompts,
     generate,
@@ -13,14 +18,37 @@ from ediff_train.sampling import (
     save_images,
 )
 
+CASCADES = Path(__file__).resolve().parent / "conf" / "cascade"
+
+
+def prompt_list(cfg: DictConfig) -> list[str]:
+    return [str(p) for p in cfg.prompts] if cfg.get("prompts") else [str(cfg.prompt)]
+
+
+def sample_cascade(cfg: DictConfig) -> None:
+    stages, description = read_cascade(str(cfg.cascade), CASCADES)
+    loaded = load_stages(stages, cfg.device)
+    prompts = [p for p in prompt_list(cfg) for _ in range(int(cfg.n))]
+    outputs = run_cascade(loaded, prompts, seed=int(cfg.seed), device=cfg.device)
+    grid = write_cascade(loaded, outputs, prompts, cfg.out)
+    sizes = " -> ".join(f"{ls.image_size}px" for ls in loaded)
+    print(f"{description}: wrote {len(prompts)} images per stage ({sizes}) and {grid} "
+          f"(expert calls: {call_report(loaded)})")
+
 
 @hydra.main(config_path="conf/sampling", config_name="config", version_base="1.3")
 @reporting_errors
 def main(cfg: DictConfig) -> None:
+    if cfg.get("cascade"):
+        sample_cascade(cfg)
+        return
     names = list(cfg.experts) if cfg.experts else [str(cfg.expert)]
     ensemble = load_ensemble(cfg.run_dir, names, cfg.weights).to(cfg.device)
     train_cfg = load_train_config(f"{cfg.run_dir}/{names[0]}")
-    prompts = [str(p) for p in cfg.prompts] if cfg.get("prompts") else [str(cfg.prompt)]
+    if train_cfg.data.get("lowres_size"):
+        raise EdiffError(f"{cfg.run_dir}/{names[0]} is a super-resolution stage: sample "
+                         "it in a cascade (cascade=NAME, conf/cascade/)")
+    prompts = prompt_list(cfg)
     per = int(cfg.n)
     cond = embed_prompts(load_encoders(train_cfg), [p for p in prompts for _ in range(per)])
     images = generate(

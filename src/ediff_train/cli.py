@@ -102,5 +102,9 @@ def reporting_errors(task: Callable[..., Any]) -> Callable[..., Any]:
             return task(*args, **kwargs)
         except EdiffError as e:
             fail(str(e))
+        except Exception as e:  # Hydra's instantiate wraps a constructor's EdiffError
+            if isinstance(e.__cause__, EdiffError):
+                fail(str(e.__cause__))
+            raise
 
     return run

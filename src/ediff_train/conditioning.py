@@ -15,27 +15,44 @@ from torch import Tensor
 DEFAULT_DROP = {"clip_txt": 0.2, "t5": 0.25, "clip_img": 0.9}
 
 
+TEXT_FIELDS = ("t5", "t5_mask", "clip_txt", "clip_pool", "clip_img")
+
+
 @dataclass
 class Conditioning:
     """Embeddings for one batch. Shapes: t5 [B,L,Dt5], t5_mask [B,L] bool, clip_txt [B,77,Dc],
-    clip_pool [B,Dp], clip_img [B,Di]. A dropped embedding is all zeros (the null input)."""
+    clip_pool [B,Dp], clip_img [B,Di]. A dropped embedding is all zeros (the null input).
+
+    A super-resolution stage is also conditioned on its low-res image: `lowres` [B,3,h,w] in
+    [-1, 1] with its augmentation noise already added, and that noise level `sigma_aug` [B]
+    (sr.py). They are not text: guidance's unconditional branch keeps them (`null`)."""
 
     t5: Tensor
     t5_mask: Tensor
     clip_txt: Tensor
     clip_pool: Tensor
     clip_img: Tensor
+    lowres: Tensor | None = None
+    sigma_aug: Tensor | None = None
 
     @classmethod
     def from_batch(cls, batch: dict) -> Conditioning:
-        return cls(**{f.name: batch[f.name] for f in fields(cls)})
+        """The text/image embeddings of a loader batch (the low-res image is made by sr.py)."""
+        return cls(**{name: batch[name] for name in TEXT_FIELDS})
+
+    def rows(self, index: Tensor) -> Conditioning:
+        """The bundle for a subset of the batch's rows."""
+        return Conditioning(**{f.name: None if getattr(self, f.name) is None
+                               else getattr(self, f.name)[index] for f in fields(self)})
 
     @property
     def batch_size(self) -> int:
         return self.t5.shape[0]
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Conditioning:
-        def move(name: str, t: Tensor) -> Tensor:
+        def move(name: str, t: Tensor | None) -> Tensor | None:
+            if t is None:
+                return None
             if name == "t5_mask" or dtype is None:
                 return t.to(device)
             return t.to(device, dtype)
@@ -77,7 +94,15 @@ class Conditioning:
             clip_txt=torch.cat([self.clip_txt, other.clip_txt]),
             clip_pool=torch.cat([self.clip_pool, other.clip_pool]),
             clip_img=torch.cat([self.clip_img, other.clip_img]),
+            lowres=_cat_optional(self.lowres, other.lowres, "lowres"),
+            sigma_aug=_cat_optional(self.sigma_aug, other.sigma_aug, "sigma_aug"),
         )
+
+
+def _cat_optional(a: Tensor | None, b: Tensor | None, name: str) -> Tensor | None:
+    if (a is None) != (b is None):
+        raise ValueError(f"cannot stack a conditioning with '{name}' and one without")
+    return None if a is None else torch.cat([a, b])
 
 
 def drop_embeddings(

@@ -24,6 +24,7 @@ from ediff_train.edm import EDMPrecond, edm_loss
 from ediff_train.ema import EMA, full_fp32_state, restore_fp32
 from ediff_train.errors import EdiffError
 from ediff_train.experts import Node
+from ediff_train.sr import SRConditioner
 
 
 class ExpertModule(L.LightningModule):
@@ -41,6 +42,7 @@ class ExpertModule(L.LightningModule):
         drop: dict[str, float] | None = None,
         step_offset: int = 0,
         seed: int = 0,
+        sr: SRConditioner | None = None,
     ) -> None:
         super().__init__()
         self.denoiser = EDMPrecond(net)
@@ -51,6 +53,7 @@ class ExpertModule(L.LightningModule):
         self.drop = dict(DEFAULT_DROP if drop is None else drop)
         self.step_offset = step_offset
         self.seed = seed
+        self.sr = sr  # super-resolution stages: makes the low-res conditioning (sr.py)
         # [min, max] of σ drawn in this node's run (kept in the checkpoint, on CPU, float64).
         self.sigma_seen = torch.tensor([math.inf, -math.inf], dtype=torch.float64)
         self._gen: torch.Generator | None = None
@@ -114,6 +117,8 @@ class ExpertModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         x = batch["image"]
         cond = drop_embeddings(Conditioning.from_batch(batch), self.drop, self._gen)
+        if self.sr is not None:
+            cond = self.sr.condition(cond, x, batch.get("lowres"), self._gen)
         sigma64 = self.node.sample_sigma(x.shape[0], self._gen)
         self.sigma_seen[0] = torch.minimum(self.sigma_seen[0], sigma64.min())
         self.sigma_seen[1] = torch.maximum(self.sigma_seen[1], sigma64.max())

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ediff_train.conditioning import Conditioning
 from ediff_train.experts import Node, Router
+from ediff_train.sr import SIGMA_AUG_FLOOR, sampling_condition
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 
@@ -82,7 +83,7 @@ class Ensemble(nn.Module):
         out = torch.empty_like(x)  # mixed σ in one batch: ask each owner for its rows
         for i in owners.unique().tolist():
             rows = (owners == i).nonzero().squeeze(1).to(x.device)
-            sub = Conditioning(**{k: v[rows] for k, v in vars(cond).items()})
+            sub = cond.rows(rows)
             sig = sigma.reshape(-1).expand(x.shape[0])[rows]
             self.calls[i] += 1
             out[rows] = self.experts[i](x[rows], sig, sub)
@@ -153,13 +154,20 @@ def generate(
     rho: float = 7.0,
     channels: int = 3,
     noise: Tensor | None = None,
+    lowres: Tensor | None = None,
+    sigma_aug: float = SIGMA_AUG_FLOOR,
 ) -> Tensor:
     """Text-to-image with Heun + CFG; returns images in [0, 1]. One sample per cond row.
 
     `noise` [N,C,H,W] (unit variance) replaces the seeded draw, so a caller can give every
-    image its own seed and get the same image whatever batch it lands in."""
+    image its own seed and get the same image whatever batch it lands in. A super-resolution
+    stage also takes `lowres` [N,3,h,w] in [0, 1] (the stage below's images), augmented once
+    at noise level `sigma_aug` (sr.py); guidance's unconditional branch sees it too."""
     device = cond.t5.device
     n = cond.batch_size
+    if lowres is not None:
+        low = lowres.to(device, torch.float32) * 2 - 1
+        cond = sampling_condition(cond, low, sigma_aug, seed)
     if noise is None:
         g = torch.Generator().manual_seed(seed)
         noise = torch.randn(n, channels, image_size, image_size, generator=g)

@@ -37,6 +37,7 @@ from ediff_train.resume import (
     resume_checkpoint,
 )
 from ediff_train.sampling import embed_prompts, generate, labelled_grid
+from ediff_train.sr import NoiseAugment, SRConditioner
 from ediff_train.strategies import build_strategy, cluster_plugins, trainer_config
 
 
@@ -88,8 +89,9 @@ class HandOff(Callback):
 def build_module(cfg: DictConfig, node: Node, ndir: Path) -> tuple[ExpertModule, Path | None]:
     """The module, initialised from the parent unless this node resumes its own checkpoint."""
     m = cfg.module
+    net = instantiate(cfg.model)
     module = ExpertModule(
-        net=instantiate(cfg.model),
+        net=net,
         node=node,
         lr=m.lr,
         weight_decay=m.weight_decay,
@@ -98,6 +100,7 @@ def build_module(cfg: DictConfig, node: Node, ndir: Path) -> tuple[ExpertModule,
         ema_warmup=m.ema_warmup,
         drop=OmegaConf.to_container(m.drop),
         seed=cfg.seed,
+        sr=sr_conditioner(cfg, net),
     )
     resume = resume_checkpoint(ndir)
     if node.parent is not None:
@@ -105,6 +108,25 @@ def build_module(cfg: DictConfig, node: Node, ndir: Path) -> tuple[ExpertModule,
         meta = module.init_from(str(path))  # on resume the checkpoint overwrites these weights
         module.step_offset = int(meta.get("step", 0))
     return module, resume
+
+
+def sr_conditioner(cfg: DictConfig, net: Any) -> SRConditioner | None:
+    """How an SR stage's low-res input is made (sr.py); None for a base stage. A model and data
+    that disagree about being super-resolution are refused before any work."""
+    low = cfg.data.get("lowres_size")
+    if not getattr(net, "is_super_resolution", False):
+        if low:
+            raise EdiffError(f"data.lowres_size={low} is set but model {cfg.model._target_} is "
+                             "not a super-resolution model (use an SR model, e.g. model=sr_tiny)")
+        return None
+    if not low:
+        raise EdiffError("a super-resolution model needs data.lowres_size (the low-res input's "
+                         "size), e.g. data.lowres_size=64 for SR256")
+    sr = cfg.get("sr") or {}
+    degrade = cfg.get("degrade")
+    chain = instantiate(degrade) if degrade and "_target_" in degrade else None
+    return SRConditioner(NoiseAugment(**(sr.get("augment") or {})), chain,
+                         int(cfg.data.image_size) // int(low))
 
 
 def build_logger(cfg: DictConfig, ndir: Path) -> Any:
@@ -215,7 +237,7 @@ def train_node(cfg: DictConfig) -> Path:
             trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
         finished = trainer.global_step >= int(cfg.steps)
         if finished and trainer.is_global_zero and cfg.sample.per_prompt > 0:
-            grid = sample_grid(cfg, module)
+            grid = sample_grid(cfg, module, data)
             log_image = getattr(logger, "log_image", None) if logger else None
             if log_image is not None:
                 log_image(key="samples", images=[str(grid)], step=trainer.global_step)
@@ -244,8 +266,11 @@ def finish_wandb(logger: Any) -> None:
         wandb.finish()
 
 
-def sample_grid(cfg: DictConfig, module: ExpertModule) -> Path:
-    """A grid from the EMA weights for the configured prompts (rows: prompts)."""
+def sample_grid(cfg: DictConfig, module: ExpertModule, data: Any = None) -> Path:
+    """A grid from the EMA weights for the configured prompts (rows: prompts); for an SR stage,
+    held-out low-res images super-resolved, beside bicubic and the truth."""
+    if module.sr is not None:
+        return sr_preview(cfg, module, data)
     encoders = load_encoders(cfg)
     prompts = [p for p in cfg.sample.prompts for _ in range(int(cfg.sample.per_prompt))]
     cond = embed_prompts(encoders, prompts)
@@ -261,4 +286,27 @@ def sample_grid(cfg: DictConfig, module: ExpertModule) -> Path:
     path = node_dir(cfg.run_dir, module.node.name) / "samples.png"
     labelled_grid(images, list(cfg.sample.prompts), int(cfg.sample.per_prompt),
                   upscale=4).save(path)
+    return path
+
+
+def sr_preview(cfg: DictConfig, module: ExpertModule, data: Any) -> Path:
+    """Rows low-res | bicubic | SR | high-res for held-out images (their own captions)."""
+    from ediff_train.cascade import comparison_rows, upsample
+    from ediff_train.conditioning import Conditioning
+
+    n = 10 * int(cfg.sample.per_prompt)
+    batches = data.val_batches(1, n) if hasattr(data, "val_batches") else []
+    path = node_dir(cfg.run_dir, module.node.name) / "samples.png"
+    if not batches:
+        print("no held-out images to preview the SR stage with (set data.val_root)")
+        return path
+    batch = batches[0]
+    truth, low = batch["image"] * 0.5 + 0.5, batch["lowres"] * 0.5 + 0.5
+    cond = Conditioning.from_batch(batch).without_image()
+    sr = generate(module.ema.to("cpu").float(), cond, image_size=truth.shape[-1],
+                  steps=int(cfg.sample.steps), guidance=float(cfg.sample.guidance),
+                  seed=int(cfg.seed), lowres=low, sigma_aug=float(cfg.sr.sample_sigma_aug))
+    rows = {"low-res": low, "bicubic": upsample(low, truth.shape[-1]), "SR": sr,
+            "high-res": truth}
+    comparison_rows(rows, upscale=max(1, 64 // truth.shape[-1])).save(path)
     return path

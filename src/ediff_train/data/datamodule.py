@@ -1,7 +1,8 @@
 """LightningDataModule over a §4 shard set: build (optional), check the manifest, stream.
 
 The manifest is checked in `setup()`, before any training step, so shards embedded with other
-encoders or dims are refused with one line rather than trained on.
+encoders or dims, or stored at another image size, are refused with one line rather than
+trained on.
 """
 
 from __future__ import annotations
@@ -25,9 +26,34 @@ from ediff_train.data.loader import (
     usable_workers,
 )
 from ediff_train.data.manifest import check_manifest, read_manifest
+from ediff_train.data.samples import check_sizes
 from ediff_train.errors import EdiffError
 
 log = logging.getLogger(__name__)
+
+# data_prep stage that writes each image size (for the hint when a stage reads the wrong set)
+_PREP_STAGES = {64: "base64", 256: "sr256", 1024: "sr1024"}
+
+
+def check_image_size(manifest: dict, root: str | Path, image_size: int,
+                     lowres_size: int | None) -> None:
+    """Refuse shards stored at another size than the stage trains at: smaller ones would be
+    upscaled (blurred targets, e.g. an SR stage pointed at base-stage shards), larger ones are
+    another stage's set (e.g. a base stage pointed at SR shards). No recorded size: no check."""
+    stored = (manifest.get("image") or {}).get("size")
+    if stored is None or int(stored) == image_size:
+        return
+    stored = int(stored)
+    stage = _PREP_STAGES.get(image_size)
+    fix = (f"use data_prep stage={stage}" if stage else f"embed the images at {image_size} px")
+    if stored < image_size:
+        guess = ("an SR stage pointed at base-stage shards?" if lowres_size is not None
+                 else "they would be upscaled, i.e. blurred:")
+    else:
+        guess = ("a base stage pointed at SR-stage shards?" if lowres_size is None
+                 else "an SR stage pointed at a larger stage's shards?")
+    raise EdiffError(f"shards at {root} hold {stored} px images, this stage trains at "
+                     f"{image_size} px ({guess} {fix})")
 
 
 class ShardLoader(DataLoader):
@@ -106,6 +132,11 @@ class ShardDataModule(L.LightningDataModule):
     `cast_on_device`: batches travel compact (uint8 images, float16 embeddings) and become
     float32 in `on_after_batch_transfer`, on the training device; None = only when that device
     is a GPU (on a CPU it changes nothing). `rank`/`world_size` override the detected ones.
+
+    Super-resolution stages: `lowres_size` adds `lowres`, the image_size image downsampled;
+    `crop_size` trains on crop_size² crops of it (a multiple of the factor), `lowres` being
+    the aligned low-res crop; held-out batches take the centre crop. Size rules are in
+    samples.check_sizes, checked here; the shard set must store image_size px images (setup).
     """
 
     def __init__(self, root: str, batch_size: int, image_size: int, num_workers: int = 2,
@@ -113,10 +144,11 @@ class ShardDataModule(L.LightningDataModule):
                  lowres_size: int | None = None, expect: dict | None = None,
                  builder: Callable[[], Any] | None = None, cast_on_device: bool | None = None,
                  val_root: str | None = None, val_fraction: float = 0.0,
+                 crop_size: int | None = None,
                  *, rank: int | None = None, world_size: int | None = None) -> None:
         super().__init__()
-        if lowres_size is not None and not 1 <= lowres_size <= image_size:
-            raise EdiffError(f"lowres_size {lowres_size} must lie in [1, image_size={image_size}]")
+        check_sizes(image_size, lowres_size, crop_size)  # before any work
+        self.crop_size = crop_size
         self.root = str(root)
         self.batch_size, self.image_size = batch_size, image_size
         self.num_workers, self.shuffle_buffer, self.seed = num_workers, shuffle_buffer, seed
@@ -138,6 +170,7 @@ class ShardDataModule(L.LightningDataModule):
         manifest = read_manifest(self.root)
         if self.expect:
             check_manifest(manifest, self.expect, where=f"shards at {self.root}")
+        check_image_size(manifest, self.root, self.image_size, self.lowres_size)
         shards = manifest.get("shards") or {}
         if not shards:
             raise EdiffError(f"manifest at {self.root} lists no shards")
@@ -165,7 +198,8 @@ class ShardDataModule(L.LightningDataModule):
             num_samples=int(num_samples),
             batches_per_epoch=self.batches_per_epoch, shuffle_buffer=self.shuffle_buffer,
             seed=self.seed, lowres_size=self.lowres_size, rank=rank, world=world,
-            holdout=(self.val_fraction, False) if self.val_fraction else None)
+            holdout=(self.val_fraction, False) if self.val_fraction else None,
+            crop_size=self.crop_size)
         self._loader = ShardLoader(stream, num_workers=workers, epoch_fn=_trainer_epoch(self),
                                    expand=not self._casts_on_device())
         return self._loader
@@ -176,17 +210,20 @@ class ShardDataModule(L.LightningDataModule):
 
     def val_batches(self, num_batches: int, batch_size: int | None = None) -> list[dict[str, Any]]:
         """The first `num_batches` held-out batches, float32, in a fixed order (no shuffling,
-        in-process): the same samples on every call, rank and run. [] when none are named."""
+        in-process): the same samples on every call, rank and run, centre-cropped when
+        crop_size is set. [] when none are named."""
         source = self.validation()
         if source is None or num_batches < 1:
             return []
         root, fraction = source
         manifest = read_manifest(root)
+        check_image_size(manifest, root, self.image_size, self.lowres_size)
         paths = [str(Path(root) / name) for name in sorted(manifest.get("shards") or {})]
         stream = ShardStream(paths, batch_size or self.batch_size, self.image_size,
                              EmbedDims.from_manifest(manifest), batches_per_epoch=num_batches,
                              shuffle_buffer=0, seed=0, lowres_size=self.lowres_size, rank=0,
-                             world=1, holdout=(fraction, True) if fraction else None)
+                             world=1, holdout=(fraction, True) if fraction else None,
+                             crop_size=self.crop_size, centre_crop=True)
         return [{k: v for k, v in b.items() if k != "skipped"} for b in stream]
 
     def _casts_on_device(self) -> bool:

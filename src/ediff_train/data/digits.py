@@ -52,8 +52,13 @@ def digit_captions(digit: int) -> list[str]:
     return [t.format(n=int(digit), w=WORDS[int(digit)]) for t in TEMPLATES]
 
 
-def digit_images(image_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 [N, S, S, 3] RGB images, int labels [N]) in sklearn's order."""
+def digit_images(image_size: int, stroke: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 [N, S, S, 3] RGB images, int labels [N]) in sklearn's order.
+
+    The 8x8 source is bicubic-upsampled. `stroke` > 0 then sharpens the ink with a logistic
+    contrast curve of that slope: the super-resolution toy needs it, since a bicubic 8 px digit
+    holds nothing a bicubic up-sampling of its 16 px version lacks (bicubic would be the truth);
+    crisp strokes are detail the low-res has lost and an SR stage must restore."""
     from sklearn.datasets import load_digits
 
     if image_size < 8:
@@ -62,19 +67,35 @@ def digit_images(image_size: int) -> tuple[np.ndarray, np.ndarray]:
     grey = np.clip(np.rint(data.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
     out = np.empty((len(grey), image_size, image_size, 3), dtype=np.uint8)
     for i, g in enumerate(grey):
-        big = Image.fromarray(g).resize((image_size, image_size), Image.BICUBIC)
-        out[i] = np.asarray(big.convert("RGB"))
+        big = np.asarray(Image.fromarray(g).resize((image_size, image_size), Image.BICUBIC))
+        if stroke > 0:
+            big = _stroke(big, stroke)
+        out[i] = big[:, :, None]
     return out, data.target.astype(np.int64)
+
+
+def _stroke(grey: np.ndarray, slope: float) -> np.ndarray:
+    """Logistic contrast curve through (0, 0), (0.5, 0.5), (1, 1) on uint8 ink."""
+    def curve(v: np.ndarray | float) -> np.ndarray:
+        return 1.0 / (1.0 + np.exp(-slope * (np.asarray(v, dtype=np.float64) - 0.5)))
+
+    lo, hi = curve(0.0), curve(1.0)
+    v = (curve(grey / 255.0) - lo) / (hi - lo)
+    return np.clip(np.rint(v * 255.0), 0, 255).astype(np.uint8)
 
 
 VAL_DIR = "val"
 
 
 def _params(image_size: int, seed: int, samples_per_shard: int, val_size: int,
-            align_steps: int) -> dict[str, int]:
-    return {"image_size": int(image_size), "seed": int(seed),
-            "samples_per_shard": int(samples_per_shard), "val_size": int(val_size),
-            "align_steps": int(align_steps), "version": DIGITS_VERSION}
+            align_steps: int, stroke: float = 0.0) -> dict[str, int | float]:
+    out: dict[str, int | float] = {
+        "image_size": int(image_size), "seed": int(seed),
+        "samples_per_shard": int(samples_per_shard), "val_size": int(val_size),
+        "align_steps": int(align_steps), "version": DIGITS_VERSION}
+    if stroke:  # only when set, so builds made before `stroke` existed stay valid
+        out["stroke"] = float(stroke)
+    return out
 
 
 def split_indices(n: int, seed: int, val_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -142,7 +163,7 @@ def _write(out: Path, params: dict[str, int]) -> None:
     from ediff_train.encoders import Encoders
 
     size, seed = params["image_size"], params["seed"]
-    images, labels = digit_images(size)
+    images, labels = digit_images(size, float(params.get("stroke", 0.0)))
     rng = np.random.default_rng(seed)
     choice = rng.integers(0, len(TEMPLATES), size=len(labels))  # by sklearn index
     captions = [TEMPLATES[c].format(n=int(d), w=WORDS[int(d)]) for c, d in zip(choice, labels)]
@@ -195,14 +216,15 @@ def _write_split(out: Path, enc: Any, indices: np.ndarray, images: np.ndarray, p
 
 def build_digits(root: str | os.PathLike, image_size: int = 16, seed: int = 0,
                  samples_per_shard: int = 128, val_size: int = 297, align_steps: int = 300,
-                 force: bool = False) -> Path:
+                 force: bool = False, stroke: float = 0.0) -> Path:
     """Build (or find cached) the digits shard set at `root`; returns `root`.
 
     `seed` fixes the split, the sample order and each sample's caption wording; `val_size`
     images are held out in `root/val`; `align_steps` trains the tiny encoders on the training
-    pairs first (0 = leave them random). `force` rebuilds even when a matching build exists."""
+    pairs first (0 = leave them random). `force` rebuilds even when a matching build exists.
+    `stroke` renders crisp ink (digit_images), for the super-resolution toy."""
     root = Path(root).absolute()
-    params = _params(image_size, seed, samples_per_shard, val_size, align_steps)
+    params = _params(image_size, seed, samples_per_shard, val_size, align_steps, stroke)
     if not force and is_built(root, params):
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -239,11 +261,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--align-steps", type=int, default=300,
                    help="contrastive steps that give the tiny encoders meaning (0: random)")
     p.add_argument("--force", action="store_true", help="rebuild even if a matching build exists")
+    p.add_argument("--stroke", type=float, default=0.0,
+                   help="crisp-ink contrast slope (the super-resolution toy uses 14; 0: off)")
     a = p.parse_args(argv)
     start = time.perf_counter()
     try:
         root = build_digits(a.root or default_root(a.image_size), a.image_size, a.seed,
-                            a.samples_per_shard, a.val_size, a.align_steps, a.force)
+                            a.samples_per_shard, a.val_size, a.align_steps, a.force,
+                            a.stroke)
     except EdiffError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -29,6 +29,7 @@ from ediff_train.data.heldout import in_holdout
 from ediff_train.data.samples import (
     EmbedDims,
     _Skip,
+    check_sizes,
     decode_sample,
     missing_fields,
     nonfinite_fields,
@@ -157,17 +158,22 @@ class ShardStream(IterableDataset):
 
     The epoch lives in shared memory so persistent workers see `set_epoch` (ShardLoader calls it
     at the start of each epoch). rank/world are fixed at construction (see resolve_rank_world).
+    `lowres_size`/`crop_size`: SR pairs and crops (samples.decode_sample, rules in
+    check_sizes); a sample's crop follows (seed, epoch, key), or is the centre (`centre_crop`).
     """
 
     def __init__(self, shards: Sequence[str | os.PathLike], batch_size: int, image_size: int,
                  dims: EmbedDims, *, num_samples: int | None = None,
                  batches_per_epoch: int | None = None, shuffle_buffer: int = 1000, seed: int = 0,
                  lowres_size: int | None = None, rank: int | None = None,
-                 world: int | None = None, holdout: tuple[float, bool] | None = None) -> None:
+                 world: int | None = None, holdout: tuple[float, bool] | None = None,
+                 crop_size: int | None = None, centre_crop: bool = False) -> None:
         super().__init__()
         if batch_size < 1 or image_size < 1:
             raise EdiffError(f"batch_size ({batch_size}) and image_size ({image_size}) "
                              "must be >= 1")
+        check_sizes(image_size, lowres_size, crop_size)
+        self.crop_size, self.centre_crop = crop_size, centre_crop
         self.shards = sorted(os.fspath(s) for s in shards)
         self.rank, self.world = resolve_rank_world(rank, world)
         check_shard_count(len(self.shards), self.world)
@@ -227,8 +233,10 @@ class ShardStream(IterableDataset):
                 if self.holdout and in_holdout(raw["__key__"], self.holdout[0]) != self.holdout[1]:
                     continue
                 try:
-                    batch.append(decode_sample(raw, self.image_size, self.dims,
-                                               self.lowres_size))
+                    batch.append(decode_sample(
+                        raw, self.image_size, self.dims, self.lowres_size,
+                        crop_size=self.crop_size, seed=self.seed, epoch=epoch,
+                        centre_crop=self.centre_crop))
                 except _Skip as s:
                     skips.skip(s.reason, raw["__shard__"], raw["__key__"], s)
                     continue

@@ -5,6 +5,7 @@ Embeddings keep their stored dtype (float16) here; the batch step decides what t
 
 from __future__ import annotations
 
+import hashlib
 import io
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -145,13 +146,61 @@ def nonfinite_fields(sample: Mapping[str, Any]) -> list[str]:
     return [name for name in EMBEDDINGS if not all_finite(sample[name])]
 
 
+def check_sizes(image_size: int, lowres_size: int | None = None,
+                crop_size: int | None = None) -> int:
+    """Refuse sizes that cannot give exactly aligned (low-res, high-res) pairs; returns the
+    upscaling factor (1 without a low-res).
+
+    Rules: image_size >= 1; lowres_size (SR stages) lies in [1, image_size) and divides
+    image_size (a crop offset must map to a whole low-res pixel); crop_size lies in
+    [1, image_size] and is a multiple of the factor (its low-res crop is crop_size // factor
+    wide). crop_size without lowres_size is a plain random crop; crop_size == image_size is
+    no crop."""
+    if image_size < 1:
+        raise EdiffError(f"image_size must be >= 1, got {image_size}")
+    factor = 1
+    if lowres_size is not None:
+        if not 1 <= lowres_size < image_size:
+            raise EdiffError(f"lowres_size {lowres_size} must lie in [1, image_size="
+                             f"{image_size}): a super-resolution stage upsamples")
+        if image_size % lowres_size:
+            raise EdiffError(f"lowres_size {lowres_size} does not divide image_size "
+                             f"{image_size}: low-res and high-res pixels would not align")
+        factor = image_size // lowres_size
+    if crop_size is not None:
+        if not 1 <= crop_size <= image_size:
+            raise EdiffError(f"crop_size {crop_size} must lie in [1, image_size={image_size}]")
+        if crop_size % factor:
+            raise EdiffError(f"crop_size {crop_size} is not a multiple of image_size // "
+                             f"lowres_size = {image_size} // {lowres_size} = {factor}: "
+                             "its low-res crop would not align")
+    return factor
+
+
+def crop_offset(image_size: int, crop_size: int, factor: int, key: str, seed: int = 0,
+                epoch: int = 0, centre: bool = False) -> tuple[int, int]:
+    """Top-left (y, x) of a crop, both multiples of `factor` so the low-res crop starts at a
+    whole low-res pixel. Random offsets hash (seed, epoch, key): the same crop of a sample on
+    every run, rank and worker, another one next epoch. `centre`: the aligned centre crop."""
+    n = (image_size - crop_size) // factor + 1  # aligned positions per axis
+    if centre:
+        return (n - 1) // 2 * factor, (n - 1) // 2 * factor
+    h = hashlib.blake2b(f"{seed}/{epoch}/{key}".encode(), digest_size=16).digest()
+    return (int.from_bytes(h[:8], "little") % n * factor,
+            int.from_bytes(h[8:], "little") % n * factor)
+
+
 def decode_sample(raw: Mapping[str, Any], image_size: int, dims: EmbedDims,
-                  lowres_size: int | None = None) -> dict[str, Any]:
+                  lowres_size: int | None = None, *, crop_size: int | None = None,
+                  seed: int = 0, epoch: int = 0, centre_crop: bool = False) -> dict[str, Any]:
     """Raw tar members → numpy arrays; raises _Skip with a reason for anything unusable
     except NaN/Inf in an embedding, which `collate` finds (see batching.py).
 
     Embeddings keep their stored dtype, images are uint8 [3,H,W]: `collate` decides what the
-    batch holds, so nothing is converted twice."""
+    batch holds, so nothing is converted twice. `lowres` is the whole image_size image
+    downsampled (as a base stage's output is, at inference); with `crop_size` the image is a
+    crop_size² crop (see crop_offset; sizes as check_sizes allows) and `lowres` the low-res
+    pixels under exactly that crop."""
     missing = missing_fields(raw)
     if missing:
         raise _Skip("missing_field", "no " + ", ".join(missing))
@@ -162,10 +211,19 @@ def decode_sample(raw: Mapping[str, Any], image_size: int, dims: EmbedDims,
         im = load_image(raw[ext], image_size, ext)
     except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError
         raise _Skip("bad_image", f"{ext}: {e}") from None
+    low = (im.resize((lowres_size, lowres_size), Image.Resampling.BICUBIC)
+           if lowres_size is not None else None)
+    if crop_size is not None and crop_size < image_size:
+        f = image_size // lowres_size if lowres_size is not None else 1
+        oy, ox = crop_offset(image_size, crop_size, f, raw["__key__"], seed, epoch,
+                             centre_crop)
+        im = im.crop((ox, oy, ox + crop_size, oy + crop_size))
+        if low is not None:
+            c = crop_size // f
+            low = low.crop((ox // f, oy // f, ox // f + c, oy // f + c))
     out["image"] = image_array(im)
-    if lowres_size is not None:
-        out["lowres"] = image_array(im.resize((lowres_size, lowres_size),
-                                              Image.Resampling.BICUBIC))
+    if low is not None:
+        out["lowres"] = image_array(low)
     txt = raw.get("txt", b"")
     out["caption"] = (bytes(txt).decode("utf-8", "replace")
                       if isinstance(txt, (bytes, bytearray, memoryview)) else str(txt))

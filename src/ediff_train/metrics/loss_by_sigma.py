@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from torch import nn
 
 from ediff_train.conditioning import Conditioning
 from ediff_train.edm import edm_loss
+from ediff_train.sr import SIGMA_AUG_FLOOR
 
 
 def sigma_grid(n: int = 40, lo: float = 0.002, hi: float = 80.0) -> list[float]:
@@ -45,6 +47,9 @@ def loss_by_sigma(denoiser: nn.Module, batches: Sequence[dict[str, Any]],
     for b, batch in enumerate(batches):
         x = batch["image"].to(device, torch.float32)
         cond = Conditioning.from_batch(batch).to(device, torch.float32)
+        if "lowres" in batch:  # an SR stage: its clean low-res, at the clean σ_aug floor
+            cond = replace(cond, lowres=batch["lowres"].to(device, torch.float32),
+                           sigma_aug=torch.full((x.shape[0],), SIGMA_AUG_FLOOR, device=device))
         for k, s in enumerate(sigmas):
             g = torch.Generator().manual_seed(int(seed) * 1_000_003 + b * 1009 + k)
             noise = torch.randn(x.shape, generator=g).to(device)

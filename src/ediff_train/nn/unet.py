@@ -25,6 +25,23 @@ from ediff_train.nn.embed import ConditionEmbedder, NoiseEmbedding
 BiasFn = Callable[[int, int], Tensor | None]
 
 
+def run_layer(layer: nn.Module, h: Tensor, emb: Tensor, ctx: tuple[Tensor, Tensor],
+              bias_fn: BiasFn | None, checkpointing: bool = False) -> Tensor:
+    """Run one U-Net layer with the inputs its kind takes; the heavy ones through activation
+    checkpointing when enabled and training (recomputed in backward instead of stored)."""
+    if isinstance(layer, ResBlock):
+        args: tuple = (h, emb)
+    elif isinstance(layer, CrossAttention):
+        bias = bias_fn(h.shape[-2], h.shape[-1]) if bias_fn is not None else None
+        args = (h, ctx[0], ctx[1], bias)
+    else:
+        args = (h,)
+    heavy = isinstance(layer, (ResBlock, SelfAttention, CrossAttention))
+    if heavy and checkpointing and layer.training and torch.is_grad_enabled():
+        return checkpoint(layer, *args, use_reentrant=False)
+    return layer(*args)
+
+
 class TextUNet(nn.Module):
     """F(x; c, c_noise) for EDM. Arguments are plain ints/lists so Hydra can build it."""
 
@@ -110,21 +127,6 @@ class TextUNet(nn.Module):
         return ConditionEmbedder.slices(t5_len, clip_len)
 
     # ---- forward ---------------------------------------------------------------------------
-    def _layer(self, layer: nn.Module, h: Tensor, emb: Tensor, ctx: tuple[Tensor, Tensor],
-               bias_fn: BiasFn | None) -> Tensor:
-        """Run one layer, through activation checkpointing for the heavy ones when enabled."""
-        if isinstance(layer, ResBlock):
-            args: tuple = (h, emb)
-        elif isinstance(layer, CrossAttention):
-            bias = bias_fn(h.shape[-2], h.shape[-1]) if bias_fn is not None else None
-            args = (h, ctx[0], ctx[1], bias)
-        else:
-            args = (h,)
-        heavy = isinstance(layer, (ResBlock, SelfAttention, CrossAttention))
-        if heavy and self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(layer, *args, use_reentrant=False)
-        return layer(*args)
-
     def forward(
         self,
         x: Tensor,
@@ -151,12 +153,12 @@ class TextUNet(nn.Module):
         hs = [h]
         for block in self.down:
             for layer in block:
-                h = self._layer(layer, h, emb, ctx, cross_attn_bias)
+                h = run_layer(layer, h, emb, ctx, cross_attn_bias, self.grad_checkpointing)
             hs.append(h)
         for layer in self.middle:
-            h = self._layer(layer, h, emb, ctx, cross_attn_bias)
+            h = run_layer(layer, h, emb, ctx, cross_attn_bias, self.grad_checkpointing)
         for block in self.up:
             h = torch.cat([h, hs.pop().to(h.dtype)], dim=1)
             for layer in block:
-                h = self._layer(layer, h, emb, ctx, cross_attn_bias)
+                h = run_layer(layer, h, emb, ctx, cross_attn_bias, self.grad_checkpointing)
         return self.conv_out(F.silu(self.norm_out(h)))

@@ -1,0 +1,198 @@
+"""The cascade: a base ensemble, then super-resolution ensembles, each stage fed the last's images.
+
+eDiff-I samples 64 px with its base experts, then 256 px and 1024 px with SR experts (Configs
+A–D differ in which stages are ensembles). A cascade file (conf/cascade/*.yaml) names, per
+stage, a run dir and the experts that tile its noise axis, with that stage's solver steps,
+guidance and σ_aug. Every stage is an `Ensemble`, so each SR step goes to the SR expert owning
+its σ, exactly as in the base.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ediff_train.errors import EdiffError
+from ediff_train.sampling import (
+    Ensemble,
+    embed_prompts,
+    generate,
+    labelled_grid,
+    load_ensemble,
+)
+from ediff_train.sr import check_sigma_aug
+
+
+@dataclass
+class Stage:
+    """One cascade stage as a file describes it (sizes are read from its trained config)."""
+
+    run_dir: str
+    experts: list[str]
+    steps: int = 32
+    guidance: float = 5.0
+    sigma_aug: float | None = None  # SR stages: the fixed augmentation level at sampling
+    weights: str = "ema"
+    size: int | None = None  # output size; default: the stage's training image size
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    name: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, spec: Mapping[str, Any], index: int) -> Stage:
+        spec = dict(spec)
+        experts = spec.pop("experts", None) or ([spec.pop("expert")] if "expert" in spec else [])
+        if not experts or "run_dir" not in spec:
+            raise EdiffError(f"cascade stage {index} needs run_dir and experts")
+        known = set(cls.__dataclass_fields__) - {"experts", "extra"}
+        extra = {k: spec.pop(k) for k in list(spec) if k not in known}
+        stage = cls(experts=[str(e) for e in experts], extra=extra, **spec)
+        stage.name = stage.name or f"stage{index}"
+        if stage.sigma_aug is not None:
+            check_sigma_aug(stage.sigma_aug)
+        return stage
+
+
+@dataclass
+class LoadedStage:
+    stage: Stage
+    ensemble: Ensemble
+    train_cfg: Any
+    image_size: int  # the size this stage writes
+    lowres_size: int | None  # None for a base stage
+
+    @property
+    def is_sr(self) -> bool:
+        return self.lowres_size is not None
+
+
+def load_stages(stages: Sequence[Stage], device: str = "cpu") -> list[LoadedStage]:
+    """Load every stage's ensemble and check the chain before any sampling: the first stage is
+    a base model, every later one is SR, and each SR stage's low-res size is the size of the
+    stage below (its output size a multiple of it, for SR1024-style stages run beyond their
+    training crop)."""
+    from ediff_train.checkpoints import load_train_config
+
+    loaded: list[LoadedStage] = []
+    for k, st in enumerate(stages):
+        cfg = load_train_config(Path(st.run_dir) / st.experts[0])
+        low = cfg.data.get("lowres_size")
+        train_size = int(cfg.data.image_size)
+        size = int(st.size or train_size)
+        if low is not None:  # the factor is the training one; the output may be a larger image
+            factor = train_size // int(low)
+            low = size // factor
+            if size % factor:
+                raise EdiffError(f"cascade {st.name}: size {size} is not a multiple of its "
+                                 f"up-sampling factor {factor}")
+        if k == 0 and low is not None:
+            raise EdiffError(f"cascade {st.name}: the first stage must be a base model, "
+                             f"{st.run_dir} is super-resolution ({low} -> {size} px)")
+        if k > 0:
+            below = loaded[-1].image_size
+            if low is None:
+                raise EdiffError(f"cascade {st.name}: {st.run_dir} is a base model; every "
+                                 "stage after the first must be super-resolution")
+            if low != below:
+                raise EdiffError(f"cascade {st.name}: takes {low} px low-res images but "
+                                 f"{loaded[-1].stage.name} makes {below} px")
+        ens = load_ensemble(st.run_dir, st.experts, st.weights).to(device)
+        loaded.append(LoadedStage(st, ens, cfg, size, low))
+    return loaded
+
+
+@torch.no_grad()
+def run_cascade(stages: Sequence[LoadedStage], prompts: Sequence[str], seed: int = 0,
+                device: str = "cpu") -> list[Tensor]:
+    """Images in [0, 1] of every stage, one per prompt (repeat a prompt for several)."""
+    from ediff_train.checkpoints import load_encoders
+
+    cond = embed_prompts(load_encoders(stages[0].train_cfg), list(prompts)).to(device)
+    outputs: list[Tensor] = []
+    for k, ls in enumerate(stages):
+        st = ls.stage
+        if k:  # each stage embeds with its own encoders (the same ones in a consistent cascade)
+            cond = embed_prompts(load_encoders(ls.train_cfg), list(prompts)).to(device)
+        low = outputs[-1] if outputs else None
+        kw = {"lowres": low, "sigma_aug": float(st.sigma_aug or 0.0)} if ls.is_sr else {}
+        images = generate(ls.ensemble, cond, image_size=ls.image_size, steps=st.steps,
+                          guidance=st.guidance, seed=seed + 1000 * k, sigma_min=st.sigma_min,
+                          sigma_max=st.sigma_max, rho=st.rho, **kw)
+        outputs.append(images)
+    return outputs
+
+
+def upsample(images: Tensor, size: int, mode: str = "bicubic") -> Tensor:
+    """[N,3,h,w] in [0, 1] → size² (nearest shows pixels as they are, bicubic is the baseline)."""
+    if images.shape[-1] == size:
+        return images
+    kw = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
+    return F.interpolate(images.float(), size=(size, size), mode=mode, **kw).clamp(0, 1)
+
+
+def side_by_side(stage_images: Sequence[Tensor], prompts: Sequence[str],
+                 names: Sequence[str]) -> Any:
+    """One row per image: every stage's output shown at the final size (nearest-neighbour, so
+    what each stage added is visible), labelled with the prompt. A PIL image."""
+    size = stage_images[-1].shape[-1]
+    n = stage_images[0].shape[0]
+    tiles = torch.stack([upsample(s, size, "nearest") for s in stage_images], 1).flatten(0, 1)
+    labels = [f"{p}  [{' | '.join(names)}]" for p in prompts[:n]]
+    return labelled_grid(tiles, labels, per_row=len(stage_images), upscale=1)
+
+
+def comparison_rows(rows: Mapping[str, Tensor], upscale: int | None = None) -> Any:
+    """A grid with one labelled row per entry (e.g. low-res | bicubic | SR | high-res)."""
+    size = max(t.shape[-1] for t in rows.values())
+    tiles = torch.cat([upsample(t, size, "nearest") for t in rows.values()])
+    per_row = next(iter(rows.values())).shape[0]
+    return labelled_grid(tiles, list(rows), per_row=per_row, upscale=upscale)
+
+
+def read_cascade(name_or_path: str, conf_dir: str | Path) -> tuple[list[Stage], str]:
+    """Stages of a cascade file: a name in `conf_dir` (conf/cascade/NAME.yaml) or a path."""
+    from omegaconf import OmegaConf
+
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = Path(conf_dir) / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in Path(conf_dir).glob("*.yaml"))
+        raise EdiffError(f"no cascade file {path} (known: {', '.join(known) or 'none'})")
+    spec = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    if not isinstance(spec, dict) or not spec.get("stages"):
+        raise EdiffError(f"{path}: a cascade file needs a list of `stages`")
+    stages = [Stage.from_config(s, k) for k, s in enumerate(spec["stages"])]
+    return stages, str(spec.get("description", path.stem))
+
+
+def write_cascade(stages: Sequence[LoadedStage], outputs: Sequence[Tensor],
+                  prompts: Sequence[str], out_dir: str | Path) -> Path:
+    """Every stage's images in out_dir/<stage name>/ and the side-by-side cascade.png."""
+    from ediff_train.sampling import save_images
+
+    out = Path(out_dir)
+    for ls, images in zip(stages, outputs):
+        save_images(images, out / ls.stage.name)
+    path = out / "cascade.png"
+    side_by_side(outputs, prompts, [f"{ls.stage.name} {ls.image_size}px" for ls in stages]
+                 ).save(path)
+    return path
+
+
+def call_report(stages: Sequence[LoadedStage]) -> str:
+    """'stage: expert calls, ...' per stage (which expert answered how many solver calls)."""
+    parts = []
+    for ls in stages:
+        ens = ls.ensemble
+        calls = ", ".join(f"{n.name}: {c}" for n, c in zip(ens.router.nodes, ens.calls))
+        parts.append(f"{ls.stage.name} ({calls})")
+    return "; ".join(parts)
