@@ -1,6 +1,11 @@
 """Time one EDM training step (forward + backward) of the model configs and print a table.
 
     python bench/train_step.py --configs tiny base64 --json bench.json
+    python bench/train_step.py --configs sr_tiny sr256 sr1024 --infer 1024
+
+SR configs (Efficient U-Net) get a low-res input at 1/LOWRES_FACTOR of their size, noise-
+augmented as in training. `--infer N` adds, for each SR config, one sampling-time forward pass
+(no grad, batch 1, CFG's two rows) of an N×N image: SR1024's whole-image inference memory.
 
 Per config: parameters, images/s (from the median step time after warmup), peak memory, and
 FLOPs per step counted by `torch.utils.flop_counter.FlopCounterMode` on a meta-device copy
@@ -29,13 +34,18 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ediff_train.conditioning import Conditioning
 from ediff_train.edm import EDMPrecond, LogNormalSigma, edm_loss
+from ediff_train.sr import NoiseAugment
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 # Encoder dims used when conf/encoders/tiny.yaml is absent (the embedded digits encoders).
 TINY_DIMS = {"t5": 32, "clip_txt": 32, "clip_pool": 24, "clip_img": 24}
 # T5 tokens per sample: the paper's 113 for the full-size model, a short caption otherwise.
-T5_LEN = {"base64": 113}
+T5_LEN = {"base64": 113, "sr256": 113, "sr1024": 113}
 DEFAULT_T5_LEN = 16
+# SR configs: training image size where the config takes it from the data, and the up-sampling
+# factor (high-res / low-res): the paper's stages are 4x, the digits toy 2x.
+SR_IMAGE_SIZE = {"sr_tiny": 32, "sr1024_tiny": 16}
+LOWRES_FACTOR = {"sr_tiny": 2}
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's data sheets, TFLOP/s. First match
 # of the device name wins, so the more specific names come first.
 PEAK_BF16_TFLOPS = [
@@ -59,9 +69,9 @@ def model_config(name: str) -> DictConfig:
             dims.update(OmegaConf.to_container(OmegaConf.load(enc).dims, resolve=True))
         except Exception:  # noqa: BLE001 - a half-written encoder config falls back to defaults
             pass
-    image_size = 16
+    image_size = SR_IMAGE_SIZE.get(path.stem, 16)
     data = CONF / "data" / "digits.yaml"
-    if data.is_file():
+    if data.is_file() and path.stem not in SR_IMAGE_SIZE:
         image_size = int(OmegaConf.load(data).get("image_size", 16))
     root = OmegaConf.create({"encoders": {"dims": dims}, "data": {"image_size": image_size},
                              "model": OmegaConf.load(path)})
@@ -69,20 +79,32 @@ def model_config(name: str) -> DictConfig:
     return root.model
 
 
-def random_cond(cfg: DictConfig, batch: int, t5_len: int, device: torch.device) -> Conditioning:
-    """Random embeddings of the config's widths; the last quarter of T5 tokens is padding."""
+def is_sr(cfg: DictConfig) -> bool:
+    return str(cfg._target_).endswith("EfficientUNet")
+
+
+def random_cond(cfg: DictConfig, batch: int, t5_len: int, device: torch.device,
+                size: int | None = None, factor: int = 4) -> Conditioning:
+    """Random embeddings of the config's widths; the last quarter of T5 tokens is padding.
+    SR configs also get a noise-augmented low-res image of (size or image_size) / factor."""
     mask = torch.ones(batch, t5_len, dtype=torch.bool)
     mask[:, t5_len - t5_len // 4 :] = False
+    sr: dict[str, Any] = {}
+    if is_sr(cfg):
+        low = (size or int(cfg.image_size)) // factor
+        sr = {"lowres": torch.rand(batch, 3, low, low) * 2 - 1,
+              "sigma_aug": NoiseAugment().sample(batch)}
     return Conditioning(
         t5=torch.randn(batch, t5_len, cfg.t5_dim),
         t5_mask=mask,
         clip_txt=torch.randn(batch, 77, cfg.clip_txt_dim),
         clip_pool=torch.randn(batch, cfg.clip_pool_dim),
         clip_img=torch.randn(batch, cfg.clip_img_dim),
+        **sr,
     ).to(device)
 
 
-def count_flops(cfg: DictConfig, batch: int, t5_len: int) -> int:
+def count_flops(cfg: DictConfig, batch: int, t5_len: int, factor: int = 4) -> int:
     """FLOPs of one forward+backward at this batch, on the meta device (no memory, no time)."""
     meta = torch.device("meta")
     with meta:
@@ -90,7 +112,7 @@ def count_flops(cfg: DictConfig, batch: int, t5_len: int) -> int:
         den = EDMPrecond(net)
         x = torch.randn(batch, net.in_channels, net.image_size, net.image_size)
         sigma = torch.ones(batch)
-    cond = random_cond(cfg, batch, t5_len, meta)
+    cond = random_cond(cfg, batch, t5_len, meta, factor=factor)
     counter = FlopCounterMode(display=False)
     with counter:
         edm_loss(den, x, sigma, cond).mean().backward()
@@ -123,7 +145,8 @@ def _reset_hwm() -> bool:
 
 
 def time_steps(cfg: DictConfig, args: argparse.Namespace, device: torch.device, batch: int,
-               steps: int, warmup: int, t5_len: int, bf16: bool) -> tuple[int, list[float], bool]:
+               steps: int, warmup: int, t5_len: int, bf16: bool,
+               factor: int = 4) -> tuple[int, list[float], bool]:
     """Build the model and time `steps` training steps after `warmup`; returns
     (parameters, seconds per step, grad checkpointing on). The model dies with this frame."""
     torch.manual_seed(0)
@@ -133,7 +156,7 @@ def time_steps(cfg: DictConfig, args: argparse.Namespace, device: torch.device, 
     den = EDMPrecond(net).train()
     opt = torch.optim.AdamW(den.parameters(), lr=1e-4) if args.optim else None
     x = torch.randn(batch, net.in_channels, net.image_size, net.image_size, device=device)
-    cond = random_cond(cfg, batch, t5_len, device)
+    cond = random_cond(cfg, batch, t5_len, device, factor=factor)
     law = LogNormalSigma()
     cuda = device.type == "cuda"
 
@@ -162,6 +185,7 @@ def time_steps(cfg: DictConfig, args: argparse.Namespace, device: torch.device, 
 
 def bench_one(name: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     cfg = model_config(name)
+    factor = LOWRES_FACTOR.get(Path(name).stem, 4)
     cuda = device.type == "cuda"
     heavy = int(cfg.image_size) >= 64
     batch = args.batch or (64 if not heavy else (32 if cuda else 1))
@@ -181,7 +205,8 @@ def bench_one(name: str, args: argparse.Namespace, device: torch.device) -> dict
         mem_method = "VmHWM growth (clear_refs)" if hwm_ok else "ru_maxrss growth (lower bound)"
         device_name = f"cpu ({torch.get_num_threads()} threads)"
 
-    params, times, ckpt = time_steps(cfg, args, device, batch, steps, warmup, t5_len, bf16)
+    params, times, ckpt = time_steps(cfg, args, device, batch, steps, warmup, t5_len, bf16,
+                                     factor)
 
     if cuda:
         peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
@@ -191,7 +216,7 @@ def bench_one(name: str, args: argparse.Namespace, device: torch.device) -> dict
         peak_mb = max(0, now - rss0) / 1024
 
     sec = sorted(times)[len(times) // 2]  # median: robust to a hiccup on a shared machine
-    flops = count_flops(cfg, batch, t5_len)
+    flops = count_flops(cfg, batch, t5_len, factor)
     peak = peak_tflops(device_name) if cuda else None
     achieved = flops / sec / 1e12
     return {
@@ -204,6 +229,39 @@ def bench_one(name: str, args: argparse.Namespace, device: torch.device) -> dict
         "gflop_per_step": flops / 1e9, "achieved_tflops": achieved,
         "peak_bf16_tflops": peak, "mfu": (achieved / peak) if (peak and bf16) else None,
     }
+
+
+@torch.no_grad()
+def infer_memory(name: str, size: int, device: torch.device, bf16: bool) -> dict[str, Any]:
+    """One sampling-time forward of an SR config at size² (batch 1 → 2 rows with CFG): seconds
+    and peak memory (CUDA: max allocated; CPU: VmHWM growth)."""
+    cfg = model_config(name)
+    factor = LOWRES_FACTOR.get(Path(name).stem, 4)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        _reset_hwm()
+        rss0 = _rss_kib("VmRSS") or 0
+    net = instantiate(cfg).to(device).eval()
+    den = EDMPrecond(net)
+    t5_len = T5_LEN.get(Path(name).stem, DEFAULT_T5_LEN)
+    cond = random_cond(cfg, 2, t5_len, device, size=size, factor=factor)
+    x = torch.randn(2, 3, size, size, device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        den(x, torch.ones(2, device=device), cond)  # warm-up
+        if cuda:
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        den(x, torch.ones(2, device=device), cond)
+        if cuda:
+            torch.cuda.synchronize(device)
+    sec = time.perf_counter() - t
+    peak = (torch.cuda.max_memory_allocated(device) / 2**20 if cuda
+            else max(0, (_rss_kib("VmHWM") or 0) - rss0) / 1024)
+    return {"config": Path(name).stem, "size": size, "rows": 2, "sec_per_call": sec,
+            "peak_mem_mb": peak, "dtype": "bf16-autocast" if bf16 else "fp32"}
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -242,6 +300,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--optim", action="store_true", help="include an AdamW step in each step")
     p.add_argument("--no-checkpointing", action="store_true", help="disable grad checkpointing")
     p.add_argument("--json", type=Path, default=None, help="write the figures here")
+    p.add_argument("--infer", type=int, default=None,
+                   help="also one no-grad CFG forward of each SR config at this size (e.g. 1024)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -251,9 +311,18 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(bench_one(name, args, device))
         print(f"done {name}", file=sys.stderr, flush=True)
     print(table(rows))
+    infer = []
+    if args.infer:
+        bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
+        for name in args.configs:
+            if is_sr(model_config(name)):
+                r = infer_memory(name, args.infer, device, bf16)
+                infer.append(r)
+                print(f"inference {r['config']} at {r['size']}² ({r['rows']} rows, {r['dtype']}):"
+                      f" {r['sec_per_call']:.2f} s/call, peak {r['peak_mem_mb']:.0f} MB")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        figures = {"rows": rows, "peak_bf16_tflops": dict(PEAK_BF16_TFLOPS)}
+        figures = {"rows": rows, "inference": infer, "peak_bf16_tflops": dict(PEAK_BF16_TFLOPS)}
         args.json.write_text(json.dumps(figures, indent=1))
 
 

@@ -21,8 +21,8 @@ from ediff_train.schedule import available, load_schedule, schedule_from_config
 
 FIG7 = {"E0_0": 500_000, "E1_0": 550_000, "E1_1": 550_000, "E2_0": 600_000, "E2_1": 600_000,
         "E2_2": 600_000, "E2_3": 600_000, "E0_0_cont": 800_000}
-SHIPPED = ["config_b_sr256", "config_c_base", "config_d_base", "fig7", "table5_base",
-           "table6_sr256"]
+SHIPPED = ["config_b_sr256", "config_c_base", "config_d_base", "digits_sr32", "fig7",
+           "table5_base", "table6_sr256"]
 
 
 def stage(node: str, steps: object = 10, **kw: object) -> dict:
@@ -62,7 +62,9 @@ def test_shipped_schedules_valid_and_ordered(name: str) -> None:
         assert st.parent is None or st.parent in seen, f"{st.name} before its parent"
         assert st.steps >= 1 and st.source.strip()
         seen.add(st.name)
-    if name != "fig7":  # reconstructions say so
+    if name.startswith("digits"):  # toy schedules: counts are ours and say so
+        assert all(st.source.startswith("ours") for st in s.stages)
+    elif name != "fig7":  # reconstructions say so
         text = (ROOT / "conf" / "schedule" / f"{name}.yaml").read_text()
         assert "not recoverable" in text
         assert all("reconstruction" in st.source for st in s.stages)
@@ -207,6 +209,17 @@ def test_submit_dry_run_lists_chain_and_skips_finished(tmp_path: Path) -> None:
     assert "parent E0_0 finished: no dependency" in line["E1_0"]
     assert "SKIP" not in line["E1_0"] and "after E1_0 (afterok)" in line["E2_0"]
     assert sum("train.py" in ln for ln in out.splitlines()) == 7
+
+
+def test_sr_schedules_train_the_sr_model(tmp_path: Path) -> None:
+    for name, model in (("config_b_sr256", "model=sr256"), ("table6_sr256", "model=sr256"),
+                        ("digits_sr32", "preset=digits_sr32")):
+        proc = dry_run(tmp_path, f"schedule={name}", "scale=0.001")
+        assert proc.returncode == 0, proc.stderr
+        cmds = [ln for ln in proc.stdout.splitlines() if "train.py" in ln]
+        assert cmds and all(model in c for c in cmds), (name, cmds[:1])
+        if model == "model=sr256":
+            assert all("data.lowres_size=64" in c for c in cmds)
 
 
 def test_submit_errors_are_one_line(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_env
+from conftest import ROOT, SHARED_CACHE, run_env
 from slurm_cluster import SlurmCluster, missing
 
 pytestmark = pytest.mark.skipif(missing() is not None, reason=str(missing()))
@@ -122,6 +122,25 @@ def test_fig7_chain_end_to_end(cluster: SlurmCluster, tmp_path: Path, cache: Pat
     again = submit(cluster, tmp_path, cache, "schedule=fig7", "scale=0.0001").stdout
     assert again.count("SKIP: finished") == 8 and "train.py" not in again
     assert not cluster.queue()
+
+
+def test_toy_sr_chain_trains_sr_experts(cluster: SlurmCluster, tmp_path: Path,
+                                        cache: Path) -> None:
+    """Config-B's shape at toy scale: an SR root, then two SR experts from it, as SLURM jobs."""
+    sr = [*FAST, f"data.root={SHARED_CACHE}/digits32_stroke_a0", "data.builder.align_steps=0",
+          "monitor.every=0"]
+    submit(cluster, tmp_path, cache, "schedule=digits_sr32", "scale=0.005", train=sr)
+    ids = job_ids(tmp_path)
+    assert sorted(ids) == ["E0_0", "E1_0", "E1_1"]
+    jobs = wait_done(cluster, list(ids.values()), 300)
+    run = tmp_path / "R"
+    for name, jid in ids.items():
+        assert jobs[jid]["JobState"] == "COMPLETED", (run / name / f"slurm-{jid}.out"
+                                                      ).read_text()[-3000:]
+        cfg = (run / name / "config.yaml").read_text()
+        assert "EfficientUNet" in cfg and "lowres_size: 16" in cfg, name
+    steps = {n: json.loads((run / n / "node.json").read_text())["step"] for n in ids}
+    assert steps == {"E0_0": 3, "E1_0": 4, "E1_1": 4}
 
 
 def test_failed_parent_holds_descendants(cluster: SlurmCluster, tmp_path: Path,

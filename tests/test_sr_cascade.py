@@ -1,0 +1,110 @@
+"""The SR stage through the real entry points: train.py trains an SR root and two SR experts
+and an SR1024-style crop model; sample.py runs Config-B- and SR1024-shaped cascades from the
+16 px base; the bad inputs of a cascade or an SR stage stop with one line before any work."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, SHARED_CACHE, run_env
+from PIL import Image
+
+FAST = ["logger=none", "data.num_workers=0", "sample.per_prompt=0", "monitor.every=0",
+        "data.batch_size=8", "checkpoint_every=100"]
+# crisp-ink 32 px digits, untrained encoders (the SR stage's text path is not under test)
+SR_DATA = [f"data.root={SHARED_CACHE}/digits32_stroke_a0", "data.builder.align_steps=0"]
+
+
+def run(tmp: Path, script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=tmp,
+                          env=run_env(tmp), capture_output=True, text=True, timeout=600)
+
+
+def train(tmp: Path, *args: str) -> None:
+    proc = run(tmp, "train.py", *FAST, *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, digits_root: Path) -> Path:
+    tmp = tmp_path_factory.mktemp("sr")
+    train(tmp, "run_dir=base", "steps=2")
+    sr = ["preset=digits_sr32", "run_dir=sr", *SR_DATA]
+    train(tmp, *sr, "steps=2")
+    for child in ("E1_0", "E1_1"):
+        train(tmp, *sr, f"expert={child}", "steps=1")
+    # SR1024's recipe: 16 px crops of 32 px images, low-res 8 px (4x), aligned 4 px crops
+    train(tmp, "preset=digits_sr_crops", "run_dir=crops", *SR_DATA, "data.image_size=32",
+          "data.lowres_size=8", "steps=2")
+    return tmp
+
+
+def cascade_file(tmp: Path, name: str, *stages: str) -> Path:
+    path = tmp / f"{name}.yaml"
+    path.write_text("stages:\n" + "".join(f"  - {s}\n" for s in stages))
+    return path
+
+
+BASE = "{name: base, run_dir: base, experts: [E0_0], steps: 2, guidance: 2.0}"
+
+
+def test_config_b_style_cascade_routes_sr_steps_to_sr_experts(runs: Path) -> None:
+    spec = cascade_file(runs, "b", BASE, "{name: sr, run_dir: sr, experts: [E1_0, E1_1], "
+                        "steps: 6, guidance: 1.0, sigma_aug: 0.05}")
+    proc = run(runs, "sample.py", f"cascade={spec}", "n=2", "out=out_b",
+               'prompts=["the number 3","the number 7"]')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    calls = dict(re.findall(r"(E1_[01]): (\d+)", proc.stdout.split("sr (")[1]))
+    assert int(calls["E1_0"]) > 0 and int(calls["E1_1"]) > 0, proc.stdout
+    assert int(calls["E1_0"]) + int(calls["E1_1"]) == 11  # Heun: 2 per step but the last
+    sizes = {d.name: Image.open(next((runs / "out_b" / d.name).glob("sample_*.png"))).size
+             for d in (runs / "out_b").iterdir() if d.is_dir() and d.name[0] != "."}
+    assert sizes == {"base": (16, 16), "sr": (32, 32)}
+    assert len(list((runs / "out_b" / "sr").glob("sample_*.png"))) == 4
+    assert (runs / "out_b" / "cascade.png").is_file()
+
+
+def test_crop_trained_stage_samples_whole_images_four_times_the_crop(runs: Path) -> None:
+    from ediff_train.cascade import Stage, load_stages, run_cascade
+
+    stages = load_stages([Stage(str(runs / "base"), ["E0_0"], steps=2, name="base"),
+                          Stage(str(runs / "crops"), ["E0_0"], steps=2, sigma_aug=0.0, size=64,
+                                name="crops")])
+    assert [s.image_size for s in stages] == [16, 64] and stages[1].lowres_size == 16
+    out = run_cascade(stages, ["the number 3"])
+    assert [tuple(o.shape) for o in out] == [(1, 3, 16, 16), (1, 3, 64, 64)]  # 4x the 16 crop
+    assert torch.isfinite(out[1]).all() and 0 <= out[1].min() and out[1].max() <= 1
+
+
+@pytest.mark.parametrize("stages, message", [
+    ((BASE, "{run_dir: crops, experts: [E0_0], size: 32}"), "takes 8 px low-res images but base "
+                                                           "makes 16 px"),
+    (("{run_dir: sr, experts: [E0_0]}",), "first stage must be a base model"),
+    ((BASE, "{run_dir: sr, experts: [E0_0], sigma_aug: -0.5}"), "sigma_aug must be"),
+    ((BASE, BASE), "every stage after the first must be super-resolution"),
+])
+def test_bad_cascades_stop_with_one_line(runs: Path, stages: tuple[str, ...],
+                                         message: str) -> None:
+    spec = cascade_file(runs, "bad", *stages)
+    proc = run(runs, "sample.py", f"cascade={spec}", "n=1", "out=out_bad")
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not list((runs / "out_bad").rglob("*.png"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["model=sr_tiny", "data=shards", f"data.root={SHARED_CACHE}/digits16", "data.image_size=32",
+      "data.lowres_size=16"], "hold 16 px images, this stage trains at 32 px"),
+    (["preset=digits_sr32", *SR_DATA, "data.lowres_size=12"], "does not divide"),
+    (["data.lowres_size=8"], "not a super-resolution model"),
+])
+def test_bad_sr_stage_stops_before_training(runs: Path, args: list[str], message: str) -> None:
+    proc = run(runs, "train.py", *FAST, "run_dir=bad", "steps=1", *args)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error:")
+    assert not list((runs / "bad").glob("*/weights.safetensors"))
