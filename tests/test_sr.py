@@ -160,3 +160,22 @@ def test_sampling_fixes_sigma_aug_and_its_noise_for_every_step() -> None:
     assert abs(float(residual.std()) - 1) < 0.15
     with pytest.raises(EdiffError, match="sigma_aug"):
         sampling_condition(cond, low, -0.1)
+
+
+def test_degradations_make_the_low_res_from_the_high_res_batch() -> None:
+    from ediff_train.data.degrade import DegradationChain
+
+    sr = SRConditioner(NoiseAugment(sigma_min=0.002, sigma_max=0.002), DegradationChain(),
+                       factor=2)
+    hires = torch.rand(6, 3, 32, 32) * 2 - 1
+    cond = _cond(6, sigma_aug=None)
+    a = sr.condition(cond, hires, None, torch.Generator().manual_seed(0))
+    b = sr.condition(cond, hires, None, torch.Generator().manual_seed(0))
+    c = sr.condition(cond, hires, None, torch.Generator().manual_seed(1))
+    assert a.lowres.shape == (6, 3, 16, 16)
+    clean = torch.nn.functional.interpolate(hires, size=16, mode="bicubic", antialias=True)
+    # degraded, not a plain down-sampling; per seed (augmentation noise aside, 0.002)
+    assert (a.lowres - clean).abs().mean() > 0.02
+    assert (a.lowres - b.lowres).abs().max() < 0.02 and (a.lowres - c.lowres).abs().mean() > 0.02
+    with pytest.raises(EdiffError, match="factor"):
+        SRConditioner(degrade=DegradationChain())

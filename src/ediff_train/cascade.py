@@ -140,13 +140,25 @@ def upsample(images: Tensor, size: int, mode: str = "bicubic") -> Tensor:
 
 def side_by_side(stage_images: Sequence[Tensor], prompts: Sequence[str],
                  names: Sequence[str]) -> Any:
-    """One row per image: every stage's output shown at the final size (nearest-neighbour, so
-    what each stage added is visible), labelled with the prompt. A PIL image."""
+    """For each prompt, one row per stage with that prompt's images, every stage shown at the
+    final size (nearest-neighbour, so what each stage added is visible). A PIL image."""
     size = stage_images[-1].shape[-1]
-    n = stage_images[0].shape[0]
-    tiles = torch.stack([upsample(s, size, "nearest") for s in stage_images], 1).flatten(0, 1)
-    labels = [f"{p}  [{' | '.join(names)}]" for p in prompts[:n]]
-    return labelled_grid(tiles, labels, per_row=len(stage_images), upscale=1)
+    groups: list[tuple[str, list[int]]] = []
+    for i, p in enumerate(prompts[:stage_images[0].shape[0]]):
+        if groups and groups[-1][0] == p:
+            groups[-1][1].append(i)
+        else:
+            groups.append((p, [i]))
+    per_row = max(len(rows) for _, rows in groups)
+    tiles, labels = [], []
+    for prompt, rows in groups:
+        for name, images in zip(names, stage_images):
+            row = upsample(images[rows], size, "nearest")
+            pad = torch.zeros(per_row - len(rows), *row.shape[1:])
+            tiles.append(torch.cat([row.cpu(), pad]))
+            labels.append(f"{prompt} | {name}")
+    return labelled_grid(torch.cat(tiles), labels, per_row=per_row,
+                         upscale=max(1, 64 // size))
 
 
 def comparison_rows(rows: Mapping[str, Tensor], upscale: int | None = None) -> Any:

@@ -294,7 +294,7 @@ def sr_preview(cfg: DictConfig, module: ExpertModule, data: Any) -> Path:
     from ediff_train.cascade import comparison_rows, upsample
     from ediff_train.conditioning import Conditioning
 
-    n = 10 * int(cfg.sample.per_prompt)
+    n = 10  # one row of ten held-out images per method
     batches = data.val_batches(1, n) if hasattr(data, "val_batches") else []
     path = node_dir(cfg.run_dir, module.node.name) / "samples.png"
     if not batches:

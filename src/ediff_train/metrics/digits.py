@@ -80,12 +80,12 @@ def _shift(x: Tensor, gen: torch.Generator) -> Tensor:
 
 
 def train_classifier(images: Tensor, labels: Tensor, steps: int = 400, batch: int = 64,
-                     seed: int = 0) -> DigitClassifier:
+                     seed: int = 0, size: int = 16) -> DigitClassifier:
     """Fit on [N,3,H,W] images in [0,1] with their labels (AdamW, cosine lr)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = DigitClassifier()
+        model = DigitClassifier(size)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
     model.train()
@@ -116,25 +116,28 @@ def records_tensor(records: list[dict[str, Any]]) -> tuple[Tensor, Tensor]:
 
 
 def load_or_train(data_root: str | os.PathLike, val_root: str | os.PathLike,
-                  steps: int = 400, seed: int = 0) -> tuple[DigitClassifier, dict[str, Any]]:
-    """The cached classifier of a digits build (trained on first use), and its report."""
+                  steps: int = 400, seed: int = 0,
+                  size: int = 16) -> tuple[DigitClassifier, dict[str, Any]]:
+    """The cached classifier of a digits build (trained on first use), and its report.
+    `size`: the resolution it looks at (images are resized to it); the SR evaluation uses the
+    stage's own size, so sharpness a 16 px view would average away counts."""
     from safetensors.torch import load_file, save_file
 
     from ediff_train.data.heldout import read_records
 
-    folder = Path(data_root) / "classifier"
+    folder = Path(data_root) / ("classifier" if size == 16 else f"classifier{size}")
     info_path, weights = folder / "classifier.json", folder / "classifier.safetensors"
     want = {"version": CLASSIFIER_VERSION, "steps": steps, "seed": seed}
     if info_path.is_file() and weights.is_file():
         info = json.loads(info_path.read_text())
         if {k: info.get(k) for k in want} == want:
-            model = DigitClassifier()
+            model = DigitClassifier(size)
             model.load_state_dict(load_file(str(weights)))
             return model.eval().requires_grad_(False), info
     start = time.perf_counter()
     x_train, y_train = records_tensor(read_records(data_root))
     x_val, y_val = records_tensor(read_records(val_root))
-    model = train_classifier(x_train, y_train, steps=steps, seed=seed)
+    model = train_classifier(x_train, y_train, steps=steps, seed=seed, size=size)
     info = {**want, "train_images": len(y_train), "heldout_images": len(y_val),
             "heldout_accuracy": round(accuracy(model, x_val, y_val), 4),
             "train_accuracy": round(accuracy(model, x_train, y_train), 4),

@@ -21,7 +21,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ediff_train.conditioning import Conditioning
@@ -29,13 +28,13 @@ from ediff_train.errors import EdiffError
 from ediff_train.nn.attention import CrossAttention, SelfAttention, group_norm
 from ediff_train.nn.blocks import Downsample, ResBlock, Upsample
 from ediff_train.nn.embed import ConditionEmbedder, NoiseEmbedding
-from ediff_train.nn.unet import BiasFn, run_layer
+from ediff_train.nn.unet import BiasFn, TextBackbone, run_layer
 from ediff_train.sr import aug_noise_feature, lowres_input
 
 SKIP_SCALE = 2**-0.5
 
 
-class EfficientUNet(nn.Module):
+class EfficientUNet(TextBackbone):
     """F(x; c, c_noise) of an SR stage. Arguments are plain ints/lists so Hydra can build it.
 
     `image_size` is the training size (a crop for SR1024); any multiple of 2^(levels−1) runs.
@@ -120,33 +119,23 @@ class EfficientUNet(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
-    def context_slices(self, t5_len: int, clip_len: int = 77) -> dict[str, slice]:
-        """Positions of 't5', 'clip_txt', 'clip_img', 'null' along the context (key) axis."""
-        return ConditionEmbedder.slices(t5_len, clip_len)
-
     def forward(self, x: Tensor, c_noise: Tensor, cond: Conditioning,
                 cross_attn_bias: BiasFn | None = None) -> Tensor:
         """x [B,C,H,W] (H, W multiples of 2^(levels−1)), c_noise [B], cond with `lowres`
         [B,3,h,w] and `sigma_aug` [B] → F [B,out_channels,H,W]."""
-        if x.shape[1] != self.in_channels:
-            raise EdiffError(f"input has {x.shape[1]} channels, the model expects "
-                             f"{self.in_channels}")
+        self.check_input(x, cond)
         if x.shape[-1] % self.downscale or x.shape[-2] % self.downscale:
             raise EdiffError(f"image size {tuple(x.shape[-2:])} is not a multiple of "
                              f"{self.downscale} (this network's down-sampling)")
         if cond.lowres is None or cond.sigma_aug is None:
             raise EdiffError("a super-resolution model needs the low-res image and its "
                              "sigma_aug in the conditioning")
-        self.cond.check(cond)
         b = x.shape[0]
         sigma_aug = cond.sigma_aug.reshape(-1).expand(b).to(x.device)
         low = lowres_input(cond.lowres.to(x.device), sigma_aug, tuple(x.shape[-2:]))
         dtype = self.conv_in.weight.dtype
         h = self.conv_in(torch.cat([x.float(), low], dim=1).to(dtype))
-        emb = self.noise_emb(c_noise.reshape(-1).expand(b))
-        emb = emb + self.aug_emb(aug_noise_feature(sigma_aug))
-        emb = F.silu(emb + self.cond.vector(cond))
-        ctx = self.cond.context(cond)
+        emb, ctx = self.embed(c_noise, cond, b, self.aug_emb(aug_noise_feature(sigma_aug)))
         ckpt = self.grad_checkpointing
 
         skips = []
@@ -158,4 +147,4 @@ class EfficientUNet(nn.Module):
             h = torch.cat([h, (skips.pop() * SKIP_SCALE).to(h.dtype)], dim=1)
             for layer in block:
                 h = run_layer(layer, h, emb, ctx, cross_attn_bias, ckpt)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.head(h)

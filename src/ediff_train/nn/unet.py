@@ -42,7 +42,37 @@ def run_layer(layer: nn.Module, h: Tensor, emb: Tensor, ctx: tuple[Tensor, Tenso
     return layer(*args)
 
 
-class TextUNet(nn.Module):
+class TextBackbone(nn.Module):
+    """What the text-conditioned backbones share: the context layout, the input check, the
+    σ + condition embedding and the output head. Subclasses set in_channels, noise_emb, cond,
+    norm_out and conv_out."""
+
+    in_channels: int
+
+    def context_slices(self, t5_len: int, clip_len: int = 77) -> dict[str, slice]:
+        """Positions of 't5', 'clip_txt', 'clip_img', 'null' along the context (key) axis."""
+        return ConditionEmbedder.slices(t5_len, clip_len)
+
+    def check_input(self, x: Tensor, cond: Conditioning) -> None:
+        if x.shape[1] != self.in_channels:
+            raise EdiffError(
+                f"input has {x.shape[1]} channels, the model expects {self.in_channels}"
+            )
+        self.cond.check(cond)
+
+    def embed(self, c_noise: Tensor, cond: Conditioning, batch: int,
+              extra: Tensor | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """(SiLU(σ embedding + pooled-condition vector [+ extra]), (context tokens, key mask))."""
+        emb = self.noise_emb(c_noise.reshape(-1).expand(batch)) + self.cond.vector(cond)
+        if extra is not None:
+            emb = emb + extra
+        return F.silu(emb), self.cond.context(cond)
+
+    def head(self, h: Tensor) -> Tensor:
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class TextUNet(TextBackbone):
     """F(x; c, c_noise) for EDM. Arguments are plain ints/lists so Hydra can build it."""
 
     def __init__(
@@ -121,11 +151,6 @@ class TextUNet(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
-    # ---- conditioning layout ---------------------------------------------------------------
-    def context_slices(self, t5_len: int, clip_len: int = 77) -> dict[str, slice]:
-        """Positions of 't5', 'clip_txt', 'clip_img', 'null' along the context (key) axis."""
-        return ConditionEmbedder.slices(t5_len, clip_len)
-
     # ---- forward ---------------------------------------------------------------------------
     def forward(
         self,
@@ -139,15 +164,9 @@ class TextUNet(nn.Module):
         `cross_attn_bias(h, w)` may return a bias [B, h·w, N_ctx] added to QKᵀ (before the
         1/√d scaling) in every cross-attention at that resolution, or None for none.
         """
-        if x.shape[1] != self.in_channels:
-            raise EdiffError(
-                f"input has {x.shape[1]} channels, the model expects {self.in_channels}"
-            )
-        self.cond.check(cond)
+        self.check_input(x, cond)
         x = x.to(self.conv_in.weight.dtype)
-        emb = self.noise_emb(c_noise.reshape(-1).expand(x.shape[0]))
-        emb = F.silu(emb + self.cond.vector(cond))
-        ctx = self.cond.context(cond)
+        emb, ctx = self.embed(c_noise, cond, x.shape[0])
 
         h = self.conv_in(x)
         hs = [h]
@@ -161,4 +180,4 @@ class TextUNet(nn.Module):
             h = torch.cat([h, hs.pop().to(h.dtype)], dim=1)
             for layer in block:
                 h = run_layer(layer, h, emb, ctx, cross_attn_bias, self.grad_checkpointing)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.head(h)
