@@ -13,10 +13,18 @@ from ediff_train.errors import EdiffError
 @reporting_errors
 def main(cfg: DictConfig) -> None:
     from ediff_train.evaluation import evaluate_images, evaluate_loss_by_sigma
+    from ediff_train.metrics.sr_eval import evaluate_cascade, evaluate_sr
 
     metric = str(cfg.metric)
-    if metric not in ("images", "loss_by_sigma", "all"):
-        raise EdiffError(f"metric must be images, loss_by_sigma or all, got {metric!r}")
+    if metric not in ("images", "loss_by_sigma", "all", "sr", "cascade"):
+        raise EdiffError(f"metric must be images, loss_by_sigma, all, sr or cascade, got "
+                         f"{metric!r}")
+    if metric == "sr":
+        evaluate_sr(cfg)
+        return
+    if metric == "cascade":
+        evaluate_cascade(cfg)
+        return
     if metric in ("loss_by_sigma", "all"):
         evaluate_loss_by_sigma(cfg)
     if metric in ("images", "all"):
