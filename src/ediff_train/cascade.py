@@ -26,6 +26,7 @@ from ediff_train.sampling import (
     labelled_grid,
     load_ensemble,
 )
+from ediff_train.solvers import SOLVERS
 from ediff_train.sr import check_sigma_aug
 
 
@@ -43,6 +44,8 @@ class Stage:
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     rho: float = 7.0
+    solver: str = "heun"
+    order: int = 3
     name: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -58,6 +61,9 @@ class Stage:
         stage.name = stage.name or f"stage{index}"
         if stage.sigma_aug is not None:
             check_sigma_aug(stage.sigma_aug)
+        if stage.solver not in SOLVERS:
+            raise EdiffError(f"cascade {stage.name}: unknown solver {stage.solver!r} "
+                             f"(choose one of {', '.join(SOLVERS)})")
         return stage
 
 
@@ -125,7 +131,8 @@ def run_cascade(stages: Sequence[LoadedStage], prompts: Sequence[str], seed: int
         kw = {"lowres": low, "sigma_aug": float(st.sigma_aug or 0.0)} if ls.is_sr else {}
         images = generate(ls.ensemble, cond, image_size=ls.image_size, steps=st.steps,
                           guidance=st.guidance, seed=seed + 1000 * k, sigma_min=st.sigma_min,
-                          sigma_max=st.sigma_max, rho=st.rho, **kw)
+                          sigma_max=st.sigma_max, rho=st.rho, solver=st.solver,
+                          order=st.order, **kw)
         outputs.append(images)
     return outputs
 

@@ -7,13 +7,16 @@ noise band holds the current σ (experts.Router), so solvers never know experts 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ediff_train import solvers
 from ediff_train.conditioning import Conditioning
+from ediff_train.errors import EdiffError
 from ediff_train.experts import Node, Router
 from ediff_train.sr import SIGMA_AUG_FLOOR, sampling_condition
 
@@ -30,36 +33,77 @@ def karras_sigmas(
     return torch.cat([inv**rho, torch.zeros(1, dtype=torch.float64)])
 
 
-@torch.no_grad()
 def heun_sample(denoiser: Denoiser, x: Tensor, sigmas: Tensor) -> Tensor:
     """EDM Algorithm 1 (deterministic 2nd-order Heun); x starts as σ_max·N(0, I)."""
-    for s_cur, s_next in zip(sigmas[:-1], sigmas[1:]):
-        sc = s_cur.to(x.device, torch.float32)
-        sn = s_next.to(x.device, torch.float32)
-        d = (x - denoiser(x, sc)) / sc
-        x_next = x + (sn - sc) * d
-        if s_next > 0:
-            d2 = (x_next - denoiser(x_next, sn)) / sn
-            x_next = x + (sn - sc) * 0.5 * (d + d2)
-        x = x_next
-    return x
+    return solvers.heun(denoiser, x, sigmas)
+
+
+@dataclass
+class Guidance:
+    """Classifier-free guidance scale as a function of σ and of the expert owning it.
+
+    `per_expert` gives an ensemble's experts their own scales by node name (Wan2.2-style, one
+    per noise band; others use `scale`); `interval` (lo, hi] limits guidance to σ in it, the
+    conditional model alone answering outside (Kynkäänniemi et al. 2024) at half the cost."""
+
+    scale: float = 5.0
+    per_expert: dict[str, float] = field(default_factory=dict)
+    interval: tuple[float, float] | None = None
+
+    def scale_at(self, sigma: float, owner: str | None = None) -> float:
+        if self.interval is not None and not self.interval[0] < sigma <= self.interval[1]:
+            return 1.0
+        return float(self.per_expert.get(owner, self.scale)) if owner else float(self.scale)
+
+    def check(self, names: Sequence[str]) -> None:
+        unknown = sorted(set(self.per_expert) - set(names))
+        if unknown:
+            raise EdiffError(f"guidance per expert names {', '.join(unknown)}, not in the "
+                             f"ensemble ({', '.join(names)})")
+        if self.interval is not None and not 0 <= self.interval[0] < self.interval[1]:
+            raise EdiffError(f"guidance interval must be (lo, hi] with 0 ≤ lo < hi, got "
+                             f"{tuple(self.interval)}")
+
+
+TEXT_MODES = ("both", "t5", "clip")
+
+
+def text_only(cond: Conditioning, mode: str) -> Conditioning:
+    """Condition on T5 only, CLIP text only, or both (the paper's encoder study): the other
+    encoder's embeddings are zeroed exactly as training's dropout zeroes them. The
+    unconditional branch is always everything dropped (`Conditioning.null`), whatever `mode`."""
+    if mode not in TEXT_MODES:
+        raise EdiffError(f"text must be one of {', '.join(TEXT_MODES)}, got {mode!r}")
+    if mode == "t5":
+        return replace(cond, clip_txt=torch.zeros_like(cond.clip_txt),
+                       clip_pool=torch.zeros_like(cond.clip_pool))
+    if mode == "clip":
+        return replace(cond, t5=torch.zeros_like(cond.t5))
+    return cond
 
 
 def guided(
     model: Callable[[Tensor, Tensor, Conditioning], Tensor],
     cond: Conditioning,
     uncond: Conditioning,
-    scale: float,
+    scale: float | Guidance,
 ) -> Denoiser:
-    """Classifier-free guidance: D_u + s·(D_c − D_u), both branches in one batched call."""
-    if scale == 1.0:
+    """Classifier-free guidance: D_u + s·(D_c − D_u), both branches in one batched call; where
+    the scale is 1 (or σ is outside a Guidance's interval) only the conditional branch runs."""
+    g = scale if isinstance(scale, Guidance) else Guidance(float(scale))
+    router = getattr(model, "router", None) if g.per_expert else None
+    if g.interval is None and not g.per_expert and g.scale == 1.0:
         return lambda x, sigma: model(x, sigma, cond)
     both = cond.cat(uncond)
 
     def denoise(x: Tensor, sigma: Tensor) -> Tensor:
-        out = model(torch.cat([x, x]), sigma, both)
-        d_c, d_u = out.chunk(2)
-        return d_u + scale * (d_c - d_u)
+        s = float(sigma.reshape(-1)[0])
+        owner = router.nodes[int(router.index(s))].name if router is not None else None
+        w = g.scale_at(s, owner)
+        if w == 1.0:
+            return model(x, sigma, cond)
+        d_c, d_u = model(torch.cat([x, x]), sigma, both).chunk(2)
+        return d_u + w * (d_c - d_u)
 
     return denoise
 
@@ -147,7 +191,7 @@ def generate(
     cond: Conditioning,
     image_size: int,
     steps: int = 32,
-    guidance: float = 2.0,
+    guidance: float | Guidance = 2.0,
     seed: int = 0,
     sigma_min: float = 0.002,
     sigma_max: float = 80.0,
@@ -156,13 +200,22 @@ def generate(
     noise: Tensor | None = None,
     lowres: Tensor | None = None,
     sigma_aug: float = SIGMA_AUG_FLOOR,
+    solver: str = "heun",
+    order: int = 3,
+    text: str = "both",
 ) -> Tensor:
     """Text-to-image with Heun + CFG; returns images in [0, 1]. One sample per cond row.
 
     `noise` [N,C,H,W] (unit variance) replaces the seeded draw, so a caller can give every
     image its own seed and get the same image whatever batch it lands in. A super-resolution
     stage also takes `lowres` [N,3,h,w] in [0, 1] (the stage below's images), augmented once
-    at noise level `sigma_aug` (sr.py); guidance's unconditional branch sees it too."""
+    at noise level `sigma_aug` (sr.py); guidance's unconditional branch sees it too.
+    `solver` is one of solvers.SOLVERS (`order`: deis_ab's), `guidance` a scale or a Guidance,
+    `text` both / t5 / clip (text_only)."""
+    if steps < 1:
+        raise EdiffError(f"steps must be ≥ 1, got {steps}")
+    if isinstance(guidance, Guidance) and isinstance(model, Ensemble):
+        guidance.check([n.name for n in model.router.nodes])
     device = cond.t5.device
     n = cond.batch_size
     if lowres is not None:
@@ -174,8 +227,8 @@ def generate(
     x = noise.to(device)
     sigmas = karras_sigmas(steps, sigma_min, sigma_max, rho)
     x = x * sigmas[0].to(torch.float32)
-    denoise = guided(model, cond, cond.null(), guidance)
-    out = heun_sample(denoise, x, sigmas)
+    denoise = guided(model, text_only(cond, text), cond.null(), guidance)
+    out = solvers.solve(solver, denoise, x, sigmas, order)
     return (out.float() * 0.5 + 0.5).clamp(0, 1)
 
 
