@@ -7,24 +7,27 @@ import hydra
 from omegaconf import DictConfig
 
 from ediff_train.cascade import call_report, load_stages, read_cascade, run_cascade, write_cascade
-from ediff_train.checkpoints import load_encoders, load_train_config
+from ediff_train.checkpoints import write_json
 from ediff_train.cli import entry_point, reporting_errors
 from ediff_train.errors import EdiffError
-from ediff_train.sampling import (
-    TEXT_MODES,
-    Guidance,
-    embed_prompts,
-    generate,
-    labelled_grid,
-    load_ensemble,
-    save_images,
-)
+from ediff_train.pipeline import Sampler
+from ediff_train.sampling import TEXT_MODES, Guidance, labelled_grid, save_images
 from ediff_train.solvers import SOLVERS
 
 CASCADES = Path(__file__).resolve().parent / "conf" / "cascade"
 
 
 def prompt_list(cfg: DictConfig) -> list[str]:
+    """prompts_file (one per line) > prompts > prompt."""
+    if cfg.get("prompts_file"):
+        path = Path(str(cfg.prompts_file))
+        if not path.is_file():
+            raise EdiffError(f"prompts_file {path} does not exist")
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+        prompts = [ln for ln in lines if ln]
+        if not prompts:
+            raise EdiffError(f"prompts_file {path} holds no prompts")
+        return prompts
     return [str(p) for p in cfg.prompts] if cfg.get("prompts") else [str(cfg.prompt)]
 
 
@@ -63,34 +66,35 @@ def main(cfg: DictConfig) -> None:
         return
     guidance = sampler_settings(cfg)
     names = list(cfg.experts) if cfg.experts else [str(cfg.expert)]
-    ensemble = load_ensemble(cfg.run_dir, names, cfg.weights).to(cfg.device)
-    guidance.check(names)
-    train_cfg = load_train_config(f"{cfg.run_dir}/{names[0]}")
-    if train_cfg.data.get("lowres_size"):
-        raise EdiffError(f"{cfg.run_dir}/{names[0]} is a super-resolution stage: sample "
-                         "it in a cascade (cascade=NAME, conf/cascade/)")
     prompts = prompt_list(cfg)
-    per = int(cfg.n)
-    cond = embed_prompts(load_encoders(train_cfg), [p for p in prompts for _ in range(per)])
-    images = generate(
-        ensemble,
-        cond.to(cfg.device),
-        image_size=int(train_cfg.data.image_size),
-        steps=int(cfg.steps),
-        guidance=guidance,
-        seed=int(cfg.seed),
-        sigma_min=float(cfg.sigma_min),
-        sigma_max=float(cfg.sigma_max),
-        rho=float(cfg.rho),
-        solver=str(cfg.solver),
-        order=int(cfg.order),
-        text=str(cfg.text),
-    )
-    labelled = labelled_grid(images, prompts, per, upscale=max(1, 64 // images.shape[-1]))
-    grid = save_images(images, cfg.out, grid=labelled)
-    calls = ", ".join(f"{n.name}: {c}" for n, c in zip(ensemble.router.nodes, ensemble.calls))
-    print(f"wrote {len(images)} images and {grid} (expert calls: {calls})")
-
+    per, seeds = int(cfg.n), [int(x) for x in (cfg.get("seeds") or [cfg.seed])]
+    if per < 1:
+        raise EdiffError(f"n (images per prompt) must be ≥ 1, got {per}")
+    sampler = Sampler.from_run(cfg.run_dir, names, str(cfg.weights), str(cfg.device))
+    guidance.check(names)
+    out = Path(str(cfg.out))
+    for seed in seeds:
+        images = sampler([p for p in prompts for _ in range(per)], seed=seed,
+                         steps=int(cfg.steps), guidance=guidance, solver=str(cfg.solver),
+                         batch_size=int(cfg.batch_size), progress=bool(cfg.progress),
+                         sigma_min=float(cfg.sigma_min), sigma_max=float(cfg.sigma_max),
+                         rho=float(cfg.rho), order=int(cfg.order), text=str(cfg.text),
+                         style_image=cfg.get("style_image"),
+                         style_guidance=float(cfg.style_guidance))
+        folder = out / f"seed{seed}" if len(seeds) > 1 else out
+        grid = labelled_grid(images, prompts, per, upscale=max(1, 64 // images.shape[-1]))
+        save_images(images, folder, grid=grid)
+        write_json(folder / "settings.json", {
+            "run_dir": str(cfg.run_dir), "experts": names, "weights": str(cfg.weights),
+            "prompts": prompts, "per_prompt": per, "seed": seed, "steps": int(cfg.steps),
+            "solver": str(cfg.solver), "order": int(cfg.order), "rho": float(cfg.rho),
+            "sigma_min": float(cfg.sigma_min), "sigma_max": float(cfg.sigma_max),
+            "guidance": float(cfg.guidance), "guidance_per_expert": guidance.per_expert,
+            "guidance_interval": guidance.interval, "text": str(cfg.text),
+            "style_image": cfg.get("style_image"), "style_guidance": float(cfg.style_guidance),
+            "files": [f"sample_{i:04d}.png" for i in range(len(images))]})
+        print(f"wrote {len(images)} images, grid.png and settings.json to {folder}")
+    print(f"expert calls: {', '.join(f'{k}: {v}' for k, v in sampler.expert_calls.items())}")
 
 if __name__ == "__main__":
     entry_point(main, register=False)()

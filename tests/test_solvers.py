@@ -178,3 +178,27 @@ def test_sample_cli_refuses_bad_settings_first(tmp_path: Path, args: list[str],
                           timeout=120)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+class _ImageAware(torch.nn.Module):
+    """1 where the caption is present, +10 where a style image is: the branches are visible."""
+
+    def forward(self, x, sigma, cond):  # noqa: ANN001, ANN201
+        return (torch.zeros_like(x) + cond.clip_pool[:, :1, None, None]
+                + 10 * cond.clip_img[:, :1, None, None])
+
+
+def test_style_guidance_weighs_the_image_on_its_own(tmp_path: Path) -> None:
+    from ediff_train.sampling import style_embedding, style_guided
+
+    c = _cond(2)
+    styled = Conditioning(**{**vars(c), "clip_img": torch.ones(2, 2)})
+    x = torch.zeros(2, 1, 1, 1)
+    for s, s_style in ((3.0, 0.0), (3.0, 1.0), (2.0, 4.0)):
+        out = style_guided(_ImageAware(), styled, c.null(), s, s_style)(x, torch.tensor(1.0))
+        assert float(out[0]) == s * 1 + s_style * 10  # D_u = 0, D_t = 1, D_ts = 11
+    with pytest.raises(EdiffError, match="does not exist"):
+        style_embedding(None, tmp_path / "missing.png")
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.raises(EdiffError, match="not a readable image"):
+        style_embedding(None, tmp_path / "notes.png")

@@ -125,3 +125,29 @@ def test_evaluate_sr_reports_sr_beside_bicubic(runs: Path) -> None:
     # an untrained stage is no better than bicubic: the metric can tell
     assert report["rows"][1]["psnr_db"] < report["rows"][0]["psnr_db"]
     assert (runs / "ev" / "sr_samples.png").is_file()
+
+
+def test_sampler_api_and_sample_cli_for_real_use(runs: Path) -> None:
+    import json
+
+    from ediff_train.pipeline import Sampler
+
+    s = Sampler.from_run(runs / "base", ["E0_0"])
+    prompts = ["the number 1", "seven", "the digit 4"]
+    a = s(prompts, seed=3, steps=3, solver="dpmpp_2m", batch_size=1)
+    b = s(prompts, seed=3, steps=3, solver="dpmpp_2m", batch_size=3)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)  # an image ignores its batch
+    assert not torch.allclose(a, s(prompts, seed=4, steps=3, solver="dpmpp_2m"))
+    (runs / "prompts.txt").write_text("the number 1\n\nseven\n")
+    proc = run(runs, "sample.py", "run_dir=base", "prompts_file=prompts.txt", "n=2",
+               "seeds=[0,1]", "batch_size=3", "steps=2", "solver=euler", "out=real")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for seed in (0, 1):
+        folder = runs / "real" / f"seed{seed}"
+        settings = json.loads((folder / "settings.json").read_text())
+        assert settings["prompts"] == ["the number 1", "seven"] and settings["seed"] == seed
+        assert settings["solver"] == "euler" and len(settings["files"]) == 4
+        assert all((folder / f).is_file() for f in settings["files"])
+        assert (folder / "grid.png").is_file()
+    bad = run(runs, "sample.py", "run_dir=base", "prompts_file=missing.txt")
+    assert bad.returncode == 2 and "prompts_file" in bad.stderr

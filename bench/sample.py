@@ -1,0 +1,103 @@
+"""What routing costs: sampler step time of an ensemble vs one model of the same network.
+
+    python bench/sample.py                       # tiny net, 3 experts, CPU
+    python bench/sample.py --config base64 --experts 3 --batch 4 --device cuda
+
+Both runs use the same solver, steps, guidance and inputs; the ensemble's experts tile the noise
+axis (E9_511, E3_0 and the middle, Config-D's base) and every step asks only the owner of σ, so
+the ratio should be ≈ 1 (the router's lookup is the only extra work). Prints a table; `--json`
+writes it. Peak memory is CUDA's max allocated (on CPU: not measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_step import model_config, random_cond  # noqa: E402
+
+from ediff_train.edm import EDMPrecond  # noqa: E402
+from ediff_train.experts import parse_node  # noqa: E402
+from ediff_train.sampling import Ensemble, guided, karras_sigmas  # noqa: E402
+from ediff_train.solvers import solve  # noqa: E402
+
+NODES = ["E9_511", "E3_0", "not_E9_511_E3_0", "E1_0", "E1_1"]
+
+
+def time_sampler(model: Any, cond: Any, size: int, steps: int, solver: str, repeats: int,
+                 device: torch.device) -> list[float]:
+    """Seconds per solver step over `repeats` full sampling runs (after one warm-up run)."""
+    den = guided(model, cond, cond.null(), 5.0)
+    sig = karras_sigmas(steps)
+    out = []
+    for r in range(repeats + 1):
+        x = torch.randn(cond.batch_size, 3, size, size, device=device) * 80.0
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        solve(solver, den, x, sig)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if r:
+            out.append((time.perf_counter() - t) / steps)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="tiny")
+    p.add_argument("--experts", type=int, default=3, choices=[2, 3])
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--solver", default="heun")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", type=Path, default=None)
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
+    cfg = model_config(a.config)
+    torch.manual_seed(0)
+    nets = [EDMPrecond(instantiate(cfg, grad_checkpointing=False)).eval().to(device)
+            for _ in range(a.experts)]
+    nodes = [parse_node(n) for n in (NODES[:3] if a.experts == 3 else NODES[3:])]
+    ens = Ensemble(nodes, nets).to(device)
+    cond = random_cond(cfg, a.batch, 16, device)
+    size = int(cfg.image_size)
+    rows = []
+    # interleaved, so drift of a shared machine hits both alike
+    single_t: list[float] = []
+    ens_t: list[float] = []
+    for _ in range(2):
+        single_t += time_sampler(nets[0], cond, size, a.steps, a.solver, a.repeats, device)
+        ens_t += time_sampler(ens, cond, size, a.steps, a.solver, a.repeats, device)
+    s, e = statistics.median(single_t), statistics.median(ens_t)
+    rows.append({"config": a.config, "experts": a.experts, "batch": a.batch, "steps": a.steps,
+                 "solver": a.solver, "device": str(device), "single_s_per_step": s,
+                 "ensemble_s_per_step": e, "ratio": e / s, "calls": ens.calls})
+    print(f"{'config':<8}{'experts':>8}{'batch':>7}{'solver':>10}{'single s/step':>15}"
+          f"{'ensemble s/step':>17}{'ratio':>8}")
+    for r in rows:
+        print(f"{r['config']:<8}{r['experts']:>8}{r['batch']:>7}{r['solver']:>10}"
+              f"{r['single_s_per_step']:>15.4f}{r['ensemble_s_per_step']:>17.4f}"
+              f"{r['ratio']:>8.3f}")
+    threads = torch.get_num_threads()
+    print(f"device: {device}{f' ({threads} threads)' if device.type == 'cpu' else ''}; "
+          f"expert calls in the ensemble runs: {dict(zip([n.name for n in nodes], ens.calls))}")
+    if a.json:
+        a.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
