@@ -10,6 +10,7 @@ from ediff_train.cascade import call_report, load_stages, read_cascade, run_casc
 from ediff_train.checkpoints import write_json
 from ediff_train.cli import entry_point, reporting_errors
 from ediff_train.errors import EdiffError
+from ediff_train.paint import Region, read_mask, regions_from_colour_map
 from ediff_train.pipeline import Sampler
 from ediff_train.sampling import TEXT_MODES, Guidance, labelled_grid, save_images
 from ediff_train.solvers import SOLVERS
@@ -47,6 +48,15 @@ def sampler_settings(cfg: DictConfig) -> Guidance:
     return g
 
 
+def paint_regions(cfg: DictConfig) -> list[Region] | None:
+    """paint=[{phrase, mask, strength}] masks, or paint_map + paint_legend (colour → phrase)."""
+    if cfg.get("paint_map"):
+        return regions_from_colour_map(str(cfg.paint_map), dict(cfg.get("paint_legend") or {}))
+    spec = cfg.get("paint") or []
+    return [Region(str(r["phrase"]), read_mask(str(r["mask"])), float(r.get("strength", 1.0)))
+            for r in spec] or None
+
+
 def sample_cascade(cfg: DictConfig) -> None:
     stages, description = read_cascade(str(cfg.cascade), CASCADES)
     loaded = load_stages(stages, cfg.device)
@@ -65,6 +75,7 @@ def main(cfg: DictConfig) -> None:
         sample_cascade(cfg)
         return
     guidance = sampler_settings(cfg)
+    regions = paint_regions(cfg)
     names = list(cfg.experts) if cfg.experts else [str(cfg.expert)]
     prompts = prompt_list(cfg)
     per, seeds = int(cfg.n), [int(x) for x in (cfg.get("seeds") or [cfg.seed])]
@@ -80,7 +91,8 @@ def main(cfg: DictConfig) -> None:
                          sigma_min=float(cfg.sigma_min), sigma_max=float(cfg.sigma_max),
                          rho=float(cfg.rho), order=int(cfg.order), text=str(cfg.text),
                          style_image=cfg.get("style_image"),
-                         style_guidance=float(cfg.style_guidance))
+                         style_guidance=float(cfg.style_guidance), paint=regions,
+                         paint_weight=float(cfg.paint_weight))
         folder = out / f"seed{seed}" if len(seeds) > 1 else out
         grid = labelled_grid(images, prompts, per, upscale=max(1, 64 // images.shape[-1]))
         save_images(images, folder, grid=grid)
@@ -92,6 +104,8 @@ def main(cfg: DictConfig) -> None:
             "guidance": float(cfg.guidance), "guidance_per_expert": guidance.per_expert,
             "guidance_interval": guidance.interval, "text": str(cfg.text),
             "style_image": cfg.get("style_image"), "style_guidance": float(cfg.style_guidance),
+            "paint": [{"phrase": r.phrase, "strength": r.strength} for r in regions or []],
+            "paint_weight": float(cfg.paint_weight),
             "files": [f"sample_{i:04d}.png" for i in range(len(images))]})
         print(f"wrote {len(images)} images, grid.png and settings.json to {folder}")
     print(f"expert calls: {', '.join(f'{k}: {v}' for k, v in sampler.expert_calls.items())}")

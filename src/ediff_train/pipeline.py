@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ediff_train.errors import EdiffError
+from ediff_train.paint import Painter
 from ediff_train.sampling import (
     Ensemble,
     Guidance,
@@ -63,10 +64,12 @@ class Sampler:
                  progress: bool = False, first_index: int = 0, **kw: Any) -> Tensor:
         """Images [N,3,H,W] in [0, 1], one per prompt (repeat a prompt for several). Extra
         keywords go to sampling.generate (sigma_min, sigma_max, rho, order, text, style,
-        style_guidance); `style_image=PATH` is turned into `style` here."""
+        style_guidance); `style_image=PATH` is turned into `style` here; `paint` (a list of
+        paint.Region) with `paint_weight` (w′, default 0.3) paints phrases onto regions."""
         if kw.get("style_image"):
             kw["style"] = style_embedding(self.encoders, kw.pop("style_image"))
         kw.pop("style_image", None)
+        regions, w_prime = kw.pop("paint", None), float(kw.pop("paint_weight", 0.3))
         if batch_size < 1:
             raise EdiffError(f"batch_size must be ≥ 1, got {batch_size}")
         if not prompts:
@@ -83,7 +86,8 @@ class Sampler:
             cond = embed_prompts(self.encoders, chunk).to(self.device)
             noise = torch.stack([image_noise(seed, first_index + i + k, shape)
                                  for k in range(len(chunk))])
+            painter = (Painter(self.encoders, chunk, regions, w_prime) if regions else None)
             out.append(generate(self.ensemble, cond, self.image_size, steps=steps,
                                 guidance=guidance, seed=seed, noise=noise, solver=solver,
-                                **kw).cpu())
+                                paint=painter, **kw).cpu())
         return torch.cat(out)

@@ -150,13 +150,16 @@ class Ensemble(nn.Module):
         self.experts = nn.ModuleList(denoisers)
         self.calls = [0] * len(denoisers)  # how often each expert was asked (for reports/tests)
 
-    def forward(self, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
+    def forward(self, x: Tensor, sigma: Tensor, cond: Conditioning, **kw: Any) -> Tensor:
+        """`kw` (e.g. cross_attn_bias) goes to the expert; only for batches of one σ."""
         s = sigma.reshape(-1)
         owners = self.router.index(s.detach().cpu())
         if bool((owners == owners[0]).all()):
             i = int(owners[0])
             self.calls[i] += 1
-            return self.experts[i](x, sigma, cond)
+            return self.experts[i](x, sigma, cond, **kw)
+        if kw:
+            raise EdiffError("per-call options need one σ for the whole batch")
         out = torch.empty_like(x)  # mixed σ in one batch: ask each owner for its rows
         for i in owners.unique().tolist():
             rows = (owners == i).nonzero().squeeze(1).to(x.device)
@@ -238,6 +241,7 @@ def generate(
     text: str = "both",
     style: Tensor | None = None,
     style_guidance: float = 1.0,
+    paint: Any = None,
 ) -> Tensor:
     """Text-to-image with Heun + CFG; returns images in [0, 1]. One sample per cond row.
 
@@ -247,7 +251,8 @@ def generate(
     at noise level `sigma_aug` (sr.py); guidance's unconditional branch sees it too.
     `solver` is one of solvers.SOLVERS (`order`: deis_ab's), `guidance` a scale or a Guidance,
     `text` both / t5 / clip (text_only). `style` [Di] (style_embedding) conditions every image
-    on a reference image's CLIP embedding, weighted by `style_guidance` (style_guided)."""
+    on a reference image's CLIP embedding, weighted by `style_guidance` (style_guided). `paint`
+    (paint.Painter for these rows) paints phrases onto regions in every cross-attention."""
     if steps < 1:
         raise EdiffError(f"steps must be ≥ 1, got {steps}")
     if isinstance(guidance, Guidance) and isinstance(model, Ensemble):
@@ -264,6 +269,8 @@ def generate(
     sigmas = karras_sigmas(steps, sigma_min, sigma_max, rho)
     x = x * sigmas[0].to(torch.float32)
     cond = text_only(cond, text)
+    if paint is not None:
+        model = paint.wrap(model)
     if style is not None:
         if isinstance(guidance, Guidance) and (guidance.per_expert or guidance.interval):
             raise EdiffError("a style image takes one guidance scale (no per-expert scales or "

@@ -4,11 +4,17 @@ Bias convention (what paint-with-words relies on): a cross-attention bias B [B, 
 to the *unscaled* logits, so the layer computes softmax((QKᵀ + B)/√d)·V, the form of eDiff-I
 §4.3. Internally B/√d goes to SDPA as its additive mask, so a large negative B still removes a
 key. Keys whose mask is False get −∞ in the same mask.
+
+Paint-with-words needs max(QKᵀ) of the layer and analyses need the attention weights, neither of
+which the fused kernel exposes: an `AttentionHook` instead of a bias tensor switches that one
+call to an explicit softmax(QKᵀ) path. Without a hook the fused path runs, untouched.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +49,19 @@ def _merge_heads(t: Tensor) -> Tensor:
     """[B, heads, T, d] -> [B, T, heads·d]."""
     b, h, n, d = t.shape
     return t.transpose(1, 2).reshape(b, n, h * d)
+
+
+@dataclass
+class AttentionHook:
+    """What a sampler asks of one cross-attention call (the bias function returns it).
+
+    paint [B, HW, N] ≥ 0 and weight [B]: paint-with-words, eDiff-I §4.3: the layer adds
+    weight·max(QKᵀ)·paint to QKᵀ, the max taken per sample over its heads, queries and keys.
+    record: receives the attention weights [B, heads, HW, N] (after the softmax)."""
+
+    paint: Tensor | None = None
+    weight: Tensor | None = None
+    record: Callable[[Tensor], None] | None = None
 
 
 class SelfAttention(nn.Module):
@@ -104,13 +123,36 @@ class CrossAttention(nn.Module):
         return scaled[:, None].to(dtype)
 
     def forward(
-        self, x: Tensor, context: Tensor, key_mask: Tensor, bias: Tensor | None = None
+        self, x: Tensor, context: Tensor, key_mask: Tensor,
+        bias: Tensor | AttentionHook | None = None,
     ) -> Tensor:
         b, c, h, w = x.shape
         tokens = self.norm(x).flatten(2).transpose(1, 2)
         q = _split_heads(self.q(tokens), self.heads)
         k, v = (_split_heads(t, self.heads) for t in self.kv(context).chunk(2, dim=-1))
-        mask = self.attn_mask(key_mask, bias, h * w, q.dtype)
-        out = _merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+        if isinstance(bias, AttentionHook):
+            out = _merge_heads(self._explicit(q, k, v, key_mask, bias))
+        else:
+            mask = self.attn_mask(key_mask, bias, h * w, q.dtype)
+            out = _merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
         out = self.proj(out).transpose(1, 2).reshape(b, c, h, w)
         return x + out
+
+    def _explicit(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor,
+                  hook: AttentionHook) -> Tensor:
+        """softmax((QKᵀ + w·max(QKᵀ)·A)/√d)·V, in float32, with the weights handed to
+        hook.record."""
+        scores = q.float() @ k.float().transpose(-1, -2)  # [B, heads, HW, N], unscaled
+        if hook.paint is not None and hook.weight is not None:
+            if hook.paint.shape != (scores.shape[0], scores.shape[2], scores.shape[3]):
+                raise EdiffError(f"paint mask has shape {tuple(hook.paint.shape)}, expected "
+                                 f"{(scores.shape[0], scores.shape[2], scores.shape[3])}")
+            top = scores.amax(dim=(1, 2, 3), keepdim=True)
+            w = hook.weight.float().view(-1, 1, 1, 1)
+            scores = scores + w * top * hook.paint.float()[:, None]
+        scores = scores / math.sqrt(self.head_dim)
+        scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+        probs = scores.softmax(dim=-1)
+        if hook.record is not None:
+            hook.record(probs.detach())
+        return (probs @ v.float()).to(v.dtype)

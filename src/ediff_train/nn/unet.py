@@ -17,12 +17,13 @@ from torch.utils.checkpoint import checkpoint
 
 from ediff_train.conditioning import Conditioning
 from ediff_train.errors import EdiffError
-from ediff_train.nn.attention import CrossAttention, SelfAttention, group_norm
+from ediff_train.nn.attention import AttentionHook, CrossAttention, SelfAttention, group_norm
 from ediff_train.nn.blocks import Downsample, ResBlock, Upsample
 from ediff_train.nn.embed import ConditionEmbedder, NoiseEmbedding
 
-# cross_attn_bias(h, w) -> additive bias [B, h*w, N_ctx] for a cross-attention at that size.
-BiasFn = Callable[[int, int], Tensor | None]
+# cross_attn_bias(h, w) -> additive bias [B, h*w, N_ctx] for a cross-attention at that size, or
+# an AttentionHook (paint-with-words, attention recording), or None.
+BiasFn = Callable[[int, int], "Tensor | AttentionHook | None"]
 
 
 def run_layer(layer: nn.Module, h: Tensor, emb: Tensor, ctx: tuple[Tensor, Tensor],

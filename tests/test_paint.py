@@ -1,0 +1,132 @@
+"""Paint-with-words through the network's own cross-attention: the explicit attention path, the
+phrase → token mapping, painted mass moving into the mask, w′ = 0 bit-identical, bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ediff_train.conditioning import Conditioning
+from ediff_train.edm import EDMPrecond
+from ediff_train.encoders import Encoders
+from ediff_train.errors import EdiffError
+from ediff_train.nn.attention import AttentionHook, CrossAttention
+from ediff_train.nn.unet import TextUNet
+from ediff_train.paint import Painter, Region, regions_from_colour_map, token_positions
+from ediff_train.sampling import embed_prompts, generate
+
+
+@pytest.fixture(scope="module")
+def enc() -> Encoders:
+    return Encoders.tiny(0)
+
+
+def _net(enc: Encoders) -> EDMPrecond:
+    torch.manual_seed(0)
+    d = enc.dims
+    net = TextUNet(16, 16, [1, 2], 1, [8], d["t5"], d["clip_txt"], d["clip_pool"],
+                   d["clip_img"], 32, head_channels=8)
+    g = torch.Generator().manual_seed(1)
+    for m in net.modules():  # wake the zero-initialised output layers
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and not m.weight.abs().sum():
+            m.weight.data = torch.randn(m.weight.shape, generator=g) * 0.05
+    return EDMPrecond(net).eval()
+
+
+def test_explicit_attention_path_equals_the_fused_one() -> None:
+    torch.manual_seed(0)
+    layer = CrossAttention(16, 8, head_channels=8)
+    torch.nn.init.normal_(layer.proj.weight, std=0.1)
+    x, ctx = torch.randn(2, 16, 4, 4), torch.randn(2, 5, 8)
+    mask = torch.tensor([[True] * 5, [True, True, False, True, True]])
+    seen = []
+    fused = layer(x, ctx, mask)
+    explicit = layer(x, ctx, mask, AttentionHook(record=seen.append))
+    torch.testing.assert_close(explicit, fused, rtol=1e-5, atol=1e-5)
+    assert seen[0].shape == (2, 2, 16, 5) and float(seen[0][1, :, :, 2].abs().max()) == 0.0
+    torch.testing.assert_close(seen[0].sum(-1), torch.ones(2, 2, 16))
+
+
+def test_phrase_tokens_are_found_in_both_encoders(enc: Encoders) -> None:
+    t5, clip = token_positions(enc, "a handwritten seven", "seven")
+    ids = enc.t5_tokenizer(["a handwritten seven"]).input_ids[0]
+    assert bytes(ids[p] - 3 for p in t5) == b"seven"  # ByT5: byte + 3
+    assert clip == [3]  # <sot> a handwritten seven <eot>
+    with pytest.raises(EdiffError, match="not in the prompt"):
+        token_positions(enc, "the number 3", "seven")
+
+
+def test_painting_moves_the_phrase_attention_into_its_mask(enc: Encoders) -> None:
+    prompt = "a handwritten seven"
+    cond = embed_prompts(enc, [prompt])
+    left = torch.zeros(16, 16)
+    left[:, :8] = 1.0
+    painter = Painter(enc, [prompt], [Region("seven", left)], w_prime=2.0)
+    den = _net(enc)
+    x = torch.randn(1, 3, 16, 16)
+    t5_pos, clip_pos = token_positions(enc, prompt, "seven")
+    cols = t5_pos + [cond.t5.shape[1] + p for p in clip_pos]
+
+    def mass(paint: bool) -> tuple[float, float]:
+        probs: list[torch.Tensor] = []
+        hook = painter.bias_fn(1.0, cond)
+
+        def fn(h: int, w: int) -> AttentionHook:
+            base = hook(h, w)
+            return AttentionHook(base.paint if paint else None, base.weight, probs.append)
+
+        with torch.no_grad():
+            den(x, torch.tensor(1.0), cond, cross_attn_bias=fn)
+        inside = outside = 0.0
+        for p in probs:  # [1, heads, HW, N] per cross-attention layer
+            hw = p.shape[2]
+            side = int(hw**0.5)
+            m = torch.zeros(side, side)
+            m[:, : side // 2] = 1
+            on = p[0][:, :, cols].sum(-1).mean(0)  # mass on the phrase, per image token
+            inside += float(on[m.reshape(-1) > 0].mean())
+            outside += float(on[m.reshape(-1) == 0].mean())
+        return inside / len(probs), outside / len(probs)
+
+    (in0, out0), (in1, out1) = mass(False), mass(True)
+    # moved inside; outside only what later layers inherit through convolutions
+    assert in1 > in0 + 0.1 and abs(out1 - out0) < 0.01
+
+
+def test_zero_weight_is_bit_identical_and_bad_input_is_refused(enc: Encoders,
+                                                                tmp_path: Path) -> None:
+    prompt = "the number 3"
+    cond = embed_prompts(enc, [prompt, prompt])
+    den = _net(enc)
+    plain = generate(den, cond, 16, steps=3, guidance=3.0)
+    off = Painter(enc, [prompt] * 2, [Region("3", torch.ones(5, 7))], w_prime=0.0)
+    assert torch.equal(generate(den, cond, 16, steps=3, guidance=3.0, paint=off), plain)
+    on = Painter(enc, [prompt] * 2, [Region("3", torch.ones(5, 7))], w_prime=1.0)
+    assert not torch.equal(generate(den, cond, 16, steps=3, guidance=3.0, paint=on), plain)
+    with pytest.raises(EdiffError, match="not in the prompt"):
+        Painter(enc, [prompt], [Region("seven", torch.ones(4, 4))], 0.3)
+
+    canvas = np.zeros((8, 8, 3), np.uint8)
+    canvas[:, :4] = (255, 0, 0)
+    canvas[:, 4:] = (0, 0, 255)
+    Image.fromarray(canvas).save(tmp_path / "map.png")
+    regions = regions_from_colour_map(tmp_path / "map.png",
+                                      {"#ff0000": "the number,0.5", "#0000ff": "3"})
+    assert [(r.phrase, r.strength) for r in regions] == [("the number", 0.5), ("3", 1.0)]
+    assert regions[0].mask[:, :4].min() == 1 and regions[0].mask[:, 4:].max() == 0
+    with pytest.raises(EdiffError, match="does not occur"):
+        regions_from_colour_map(tmp_path / "map.png", {"#00ff00": "3"})
+
+
+def test_conditional_rows_only(enc: Encoders) -> None:
+    prompt = "the number 3"
+    cond = embed_prompts(enc, [prompt])
+    both = cond.cat(cond.null())
+    painter = Painter(enc, [prompt], [Region("3", torch.ones(4, 4))], 0.5)
+    hook = painter.bias_fn(2.0, both)(4, 4)
+    assert hook.paint[0].sum() > 0 and hook.paint[1].sum() == 0
+    assert isinstance(both, Conditioning)
