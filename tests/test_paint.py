@@ -130,3 +130,21 @@ def test_conditional_rows_only(enc: Encoders) -> None:
     hook = painter.bias_fn(2.0, both)(4, 4)
     assert hook.paint[0].sum() > 0 and hook.paint[1].sum() == 0
     assert isinstance(both, Conditioning)
+
+
+def test_attention_recorder_shares_per_call(enc: Encoders) -> None:
+    from ediff_train.experts import parse_node
+    from ediff_train.metrics.attention import AttentionRecorder
+    from ediff_train.sampling import Ensemble
+
+    ens = Ensemble([parse_node("E1_0"), parse_node("E1_1")], [_net(enc), _net(enc)])
+    cond = embed_prompts(enc, ["the number 3", "seven"])
+    rec = AttentionRecorder(ens, rows=2)
+    generate(rec, cond, 16, steps=4, guidance=3.0)
+    assert len(rec.records) == 7  # Heun: 2 calls per step but the last
+    for r in rec.records:
+        total = r["t5"] + r["clip_txt"] + r["clip_img"] + r["null"]
+        assert abs(total - 1) < 1e-5 and min(r["t5"], r["null"]) > 0
+        assert r["expert"] == ("E1_1" if r["sigma"] > 0.3012 else "E1_0")
+    assert [r["sigma"] for r in rec.records] == sorted((r["sigma"] for r in rec.records),
+                                                       reverse=True)

@@ -69,3 +69,33 @@ def loss_by_sigma_plot(runs: Sequence[dict[str, Any]], path: str | os.PathLike) 
     fig.savefig(path)
     plt.close(fig)
     return Path(path)
+
+
+def attention_plot(records: Sequence[dict[str, Any]], label: str,
+                   path: str | os.PathLike) -> Path:
+    """Cross-attention share per token group against σ (log x, σ falling to the right, as the
+    sampler runs); the expert answering each σ named along the top."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.0), dpi=100)
+    names = {"t5": "T5 tokens", "clip_txt": "CLIP text tokens", "clip_img": "CLIP image token",
+             "null": "null token"}
+    xs = [r["sigma"] for r in records]
+    for key, name in names.items():
+        ax.plot(xs, [r[key] for r in records], marker=".", label=name)
+    experts = [r.get("expert") for r in records]
+    for k, e in enumerate(experts):
+        if e and (k == 0 or experts[k - 1] != e):
+            ax.axvline(xs[k], color="grey", lw=0.6, ls="--")
+            ax.text(xs[k], 1.01, e, fontsize=7, rotation=0, transform=ax.get_xaxis_transform())
+    ax.set_xscale("log")
+    ax.invert_xaxis()
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("σ (sampling runs left to right)")
+    ax.set_ylabel("share of cross-attention")
+    ax.set_title(f"where cross-attention looks: {label}", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
