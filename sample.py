@@ -40,6 +40,9 @@ def sampler_settings(cfg: DictConfig) -> Guidance:
         raise EdiffError(f"steps must be ≥ 1, got {cfg.steps}")
     if str(cfg.text) not in TEXT_MODES:
         raise EdiffError(f"text must be one of {', '.join(TEXT_MODES)}, got {cfg.text!r}")
+    style = cfg.get("style_image")
+    if style and not Path(str(style)).is_file():
+        raise EdiffError(f"style_image {style} does not exist")
     interval = cfg.get("guidance_interval")
     per = {str(k): float(v) for k, v in (cfg.get("guidance_per_expert") or {}).items()}
     g = Guidance(float(cfg.guidance), per,

@@ -170,6 +170,7 @@ def test_text_modes_drop_the_other_encoder_and_null_drops_all() -> None:
     (["solver=rk4"], "unknown solver 'rk4'"),
     (["steps=0"], "steps must be ≥ 1"),
     (["guidance_interval=[2,1]"], "guidance interval"),
+    (["style_image=missing.png"], "style_image missing.png does not exist"),
 ])
 def test_sample_cli_refuses_bad_settings_first(tmp_path: Path, args: list[str],
                                                message: str) -> None:
