@@ -16,9 +16,14 @@ def main(cfg: DictConfig) -> None:
     from ediff_train.metrics.sr_eval import evaluate_cascade, evaluate_sr
 
     metric = str(cfg.metric)
-    if metric not in ("images", "loss_by_sigma", "all", "sr", "cascade", "attention"):
-        raise EdiffError(f"metric must be images, loss_by_sigma, all, sr, cascade or attention, "
-                         f"got {metric!r}")
+    if metric not in ("images", "loss_by_sigma", "all", "sr", "cascade", "attention", "paint"):
+        raise EdiffError(f"metric must be images, loss_by_sigma, all, sr, cascade, attention or "
+                         f"paint, got {metric!r}")
+    if metric == "paint":
+        from ediff_train.metrics.paint_eval import evaluate_paint
+
+        evaluate_paint(cfg)
+        return
     if metric == "attention":
         from ediff_train.metrics.attention import evaluate_attention
 

@@ -106,7 +106,7 @@ def split_indices(n: int, seed: int, val_size: int) -> tuple[np.ndarray, np.ndar
     return order[val_size:], order[:val_size]
 
 
-def is_built(root: str | os.PathLike, params: dict[str, int]) -> bool:
+def is_built(root: str | os.PathLike, params: dict[str, int], dataset: str = "digits") -> bool:
     """A complete build with these parameters: manifest, every shard and the encoders present."""
     root = Path(root)
     if not (root / MANIFEST).is_file() or not (root / "encoders" / "encoders.json").is_file():
@@ -115,7 +115,7 @@ def is_built(root: str | os.PathLike, params: dict[str, int]) -> bool:
         manifest = read_manifest(root)
     except EdiffError:
         return False
-    if manifest.get("dataset") != "digits" or manifest.get("params") != params:
+    if manifest.get("dataset") != dataset or manifest.get("params") != params:
         return False
     sets = [root] + ([root / VAL_DIR] if params["val_size"] else [])
     try:
@@ -137,7 +137,7 @@ def one_thread() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
+def lock(path: Path) -> Iterator[None]:
     """Exclusive lock so racing processes build once; best effort where flock is unsupported
     (the temp-folder rename keeps a build correct even then)."""
     try:
@@ -183,16 +183,16 @@ def _write(out: Path, params: dict[str, int]) -> None:
     enc.save(out / "encoders")
     enc = Encoders.load(out / "encoders")
     extra = {"align": report} if report else {}
-    _write_split(out, enc, train, images, pixels, labels, captions, params,
+    write_split(out, enc, train, images, pixels, labels, captions, params,
                  validation=VAL_DIR if len(val) else None, **extra)
     if len(val):
-        _write_split(out / VAL_DIR, enc, val, images, pixels, labels, captions, params,
+        write_split(out / VAL_DIR, enc, val, images, pixels, labels, captions, params,
                      split="val")
 
 
-def _write_split(out: Path, enc: Any, indices: np.ndarray, images: np.ndarray, pixels: Any,
+def write_split(out: Path, enc: Any, indices: np.ndarray, images: np.ndarray, pixels: Any,
                  labels: np.ndarray, captions: list[str], params: dict[str, int],
-                 **extra: Any) -> None:
+                 dataset: str = "digits", **extra: Any) -> None:
     """One shard set of the given sklearn indices, shuffled so every shard mixes all digits."""
     order = np.random.default_rng([params["seed"], 2, len(indices)]).permutation(indices)
     caps = [captions[i] for i in order]
@@ -210,7 +210,7 @@ def _write_split(out: Path, enc: Any, indices: np.ndarray, images: np.ndarray, p
             writer.write(f"digit{i:04d}", images[i], caps[j], emb["t5"][r], emb["clip_txt"][r],
                          emb["clip_pool"][r], img[j],
                          meta={"source": SOURCE, "index": int(i), "label": int(labels[i])})
-    writer.finish(created_by="ediff_train.data.digits", dataset="digits", params=params,
+    writer.finish(created_by=f"ediff_train.data.{dataset}", dataset=dataset, params=params,
                   **extra)
 
 
@@ -228,7 +228,7 @@ def build_digits(root: str | os.PathLike, image_size: int = 16, seed: int = 0,
     if not force and is_built(root, params):
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
-    with _lock(root.parent / f".{root.name}.lock"):
+    with lock(root.parent / f".{root.name}.lock"):
         if not force and is_built(root, params):
             return root  # another process built it while we waited
         tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
