@@ -16,9 +16,14 @@ def main(cfg: DictConfig) -> None:
     from ediff_train.metrics.sr_eval import evaluate_cascade, evaluate_sr
 
     metric = str(cfg.metric)
-    if metric not in ("images", "loss_by_sigma", "all", "sr", "cascade", "attention", "paint"):
-        raise EdiffError(f"metric must be images, loss_by_sigma, all, sr, cascade, attention or "
-                         f"paint, got {metric!r}")
+    known = ("images", "loss_by_sigma", "all", "sr", "cascade", "attention", "paint", "switch")
+    if metric not in known:
+        raise EdiffError(f"metric must be one of {', '.join(known)}, got {metric!r}")
+    if metric == "switch":
+        from ediff_train.metrics.switch import evaluate_switch
+
+        evaluate_switch(cfg)
+        return
     if metric == "paint":
         from ediff_train.metrics.paint_eval import evaluate_paint
 

@@ -203,3 +203,17 @@ def test_style_guidance_weighs_the_image_on_its_own(tmp_path: Path) -> None:
     (tmp_path / "notes.png").write_text("not an image")
     with pytest.raises(EdiffError, match="not a readable image"):
         style_embedding(None, tmp_path / "notes.png")
+
+
+def test_prompt_switch_uses_a_then_b() -> None:
+    from ediff_train.metrics.switch import switch_sigma, switched
+
+    sig = karras_sigmas(10)
+    assert switch_sigma(sig, 0.0) == float("inf") and switch_sigma(sig, 1.0) == 0.0
+    s = switch_sigma(sig, 0.4)
+    assert s == float(sig[4])
+    seen = []
+    den = switched(lambda x, t: seen.append("A") or x * 0, lambda x, t: seen.append("B") or x * 0,
+                   s)
+    solve("euler", den, torch.zeros(1, 1), sig)
+    assert seen == ["A"] * 4 + ["B"] * 6

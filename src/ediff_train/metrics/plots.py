@@ -99,3 +99,23 @@ def attention_plot(records: Sequence[dict[str, Any]], label: str,
     fig.savefig(path)
     plt.close(fig)
     return Path(path)
+
+
+def switch_plot(rows: Sequence[dict[str, Any]], label: str, path: str | os.PathLike) -> Path:
+    """Prompt switching: share of samples reading as prompt A / prompt B against the fraction
+    of the schedule sampled with A (eDiff-I Fig. 4 as a curve)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4.0), dpi=100)
+    xs = [r["fraction_with_A"] for r in rows]
+    ax.plot(xs, [r["reads_as_A"] for r in rows], marker="o", label="reads as A (first prompt)")
+    ax.plot(xs, [r["reads_as_B"] for r in rows], marker="o", label="reads as B (second prompt)")
+    ax.set_xlabel("fraction of solver steps sampled with prompt A (then B)")
+    ax.set_ylabel("share of samples")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"prompt switching: {label}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
