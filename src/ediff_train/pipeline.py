@@ -24,15 +24,10 @@ from ediff_train.sampling import (
     Guidance,
     embed_prompts,
     generate,
+    image_noise,
     load_ensemble,
     style_embedding,
 )
-
-
-def image_noise(seed: int, index: int, shape: Sequence[int]) -> Tensor:
-    """Unit noise of image `index` of a call with `seed` (the same on any device or batch)."""
-    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(index))
-    return torch.randn(*shape, generator=g)
 
 
 class Sampler:

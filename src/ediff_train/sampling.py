@@ -18,9 +18,8 @@ from ediff_train import solvers
 from ediff_train.conditioning import Conditioning
 from ediff_train.errors import EdiffError
 from ediff_train.experts import Node, Router
+from ediff_train.solvers import Denoiser
 from ediff_train.sr import SIGMA_AUG_FLOOR, sampling_condition
-
-Denoiser = Callable[[Tensor, Tensor], Tensor]
 
 
 def karras_sigmas(
@@ -219,6 +218,13 @@ def labelled_grid(images: Tensor, labels: Sequence[str], per_row: int,
     for r, text in enumerate(labels):
         draw.text((4, int(r * row_h + row_h / 2 - 5)), str(text), fill=(0, 0, 0), font=font)
     return out
+
+
+def image_noise(seed: int, index: int, shape: Sequence[int]) -> Tensor:
+    """Unit starting noise of image `index` under `seed`: the same whatever batch, rank or
+    device the image is generated on."""
+    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(index))
+    return torch.randn(*shape, generator=g)
 
 
 @torch.no_grad()

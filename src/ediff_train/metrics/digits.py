@@ -149,3 +149,26 @@ def load_or_train(data_root: str | os.PathLike, val_root: str | os.PathLike,
     info_path.with_suffix(".tmp").write_text(json.dumps(info, indent=1))
     os.replace(info_path.with_suffix(".tmp"), info_path)
     return model, info
+
+
+def digit_pairs(n: int, generator: torch.Generator) -> list[tuple[int, int]]:
+    """n random ordered pairs of different digits."""
+    pairs: list[tuple[int, int]] = []
+    while len(pairs) < n:
+        a, b = torch.randint(0, 10, (2,), generator=generator).tolist()
+        if a != b:
+            pairs.append((a, b))
+    return pairs
+
+
+def classifier_for(train_cfg: Any, size: int, steps: int) -> DigitClassifier | None:
+    """The cached classifier of the digits build a run trained on, looking at `size` px; None
+    for other data (or a build without held-out digits)."""
+    from ediff_train.data.heldout import validation_source
+    from ediff_train.data.manifest import read_manifest
+
+    root = Path(str(train_cfg.data.root))
+    if read_manifest(root).get("dataset") != "digits":
+        return None
+    val = validation_source(root, train_cfg.data.get("val_root"))
+    return None if val is None else load_or_train(root, val[0], steps, size=size)[0]

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ediff_train.errors import EdiffError
 from ediff_train.metrics.captions import Item
+from ediff_train.sampling import image_noise
 
 
 def rank_world() -> tuple[int, int]:
@@ -39,8 +40,7 @@ def image_path(folder: str | os.PathLike, item: Item) -> Path:
 
 
 def item_noise(seed: int, item: Item, shape: Sequence[int]) -> Tensor:
-    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + item.id)
-    return torch.randn(*shape, generator=g)
+    return image_noise(seed, item.id, shape)
 
 
 def save_png(image: Tensor, path: Path) -> None:

@@ -32,7 +32,7 @@ def halves(images: Tensor) -> tuple[Tensor, Tensor]:
 def evaluate_paint(cfg: DictConfig) -> dict[str, Any]:
     from ediff_train.data.heldout import validation_source
     from ediff_train.evaluation import run_specs
-    from ediff_train.metrics.digits import load_or_train
+    from ediff_train.metrics.digits import digit_pairs, load_or_train
     from ediff_train.pipeline import Sampler
 
     c = cfg.paint
@@ -44,11 +44,7 @@ def evaluate_paint(cfg: DictConfig) -> dict[str, Any]:
                                   int(cfg.metrics.classifier_steps))
     sampler = Sampler.from_run(cfg.run_dir, [d.name for d in spec["dirs"]], str(cfg.weights))
     g = torch.Generator().manual_seed(int(cfg.seed))
-    pairs = []
-    while len(pairs) < int(c.pairs):
-        a, b = torch.randint(0, 10, (2,), generator=g).tolist()
-        if a != b:
-            pairs.append((a, b))
+    pairs = digit_pairs(int(c.pairs), g)
     left = torch.zeros(16, 16)
     left[:, :8] = 1.0
     right = 1.0 - left

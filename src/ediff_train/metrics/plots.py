@@ -18,6 +18,10 @@ def _pyplot() -> Any:
     return plt
 
 
+def _save(plt: Any, fig: Any, path: str | os.PathLike) -> Path:
+    return _save(plt, fig, path)
+
+
 def fid_clip_plot(runs: Sequence[dict[str, Any]], x_key: str, y_key: str, x_label: str,
                   y_label: str, path: str | os.PathLike) -> Path:
     """One curve per run through its guidance scales, each point labelled with its scale."""
@@ -35,10 +39,7 @@ def fid_clip_plot(runs: Sequence[dict[str, Any]], x_key: str, y_key: str, x_labe
     ax.set_title("guidance sweep (numbers: guidance scale)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def loss_by_sigma_plot(runs: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
@@ -65,10 +66,7 @@ def loss_by_sigma_plot(runs: Sequence[dict[str, Any]], path: str | os.PathLike) 
     ax.set_ylabel("held-out EDM loss λ(σ)·‖D − x‖²")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def attention_plot(records: Sequence[dict[str, Any]], label: str,
@@ -95,10 +93,7 @@ def attention_plot(records: Sequence[dict[str, Any]], label: str,
     ax.set_title(f"where cross-attention looks: {label}", fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def switch_plot(rows: Sequence[dict[str, Any]], label: str, path: str | os.PathLike) -> Path:
@@ -115,7 +110,4 @@ def switch_plot(rows: Sequence[dict[str, Any]], label: str, path: str | os.PathL
     ax.set_title(f"prompt switching: {label}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)

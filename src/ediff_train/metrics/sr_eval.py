@@ -22,27 +22,13 @@ from torch import Tensor
 
 from ediff_train.checkpoints import load_train_config, write_json
 from ediff_train.errors import EdiffError
+from ediff_train.metrics.digits import classifier_for
 
 
 def psnr(a: Tensor, b: Tensor) -> Tensor:
     """Per-image PSNR in dB of images in [0, 1]."""
     mse = (a.float() - b.float()).pow(2).flatten(1).mean(1).clamp(min=1e-10)
     return 10 * torch.log10(1.0 / mse)
-
-
-def _digits_classifier(train_cfg: Any, size: int, steps: int) -> Any | None:
-    """The cached digit classifier of a digits build at `size`, or None for other data."""
-    from ediff_train.data.heldout import validation_source
-    from ediff_train.data.manifest import read_manifest
-    from ediff_train.metrics.digits import load_or_train
-
-    root = Path(str(train_cfg.data.root))
-    if read_manifest(root).get("dataset") != "digits":
-        return None
-    val = validation_source(root, train_cfg.data.get("val_root"))
-    if val is None:
-        return None
-    return load_or_train(root, val[0], steps, size=size)[0]
 
 
 @torch.no_grad()
@@ -89,7 +75,7 @@ def evaluate_sr(cfg: DictConfig) -> dict[str, Any]:
                                   lowres=low[start:start + n], sigma_aug=level).cpu())
             start += n
         outputs[f"SR σ_aug={level:g}"] = torch.cat(parts)
-    classifier = _digits_classifier(train_cfg, size, int(cfg.metrics.classifier_steps))
+    classifier = classifier_for(train_cfg, size, int(cfg.metrics.classifier_steps))
     labels = torch.tensor([prompt_digit(cap) if prompt_digit(cap) is not None else -1
                            for b in batches for cap in b["caption"]])
     rows = []
@@ -135,7 +121,7 @@ def evaluate_cascade(cfg: DictConfig) -> dict[str, Any]:
     loaded = load_stages(stages, device)
     items, described = caption_set(cfg)
     base_size = loaded[0].image_size
-    classifier = _digits_classifier(loaded[0].train_cfg, base_size,
+    classifier = classifier_for(loaded[0].train_cfg, base_size,
                                      int(cfg.metrics.classifier_steps))
     if classifier is None:
         raise EdiffError("metric=cascade scores digits cascades (a digits base stage)")

@@ -36,8 +36,8 @@ def switch_sigma(sigmas: Tensor, fraction: float) -> float:
 
 def evaluate_switch(cfg: DictConfig) -> dict[str, Any]:
     from ediff_train.evaluation import load_spec, pick_device, run_specs
+    from ediff_train.metrics.digits import classifier_for, digit_pairs
     from ediff_train.metrics.plots import switch_plot
-    from ediff_train.metrics.sr_eval import _digits_classifier
 
     c = cfg.switch
     device = pick_device(str(cfg.device))
@@ -46,13 +46,9 @@ def evaluate_switch(cfg: DictConfig) -> dict[str, Any]:
     model = load_spec(spec, str(cfg.weights), device)
     enc = load_encoders(train_cfg)
     size = int(train_cfg.data.image_size)
-    classifier = _digits_classifier(train_cfg, size, int(cfg.metrics.classifier_steps))
+    classifier = classifier_for(train_cfg, size, int(cfg.metrics.classifier_steps))
     g = torch.Generator().manual_seed(int(cfg.seed))
-    pairs = []
-    while len(pairs) < int(c.pairs):
-        a, b = torch.randint(0, 10, (2,), generator=g).tolist()
-        if a != b:
-            pairs.append((a, b))
+    pairs = digit_pairs(int(c.pairs), g)
     per = int(c.per_pair)
     cond_a = embed_prompts(enc, [f"the number {a}" for a, _ in pairs for _ in range(per)])
     cond_b = embed_prompts(enc, [f"the number {b}" for _, b in pairs for _ in range(per)])
