@@ -19,7 +19,10 @@ def _pyplot() -> Any:
 
 
 def _save(plt: Any, fig: Any, path: str | os.PathLike) -> Path:
-    return _save(plt, fig, path)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
 
 
 def fid_clip_plot(runs: Sequence[dict[str, Any]], x_key: str, y_key: str, x_label: str,
