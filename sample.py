@@ -32,12 +32,20 @@ def prompt_list(cfg: DictConfig) -> list[str]:
     return [str(p) for p in cfg.prompts] if cfg.get("prompts") else [str(cfg.prompt)]
 
 
+def images_per_prompt(cfg: DictConfig) -> int:
+    """n, refused unless a whole number ≥ 1 (n=0 would write an empty grid and exit 0)."""
+    n = cfg.n
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise EdiffError(f"n (images per prompt) must be a whole number ≥ 1, got {n!r}")
+    return n
+
+
 def sampler_settings(cfg: DictConfig) -> Guidance:
     """Check the solver and guidance settings before anything is loaded; the Guidance."""
     if str(cfg.solver) not in SOLVERS:
         raise EdiffError(f"unknown solver {cfg.solver!r}: choose one of {', '.join(SOLVERS)}")
-    if int(cfg.steps) < 1:
-        raise EdiffError(f"steps must be ≥ 1, got {cfg.steps}")
+    if isinstance(cfg.steps, bool) or not isinstance(cfg.steps, int) or cfg.steps < 1:
+        raise EdiffError(f"steps must be ≥ 1 (a whole number of solver steps), got {cfg.steps!r}")
     if str(cfg.text) not in TEXT_MODES:
         raise EdiffError(f"text must be one of {', '.join(TEXT_MODES)}, got {cfg.text!r}")
     style = cfg.get("style_image")
@@ -61,9 +69,10 @@ def paint_regions(cfg: DictConfig) -> list[Region] | None:
 
 
 def sample_cascade(cfg: DictConfig) -> None:
+    per = images_per_prompt(cfg)
     stages, description = read_cascade(str(cfg.cascade), CASCADES)
     loaded = load_stages(stages, cfg.device)
-    prompts = [p for p in prompt_list(cfg) for _ in range(int(cfg.n))]
+    prompts = [p for p in prompt_list(cfg) for _ in range(per)]
     outputs = run_cascade(loaded, prompts, seed=int(cfg.seed), device=cfg.device)
     grid = write_cascade(loaded, outputs, prompts, cfg.out)
     sizes = " -> ".join(f"{ls.image_size}px" for ls in loaded)
@@ -77,13 +86,11 @@ def main(cfg: DictConfig) -> None:
     if cfg.get("cascade"):
         sample_cascade(cfg)
         return
-    guidance = sampler_settings(cfg)
+    guidance, per = sampler_settings(cfg), images_per_prompt(cfg)
     regions = paint_regions(cfg)
     names = list(cfg.experts) if cfg.experts else [str(cfg.expert)]
     prompts = prompt_list(cfg)
-    per, seeds = int(cfg.n), [int(x) for x in (cfg.get("seeds") or [cfg.seed])]
-    if per < 1:
-        raise EdiffError(f"n (images per prompt) must be ≥ 1, got {per}")
+    seeds = [int(x) for x in (cfg.get("seeds") or [cfg.seed])]
     sampler = Sampler.from_run(cfg.run_dir, names, str(cfg.weights), str(cfg.device))
     guidance.check(names)
     out = Path(str(cfg.out))

@@ -59,6 +59,9 @@ class Stage:
         extra = {k: spec.pop(k) for k in list(spec) if k not in known}
         stage = cls(experts=[str(e) for e in experts], extra=extra, **spec)
         stage.name = stage.name or f"stage{index}"
+        if isinstance(stage.steps, bool) or not isinstance(stage.steps, int) or stage.steps < 1:
+            raise EdiffError(f"cascade {stage.name}: steps must be a whole number ≥ 1, "
+                             f"got {stage.steps!r}")
         if stage.sigma_aug is not None:
             check_sigma_aug(stage.sigma_aug)
         if stage.solver not in SOLVERS:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ediff_train.errors import EdiffError
@@ -68,8 +68,14 @@ def load_weights(
             for key in f.keys():
                 group, _, name = key.partition(".")
                 (model if group == "model" else ema)[name] = f.get_tensor(key)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise EdiffError(f"cannot read weights {path}: {e}") from None
+    except OSError as e:
+        raise EdiffError(f"cannot read weights file {path}: {e.strerror or e}") from None
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        # a copy cut short or overwritten: say which file and how to get a good one back
+        raise EdiffError(
+            f"weights file {path} is corrupt or truncated ({e}): retrain node "
+            f"{path.parent.name} or copy its weights.safetensors again from where it was trained"
+        ) from None
     if not model or not ema:
         raise EdiffError(f"{path} lacks model or EMA weights (keys must start with model./ema.)")
     return model, ema, meta

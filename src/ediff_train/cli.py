@@ -10,11 +10,14 @@ from __future__ import annotations
 import functools
 import math
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
 
 from ediff_train.errors import EdiffError
 from ediff_train.experts import parse_node
@@ -108,3 +111,43 @@ def reporting_errors(task: Callable[..., Any]) -> Callable[..., Any]:
             raise
 
     return run
+
+
+def check_writable(path: str | Path, key: str) -> Path:
+    """Create `path` and a scratch file in it; EdiffError naming `key` if either fails."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        where = f": {e.filename}" if e.filename and str(e.filename) != str(path) else ""
+        raise EdiffError(f"{key}={path} cannot be created or written ({e.strerror or e}{where}); "
+                         f"choose a folder you can write to") from None
+    return path
+
+
+class WritableDirs(Callback):
+    """Hydra callback (`hydra.callbacks` in an app's config): check the output folders before
+    Hydra creates its own folder inside them, which would fail with a traceback instead."""
+
+    def __init__(self, keys: list[str]) -> None:
+        self.keys = list(keys)
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            for key in self.keys:
+                value = OmegaConf.select(config, key)
+                if value is not None:
+                    check_writable(str(value), key)
+        except EdiffError as e:
+            fail(str(e))
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # Swept values are unknown here (each job's app checks its own); the sweep folder's
+        # parent is fixed (its last part holds the time, which may tick before Hydra's mkdir).
+        try:
+            check_writable(Path(str(OmegaConf.select(config, "hydra.sweep.dir"))).parent,
+                           "hydra.sweep.dir")
+        except EdiffError as e:
+            fail(str(e))

@@ -26,6 +26,7 @@ from ediff_train.checkpoints import CONFIG, load_encoders, node_dir, parent_weig
 from ediff_train.encoders import TINY_NAMES
 from ediff_train.errors import EdiffError
 from ediff_train.experts import Node, node_from_config
+from ediff_train.lock import training_lock
 from ediff_train.module import ExpertModule
 from ediff_train.resume import (
     CKPT_DIR,
@@ -39,6 +40,7 @@ from ediff_train.resume import (
 from ediff_train.sampling import embed_prompts, generate, labelled_grid
 from ediff_train.sr import NoiseAugment, SRConditioner
 from ediff_train.strategies import build_strategy, cluster_plugins, trainer_config
+from ediff_train.validate import validate_train_config
 
 
 def manifest_expectations(cfg: DictConfig) -> dict[str, Any]:
@@ -209,12 +211,19 @@ def _hydra_config() -> Any:
 
 
 def train_node(cfg: DictConfig) -> Path:
-    """Train the configured node; returns its directory."""
+    """Train the configured node; returns its directory. Values are checked before anything is
+    written, and the node's lock is held for the whole run (one run per node at a time)."""
+    validate_train_config(cfg)
     node = node_from_config(cfg.expert)
     ndir = node_dir(cfg.run_dir, node.name)
-    if int(cfg.steps) < 1:
-        raise EdiffError(f"steps must be ≥ 1, got {cfg.steps}")
     distributed = build_distributed(cfg)
+    with training_lock(ndir):
+        return _train_locked(cfg, node, ndir, distributed)
+
+
+def _train_locked(cfg: DictConfig, node: Node, ndir: Path,
+                  distributed: tuple[dict[str, Any], Any]) -> Path:
+    """The run itself, under the node's lock."""
     # In a SLURM job we requeue on SIGUSR1; under submitit, submitit owns preemption (SIGUSR2).
     slurm_job = "SLURM_JOB_ID" in os.environ and "SUBMITIT_EXECUTOR" not in os.environ
     requeue = Requeue(ndir / CKPT_DIR) if slurm_job else None
