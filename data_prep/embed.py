@@ -1,4 +1,5 @@
-"""Embed images + captions into a shard set: `python data_prep/embed.py input=DIR output=OUT`.
+"""Embed images + captions into a shard set: `python data_prep/embed.py input=DIR output=OUT`
+(OUT: a folder, or an object-store URL such as s3://bucket/set).
 
 Thin Hydra app over ediff_train.data.prep (see there for units, restart and merging). The
 `encoders` group is conf/encoders/*.yaml, the trainer's own files, registered here so both
@@ -28,6 +29,7 @@ def main(cfg: DictConfig) -> None:
     from ediff_train.data.images import ImageSpec
     from ediff_train.data.prep import EmbedJob, PrepConfig, resolve_task
     from ediff_train.data.sources import list_input
+    from ediff_train.data.store import open_store
     from ediff_train.encoders import build_encoders
     from ediff_train.errors import EdiffError
 
@@ -49,6 +51,7 @@ def main(cfg: DictConfig) -> None:
         sort_window=int(cfg.sort_window), workers=int(cfg.workers),
         clip_min_similarity=cfg.clip_min_similarity)
     listing = list_input(prep.input, prep.unit_size)  # bad input fails before encoders load
+    open_store(prep.output).check()  # so does an output URL without backend, bucket or access
     encoders = build_encoders(**enc_cfg)
     print(f"encoders: {encoders.spec['t5']['name']} + {encoders.spec['clip']['name']} on "
           f"{encoders.device} ({enc_cfg['dtype']}); stage {stage.size}px; task "

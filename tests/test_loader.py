@@ -170,7 +170,7 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path: Path) -> None:
     keys = sorted(k for b in batches for k in b["key"])
     assert keys == sorted(f"s{i}_{j}" for i in range(2) for j in range(4))
     want = {"bad_image": 1, "bad_shape": 2, "nonfinite": 2, "bad_npy": 1, "missing_field": 1,
-            "truncated_tar": 0}
+            "truncated_tar": 0, "unreadable_shard": 0}
     assert dm.skip_counts() == want  # summed in the main process from 2 worker processes
     assert sum((Counter(b["skipped"]) for b in batches), Counter()) == Counter(
         {k: v for k, v in want.items() if v})

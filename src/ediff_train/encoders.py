@@ -253,7 +253,12 @@ class Encoders:
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device | None = None,
              dtype: str | torch.dtype | None = None) -> Encoders:
-        """Encoders written by `save`; tiny ones load from their folder, never re-seeded."""
+        """Encoders written by `save`; tiny ones load from their folder, never re-seeded. A URL
+        (saved next to remote shards) is fetched once into the local cache first."""
+        from ediff_train.data.remote import is_remote, local_copy
+
+        if is_remote(path):
+            path = local_copy(os.fspath(path), SAVED_JSON)
         path = Path(path)
         if not (path / SAVED_JSON).is_file():
             raise EdiffError(f"no saved encoders at {path} ({SAVED_JSON} missing); build the data "

@@ -26,6 +26,7 @@ from ediff_train.data.loader import (
     usable_workers,
 )
 from ediff_train.data.manifest import check_manifest, read_manifest
+from ediff_train.data.remote import Retry, is_remote, join, listing, normalize
 from ediff_train.data.samples import check_sizes
 from ediff_train.errors import EdiffError
 
@@ -137,6 +138,9 @@ class ShardDataModule(L.LightningDataModule):
     `crop_size` trains on crop_size² crops of it (a multiple of the factor), `lowres` being
     the aligned low-res crop; held-out batches take the centre crop. Size rules are in
     samples.check_sizes, checked here; the shard set must store image_size px images (setup).
+
+    `root` may be a URL (s3://, gs://, https://, pipe:; see remote.py): its shards stream with
+    `readahead` shards fetched ahead per worker, each request tried `retries` times.
     """
 
     def __init__(self, root: str, batch_size: int, image_size: int, num_workers: int = 2,
@@ -144,12 +148,13 @@ class ShardDataModule(L.LightningDataModule):
                  lowres_size: int | None = None, expect: dict | None = None,
                  builder: Callable[[], Any] | None = None, cast_on_device: bool | None = None,
                  val_root: str | None = None, val_fraction: float = 0.0,
-                 crop_size: int | None = None,
+                 crop_size: int | None = None, readahead: int = 2, retries: int = 5,
                  *, rank: int | None = None, world_size: int | None = None) -> None:
         super().__init__()
         check_sizes(image_size, lowres_size, crop_size)  # before any work
         self.crop_size = crop_size
-        self.root = str(root)
+        self.root = normalize(root) if is_remote(root) else str(root)
+        self.readahead, self.retries = int(readahead), int(retries)
         self.batch_size, self.image_size = batch_size, image_size
         self.num_workers, self.shuffle_buffer, self.seed = num_workers, shuffle_buffer, seed
         self.batches_per_epoch, self.lowres_size = batches_per_epoch, lowres_size
@@ -167,20 +172,25 @@ class ShardDataModule(L.LightningDataModule):
             self.builder()
 
     def setup(self, stage: str | None = None) -> None:
-        manifest = read_manifest(self.root)
+        retry = Retry(attempts=max(1, self.retries))
+        manifest = read_manifest(self.root, retry)  # first: the error users see first
         if self.expect:
             check_manifest(manifest, self.expect, where=f"shards at {self.root}")
         check_image_size(manifest, self.root, self.image_size, self.lowres_size)
         shards = manifest.get("shards") or {}
         if not shards:
             raise EdiffError(f"manifest at {self.root} lists no shards")
-        paths = [Path(self.root) / name for name in sorted(shards)]
-        missing = [p.name for p in paths if not p.is_file()]
+        names = sorted(shards)
+        if is_remote(self.root):  # one listing; none where the backend cannot list (pipe:)
+            found = listing(self.root, retry)
+            missing = [n for n in names if found is not None and n not in found]
+        else:
+            missing = [n for n in names if not (Path(self.root) / n).is_file()]
         if missing:
             raise EdiffError(f"{len(missing)} shard(s) listed in {self.root}/manifest.json are "
                              f"missing, e.g. {missing[0]}")
         self.manifest, self.dims = manifest, EmbedDims.from_manifest(manifest)
-        self.shard_paths = [str(p) for p in paths]
+        self.shard_paths = [join(self.root, n) for n in names]
 
     def train_dataloader(self) -> ShardLoader:
         if self.manifest is None or self.dims is None:
@@ -199,12 +209,12 @@ class ShardDataModule(L.LightningDataModule):
             batches_per_epoch=self.batches_per_epoch, shuffle_buffer=self.shuffle_buffer,
             seed=self.seed, lowres_size=self.lowres_size, rank=rank, world=world,
             holdout=(self.val_fraction, False) if self.val_fraction else None,
-            crop_size=self.crop_size)
+            crop_size=self.crop_size, readahead=self.readahead, retries=self.retries)
         self._loader = ShardLoader(stream, num_workers=workers, epoch_fn=_trainer_epoch(self),
                                    expand=not self._casts_on_device())
         return self._loader
 
-    def validation(self) -> tuple[Path, float] | None:
+    def validation(self) -> tuple[Path | str, float] | None:
         """(shard set, key fraction) of the held-out data, or None (see data/heldout.py)."""
         return validation_source(self.root, self.val_root, self.val_fraction)
 
@@ -218,12 +228,13 @@ class ShardDataModule(L.LightningDataModule):
         root, fraction = source
         manifest = read_manifest(root)
         check_image_size(manifest, root, self.image_size, self.lowres_size)
-        paths = [str(Path(root) / name) for name in sorted(manifest.get("shards") or {})]
+        paths = [join(root, name) for name in sorted(manifest.get("shards") or {})]
         stream = ShardStream(paths, batch_size or self.batch_size, self.image_size,
                              EmbedDims.from_manifest(manifest), batches_per_epoch=num_batches,
                              shuffle_buffer=0, seed=0, lowres_size=self.lowres_size, rank=0,
                              world=1, holdout=(fraction, True) if fraction else None,
-                             crop_size=self.crop_size, centre_crop=True)
+                             crop_size=self.crop_size, centre_crop=True,
+                             readahead=self.readahead, retries=self.retries)
         return [{k: v for k, v in b.items() if k != "skipped"} for b in stream]
 
     def _casts_on_device(self) -> bool:

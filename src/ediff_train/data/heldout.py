@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ediff_train.data.manifest import read_manifest
+from ediff_train.data.remote import is_remote, join, normalize, read_bytes
 from ediff_train.errors import EdiffError
 
 _BUCKETS = 1_000_000
@@ -30,21 +31,28 @@ def in_holdout(key: str, fraction: float) -> bool:
     return zlib.crc32(key.encode("utf-8")) % _BUCKETS < round(fraction * _BUCKETS)
 
 
+def _place(root: str | os.PathLike, name: str | None = None) -> Path | str:
+    """A local folder as a Path, a URL as its string (Path would fold its '//')."""
+    if is_remote(root):
+        return join(root, name) if name else normalize(root)
+    return Path(root) / name if name else Path(root)
+
+
 def validation_source(root: str | os.PathLike, val_root: str | os.PathLike | None = None,
-                      val_fraction: float = 0.0) -> tuple[Path, float] | None:
+                      val_fraction: float = 0.0) -> tuple[Path | str, float] | None:
     """(shard set to read, key fraction) for validation, or None when none is configured.
 
     fraction 0 means "every sample of that shard set"; > 0 means "only the held-out keys"."""
     if not 0.0 <= float(val_fraction) < 1.0:
         raise EdiffError(f"data.val_fraction must lie in [0, 1), got {val_fraction}")
     if val_root:
-        path = Path(val_root)
+        path = _place(val_root)
         read_manifest(path)  # a clear error when it is not a shard set
         return path, 0.0
     if val_fraction > 0:
-        return Path(root), float(val_fraction)
+        return _place(root), float(val_fraction)
     name = read_manifest(root).get("validation")
-    return (Path(root) / name, 0.0) if name else None
+    return (_place(root, name), 0.0) if name else None
 
 
 def read_records(root: str | os.PathLike, fraction: float = 0.0,
@@ -55,7 +63,6 @@ def read_records(root: str | os.PathLike, fraction: float = 0.0,
 
     from ediff_train.data.tario import split_key, tar_members
 
-    root = Path(root)
     out: list[dict[str, Any]] = []
 
     def add(sample: dict[str, Any]) -> None:
@@ -72,7 +79,9 @@ def read_records(root: str | os.PathLike, fraction: float = 0.0,
 
     for name in sorted(read_manifest(root).get("shards") or {}):
         current: dict[str, Any] = {}
-        for fname, data in tar_members(root / name):
+        where = _place(root, name)
+        source = read_bytes(where) if isinstance(where, str) else where
+        for fname, data in tar_members(source):
             key, ext = split_key(fname)
             if key is None:
                 continue

@@ -26,6 +26,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ediff_train.data.batching import NonFiniteRows, SlabPool, collate, new_slab_flags
 from ediff_train.data.heldout import in_holdout
+from ediff_train.data.readahead import prefetch
+from ediff_train.data.remote import Retry, is_remote, shard_name
 from ediff_train.data.samples import (
     EmbedDims,
     _Skip,
@@ -40,7 +42,8 @@ from ediff_train.errors import EdiffError
 log = logging.getLogger(__name__)
 
 # Why a sample (or the rest of a shard) was dropped; every batch reports all of them.
-SKIP_REASONS = ("truncated_tar", "bad_image", "bad_npy", "bad_shape", "nonfinite", "missing_field")
+SKIP_REASONS = ("truncated_tar", "bad_image", "bad_npy", "bad_shape", "nonfinite", "missing_field",
+                "unreadable_shard")
 
 
 class SkipCounter:
@@ -127,13 +130,15 @@ def worker_quota(batches: int, worker: int, num_workers: int) -> int:
 
 # ----------------------------------------------------------------------------- reading
 
-def read_shard(path: str, skips: SkipCounter) -> Iterator[dict[str, Any]]:
+def read_shard(path: str, skips: SkipCounter, fetched: bytes | bytearray | None = None
+               ) -> Iterator[dict[str, Any]]:
     """Raw samples ({ext: bytes-like, __key__, __shard__}) of one tar; a truncated or corrupt
-    tar ends the shard there (counted once) and keeps every complete sample read before it."""
-    name = os.path.basename(path)
+    tar ends the shard there (counted once) and keeps every complete sample read before it.
+    `fetched`: the shard's bytes when it was downloaded (remote shards)."""
+    name = shard_name(path)
     current: dict[str, Any] | None = None
     try:
-        for fname, data in tar_members(path):
+        for fname, data in tar_members(path if fetched is None else fetched):
             key, ext = split_key(fname)
             if key is None:
                 continue
@@ -152,6 +157,22 @@ def read_shard(path: str, skips: SkipCounter) -> Iterator[dict[str, Any]]:
         yield current
 
 
+def read_shards(paths: Sequence[str], skips: SkipCounter, retry: Retry, readahead: int
+                ) -> Iterator[dict[str, Any]]:
+    """Raw samples of `paths` in order: local ones mapped, remote ones fetched `readahead`
+    shards ahead; a remote shard that cannot be fetched is skipped and counted."""
+    if not paths or not is_remote(paths[0]):
+        for path in paths:
+            yield from read_shard(path, skips)
+        return
+    for url, data in prefetch(paths, retry, readahead):
+        if isinstance(data, Exception):
+            skips.skip("unreadable_shard", shard_name(url), None,
+                       f"{type(data).__name__}: {data}")
+        else:
+            yield from read_shard(url, skips, data)
+
+
 class ShardStream(IterableDataset):
     """Yields ready batches (use DataLoader(batch_size=None)); exactly `batches_per_epoch` per
     rank per epoch, split evenly over the DataLoader's workers.
@@ -160,6 +181,8 @@ class ShardStream(IterableDataset):
     at the start of each epoch). rank/world are fixed at construction (see resolve_rank_world).
     `lowres_size`/`crop_size`: SR pairs and crops (samples.decode_sample, rules in
     check_sizes); a sample's crop follows (seed, epoch, key), or is the centre (`centre_crop`).
+    Remote shards (URLs, see remote.py) are fetched `readahead` shards ahead, each request
+    tried `retries` times (readahead.py).
     """
 
     def __init__(self, shards: Sequence[str | os.PathLike], batch_size: int, image_size: int,
@@ -167,7 +190,8 @@ class ShardStream(IterableDataset):
                  batches_per_epoch: int | None = None, shuffle_buffer: int = 1000, seed: int = 0,
                  lowres_size: int | None = None, rank: int | None = None,
                  world: int | None = None, holdout: tuple[float, bool] | None = None,
-                 crop_size: int | None = None, centre_crop: bool = False) -> None:
+                 crop_size: int | None = None, centre_crop: bool = False,
+                 readahead: int = 2, retries: int = 5) -> None:
         super().__init__()
         if batch_size < 1 or image_size < 1:
             raise EdiffError(f"batch_size ({batch_size}) and image_size ({image_size}) "
@@ -175,6 +199,7 @@ class ShardStream(IterableDataset):
         check_sizes(image_size, lowres_size, crop_size)
         self.crop_size, self.centre_crop = crop_size, centre_crop
         self.shards = sorted(os.fspath(s) for s in shards)
+        self.readahead, self.retry = max(0, int(readahead)), Retry(attempts=max(1, int(retries)))
         self.rank, self.world = resolve_rank_world(rank, world)
         check_shard_count(len(self.shards), self.world)
         if batches_per_epoch is None:
@@ -223,8 +248,8 @@ class ShardStream(IterableDataset):
             order = list(mine)
             if pass_no > 0:  # cycling: every later pass in a new order
                 _rng(*tag, "pass", pass_no).shuffle(order)
-            stream: Iterator[dict[str, Any]] = itertools.chain.from_iterable(
-                read_shard(p, skips) for p in order)
+            stream: Iterator[dict[str, Any]] = read_shards(order, skips, self.retry,
+                                                           self.readahead)
             if self.shuffle_buffer > 1:  # per pass, so one pass never leaks into the next
                 stream = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer,
                                      rng=buffer_rng)(stream)
@@ -257,7 +282,7 @@ class ShardStream(IterableDataset):
                 _drop(batch, {i: f"{', '.join(bad)} hold NaN/Inf" for i, s in enumerate(batch)
                               if (bad := nonfinite_fields(s))}, skips)
                 if not batch:
-                    names = ", ".join(os.path.basename(p) for p in mine[:3])
+                    names = ", ".join(shard_name(p) for p in mine[:3])
                     raise EdiffError(f"no usable sample in shards {names}"
                                      f"{' ...' if len(mine) > 3 else ''} (see skip warnings)")
 

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ediff_train.data.remote import RETRY, Retry, brief, is_remote, join, normalize, read_text
 from ediff_train.errors import EdiffError
 
 FORMAT = "ediff-shards/1"
@@ -46,12 +47,26 @@ def write_manifest(root: str | os.PathLike, manifest: dict) -> Path:
     return path
 
 
-def read_manifest(root: str | os.PathLike) -> dict:
-    path = Path(root) / MANIFEST
-    if not path.is_file():
-        raise EdiffError(f"no shard set at {root}: {path} does not exist")
+def read_manifest(root: str | os.PathLike, retry: Retry = RETRY) -> dict:
+    """The manifest of a local shard set or one at a URL (remote.py, tried `retry` times),
+    checked for its format."""
+    if is_remote(root):
+        path: str | Path = join(root, MANIFEST)
+        try:
+            text = read_text(str(path), retry, missing_ok=False)
+        except FileNotFoundError as e:  # the backend's reason when it says more (no bucket)
+            why = brief(e)
+            why = "" if why.strip("/") in str(path) else f" ({why})"
+            raise EdiffError(f"no shard set at {normalize(root)}: {path} does not exist"
+                             f"{why}") from None
+        assert text is not None
+    else:
+        path = Path(root) / MANIFEST
+        if not path.is_file():
+            raise EdiffError(f"no shard set at {root}: {path} does not exist")
+        text = path.read_text()
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(text)
     except json.JSONDecodeError as e:
         raise EdiffError(f"{path} is not valid JSON ({e})") from None
     if manifest.get("format") != FORMAT:

@@ -9,6 +9,7 @@ deterministic). Task t of N takes units t, t+N, ...; any N works on a re-run, be
 are skipped. `manifest.json` is written when every unit's part exists, by whichever task sees
 that first, and never rewritten with equal content: re-running a finished job changes no file.
 `job.json` pins the settings; a re-run with another input, stage or encoders is refused.
+The output may be an object-store URL (s3://, gs://): store.py keeps the same rules there.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import itertools
 import json
 import logging
 import os
-import shutil
 import uuid
 from collections import Counter
 from collections.abc import Iterator, Mapping
@@ -31,9 +31,10 @@ import numpy as np
 import torch
 
 from ediff_train.data.images import ImageSkip, ImageSpec, prepare_image, read_source
-from ediff_train.data.manifest import MANIFEST, merge_manifests, write_manifest
+from ediff_train.data.manifest import MANIFEST, merge_manifests
 from ediff_train.data.shards import ShardWriter, encode_image
 from ediff_train.data.sources import Item, Listing, Unit, iter_unit, list_input
+from ediff_train.data.store import LocalStore, load_json, open_store
 from ediff_train.errors import EdiffError
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ class TaskReport:
     written: int = 0
     skipped: Counter[str] = field(default_factory=Counter)
     units_complete: int = 0
-    manifest: Path | None = None
+    manifest: Path | str | None = None
 
     def summary(self) -> str:
         skips = ", ".join(f"{r} {n}" for r, n in sorted(self.skipped.items()) if n) or "none"
@@ -133,11 +134,12 @@ class EmbedJob:
     def __init__(self, cfg: PrepConfig, encoders: Any, listing: Listing | None = None) -> None:
         self.cfg, self.enc = cfg, encoders
         self.listing = listing or list_input(cfg.input, cfg.unit_size)
-        self.out = Path(cfg.output)
-        if self.out.resolve() == self.listing.root.resolve():
+        self.store = open_store(cfg.output)
+        if (isinstance(self.store, LocalStore)
+                and self.store.root.resolve() == self.listing.root.resolve()):
             raise EdiffError("output must not be the input folder")
-        self.parts = self.out / PARTS
         self.entry = encoders.manifest_entry()
+        self._done: set[str] | None = None  # part files, from one listing per run
 
     # ------------------------------------------------------------------ settings and encoders
     def job_record(self) -> dict[str, Any]:
@@ -150,39 +152,28 @@ class EmbedJob:
 
     def _claim_output(self) -> None:
         """Create or check job.json, save the encoders next to the shards."""
-        self.parts.mkdir(parents=True, exist_ok=True)
-        record, path = self.job_record(), self.out / JOB_FILE
-        if not path.is_file():
-            tmp = self.out / f".{JOB_FILE}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
-            tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
-            try:
-                os.link(tmp, path)  # atomic create-if-absent: racing tasks agree on one file
-            except FileExistsError:
-                pass
-            except OSError:  # no hard links on this file system: last writer wins
-                os.replace(tmp, path)
-            tmp.unlink(missing_ok=True)
-        have = json.loads(path.read_text())
+        self.store.prepare(PARTS)
+        record = self.job_record()
+        self.store.create_text(JOB_FILE, json.dumps(record, indent=1, sort_keys=True))
+        have = load_json(self.store.read_text(JOB_FILE), str(self.store.place(JOB_FILE)))
         bad = _diff(record, have)
         if bad:
-            raise EdiffError(f"{self.out} was started with other settings ({', '.join(bad)} "
-                             "differ); continue it with the same ones, or use a new output")
+            raise EdiffError(f"{self.store.root} was started with other settings "
+                             f"({', '.join(bad)} differ); continue it with the same ones, or use "
+                             "a new output")
         self._save_encoders()
 
     def _save_encoders(self) -> None:
         """Tiny encoders' weights (pretrained ones: their paths) in output/encoders, where the
         trainer and sampler look; saved once, under a temporary name, then renamed."""
-        target = self.out / ENCODERS_DIR
-        if not (target / "encoders.json").is_file():
-            tmp = self.out / f".{ENCODERS_DIR}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
+        target, marker = self.store.place(ENCODERS_DIR), f"{ENCODERS_DIR}/encoders.json"
+        if self.store.read_text(marker) is None:
+            tmp = self.store.staging / f".{ENCODERS_DIR}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
             self.enc.save(tmp)
-            try:
-                os.rename(tmp, target)
-            except OSError:  # another task saved them first
-                shutil.rmtree(tmp, ignore_errors=True)
+            self.store.put_dir(tmp, ENCODERS_DIR)  # unless another task saved them first
         try:
-            saved = json.loads((target / "encoders.json").read_text())["fingerprints"]
-        except (OSError, ValueError, KeyError) as e:
+            saved = json.loads(self.store.read_text(marker) or "")["fingerprints"]
+        except (ValueError, KeyError, TypeError) as e:
             raise EdiffError(f"{target} is not a saved encoders folder ({e})") from None
         mine = {"t5": self.entry["t5"]["fingerprint"], "clip": self.entry["clip"]["fingerprint"]}
         if saved != mine:
@@ -190,7 +181,9 @@ class EmbedJob:
 
     # ------------------------------------------------------------------ running
     def is_done(self, unit: Unit) -> bool:
-        return (self.parts / f"{unit.index:06d}.json").is_file()
+        if self._done is None:
+            self._done = set(self.store.names(PARTS))
+        return f"{unit.index:06d}.json" in self._done
 
     def run(self, task_id: int = 0, num_tasks: int = 1, max_units: int | None = None,
             progress: bool = True, finalize: bool = True,
@@ -201,6 +194,7 @@ class EmbedJob:
         mine = [u for u in self.listing.units if u.index % num_tasks == task_id]
         report = TaskReport(task_id, num_tasks, len(self.listing.units), len(mine))
         self._claim_output()
+        self._done = None  # list the parts afresh
         todo = [u for u in mine if not self.is_done(u)]
         report.done_before = len(mine) - len(todo)
         if max_units is not None:
@@ -221,6 +215,7 @@ class EmbedJob:
         finally:
             if threads is not None:
                 threads.shutdown(cancel_futures=True)
+        self._done = None  # other tasks may have finished units meanwhile
         if finalize and max_units is None:
             report.manifest = self.finalize()
         report.units_complete = sum(self.is_done(u) for u in self.listing.units)
@@ -229,10 +224,9 @@ class EmbedJob:
     def _run_unit(self, unit: Unit, bar: Any, threads: ThreadPoolExecutor | None
                   ) -> dict[str, Any]:
         name = f"{unit.index:06d}.tar"
-        for stale in self.out.glob(f".{name}.tmp*"):  # left by a killed run
-            stale.unlink(missing_ok=True)
+        self.store.clean(name)  # temporaries left by a killed run
         skips, keys = _Skips(), []
-        writer = ShardWriter(self.out, self.entry, image_format=self.cfg.image.format,
+        writer = ShardWriter(self.store.staging, self.entry, image_format=self.cfg.image.format,
                              image_size=self.cfg.image.size, samples_per_shard=_ONE_SHARD,
                              start_index=unit.index)
         items = iter_unit(self.listing, unit, skips)
@@ -250,13 +244,16 @@ class EmbedJob:
                     keys.append(item.key)
                 bar.update(len(window))
         if name not in writer.shards:  # nothing usable: no shard (drop one from a crash)
-            (self.out / name).unlink(missing_ok=True)
+            self.store.remove(name)
+        sizes = {n: (self.store.staging / n).stat().st_size for n in writer.shards}
+        for n in writer.shards:
+            self.store.publish(n)  # remote: uploaded whole, before the part that marks it done
         part = writer.manifest(**self._extras())
         part.update(unit=unit.index, source=unit.name, keys=keys,
-                    skipped={r: int(skips.get(r, 0)) for r in SKIP_REASONS},
-                    bytes={n: (self.out / n).stat().st_size for n in writer.shards},
+                    skipped={r: int(skips.get(r, 0)) for r in SKIP_REASONS}, bytes=sizes,
                     compute={"device": str(self.enc.device), "dtype": str(self.enc.dtype)})
-        self._write_json(self.parts / f"{unit.index:06d}.json", part)
+        self.store.write_text(f"{PARTS}/{unit.index:06d}.json",
+                              json.dumps(part, indent=1, sort_keys=True))
         return part
 
     def _prepare(self, item: Item) -> Any:
@@ -329,21 +326,21 @@ class EmbedJob:
         return {"created_by": "data_prep/embed.py",
                 "prep": {k: job[k] for k in ("input", "image", "clip_min_similarity")}}
 
-    def finalize(self) -> Path | None:
+    def finalize(self) -> Path | str | None:
         """manifest.json from all unit parts, if every unit is done; None otherwise."""
-        parts = []
-        for unit in self.listing.units:
-            path = self.parts / f"{unit.index:06d}.json"
-            if not path.is_file():
-                return None
-            parts.append(json.loads(path.read_text()))
+        if not all(self.is_done(u) for u in self.listing.units):
+            return None
+        names = [f"{PARTS}/{u.index:06d}.json" for u in self.listing.units]
+        parts = [load_json(text, str(self.store.place(n)))
+                 for n, text in zip(names, self.store.read_many(names))]
         owner: dict[str, int] = {}
+        stored = self.store.names()
         for part in parts:
             for name, size in part["bytes"].items():
-                shard = self.out / name
-                if not shard.is_file() or shard.stat().st_size != size:
-                    raise EdiffError(f"{shard} is missing or changed since its unit finished; "
-                                     f"delete {PARTS}/{part['unit']:06d}.json and re-run")
+                if stored.get(name) != size:
+                    raise EdiffError(f"{self.store.place(name)} is missing or changed since its "
+                                     f"unit finished; delete {PARTS}/{part['unit']:06d}.json "
+                                     "and re-run")
             for key in part["keys"]:
                 if key in owner:
                     raise EdiffError(f"sample key {key!r} occurs in units {owner[key]} and "
@@ -354,15 +351,8 @@ class EmbedJob:
         skipped = sum((Counter(p["skipped"]) for p in parts), Counter())
         merged["skipped"] = {r: int(skipped.get(r, 0)) for r in SKIP_REASONS}
         merged["units"] = len(parts)
-        path = self.out / MANIFEST
         text = json.dumps({**merged, "num_samples": sum(merged["shards"].values())},
                           indent=1, sort_keys=True)
-        if not (path.is_file() and path.read_text() == text):
-            write_manifest(self.out, merged)
-        return path
-
-    @staticmethod
-    def _write_json(path: Path, obj: dict[str, Any]) -> None:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:6]}")
-        tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-        os.replace(tmp, path)
+        if self.store.read_text(MANIFEST) != text:  # a finished job's re-run changes no file
+            self.store.write_text(MANIFEST, text)
+        return self.store.place(MANIFEST)

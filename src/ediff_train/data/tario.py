@@ -134,15 +134,19 @@ def map_file(path: str | PathLike[str]) -> mmap.mmap | bytes:
             return f.read()
 
 
-def tar_members(path: str | PathLike[str]) -> Iterator[tuple[str, memoryview | bytes]]:
-    """(name, contents) of each regular member of the tar at `path`, in order. Plain tars (all
-    shards we write, img2dataset's) are mapped and parsed in place; compressed ones stream
-    through tarfile. Raises tarfile.ReadError / OSError / EOFError / zlib.error on damage."""
-    data = map_file(path)
+def tar_members(path: str | PathLike[str] | bytes | bytearray
+                ) -> Iterator[tuple[str, memoryview | bytes]]:
+    """(name, contents) of each regular member of the tar at `path` (or held in memory: a
+    fetched remote shard), in order. Plain tars (all shards we write, img2dataset's) are mapped
+    and parsed in place; compressed ones stream through tarfile. Raises tarfile.ReadError /
+    OSError / EOFError / zlib.error on damage."""
+    held = isinstance(path, (bytes, bytearray))
+    data = path if held else map_file(path)
     if is_plain_tar(memoryview(data)[:BLOCK]):
         yield from iter_tar(data)
         return
-    with tarfile.open(path, mode="r|*") as tf:
+    with (tarfile.open(fileobj=io.BytesIO(data), mode="r|*") if held
+          else tarfile.open(path, mode="r|*")) as tf:
         for info in tf:
             if info.isreg():
                 member = tf.extractfile(info)
