@@ -20,11 +20,14 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 # One data cache for the whole session: the digits build (with its encoder training) is made
 # once, under its lock, by whichever test needs it first; tests of the cache itself use their own.
-# EDIFF_TEST_CACHE=/some/dir keeps it between sessions (a developer's reruns).
+# EDIFF_TEST_CACHE=/some/dir keeps it between sessions (a developer's reruns). Under
+# pytest-xdist the controller makes the folder and its workers inherit it through the
+# environment, so the build is shared by all of them and removed once, by the controller.
 if os.environ.get("EDIFF_TEST_CACHE"):
     SHARED_CACHE = Path(os.environ["EDIFF_TEST_CACHE"])
 else:
     SHARED_CACHE = Path(tempfile.mkdtemp(prefix="ediff-test-cache-"))
+    os.environ["EDIFF_TEST_CACHE"] = str(SHARED_CACHE)
     atexit.register(shutil.rmtree, SHARED_CACHE, True)
 
 

@@ -146,8 +146,9 @@ def load_or_train(data_root: str | os.PathLike, val_root: str | os.PathLike,
     tmp = folder / f".tmp{os.getpid()}"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
     os.replace(tmp, weights)
-    info_path.with_suffix(".tmp").write_text(json.dumps(info, indent=1))
-    os.replace(info_path.with_suffix(".tmp"), info_path)
+    tmp_info = folder / f".info.tmp{os.getpid()}"  # per process: concurrent first uses
+    tmp_info.write_text(json.dumps(info, indent=1))
+    os.replace(tmp_info, info_path)
     return model, info
 
 
