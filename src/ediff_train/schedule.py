@@ -11,7 +11,9 @@ A stage whose `name` differs from its node (the Fig. 7 root continued to 800K, `
 trained as a custom interval with the node's quantiles, so it gets its own directory without
 touching the node it continues. No SLURM here: `slurm/submit.py` turns a schedule into jobs.
 
-`python -m ediff_train.schedule fig7 [--scale 0.0001]` prints a schedule as a tree.
+`python -m ediff_train.schedule fig7 [--scale 0.0001]` prints a schedule as a tree;
+`python -m ediff_train.schedule run fig7_toy [scale=S] [run_dir=D] [train.py overrides]` trains it
+on this machine (schedule_run.py).
 """
 
 from __future__ import annotations
@@ -264,20 +266,30 @@ def available() -> list[str]:
     return sorted(p.stem for p in SCHEDULE_DIR.glob("*.yaml"))
 
 
-def load_schedule(name: str) -> Schedule:
-    """A schedule by name (conf/schedule/NAME.yaml) or by path to a YAML file."""
-    import yaml
-
+def schedule_path(name: str) -> Path:
+    """conf/schedule/NAME.yaml, or NAME itself when it is a path to a YAML file."""
     path = Path(name)
     if not (path.suffix in (".yaml", ".yml") and path.is_file()):
         path = SCHEDULE_DIR / f"{name}.yaml"
     if not path.is_file():
         raise EdiffError(f"unknown schedule {name!r}: choose from {', '.join(available())}")
+    return path
+
+
+def load_schedule(name: str) -> Schedule:
+    """A schedule by name (conf/schedule/NAME.yaml) or by path to a YAML file."""
+    import yaml
+
+    path = schedule_path(name)
     return schedule_from_config(yaml.safe_load(path.read_text()) or {}, path.stem)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Print a training schedule as a tree.")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "run":
+        return _run(argv[1:])
+    p = argparse.ArgumentParser(
+        description="Print a training schedule as a tree (or `run NAME ...` to train it here).")
     p.add_argument("name", help=f"one of {', '.join(available())}, or a YAML path")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps")
     p.add_argument("--no-notes", action="store_true", help="leave out where counts come from")
@@ -291,6 +303,28 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(schedule.tree(notes=not args.no_notes))
     return 0
+
+
+def _run(argv: list[str]) -> int:
+    from ediff_train.schedule_run import run_main
+
+    p = argparse.ArgumentParser(
+        prog="python -m ediff_train.schedule run",
+        description="Train every stage of a schedule on this machine, in dependency order; "
+        "finished stages are skipped, an interrupted one resumes.")
+    p.add_argument("name", help=f"one of {', '.join(available())}, or a YAML path")
+    p.add_argument("args", nargs="*", help="scale=S, run_dir=D, and train.py overrides for "
+                   "every stage (e.g. seed=1 trainer=cpu)")
+    p.add_argument("--verbose", action="store_true", help="show each stage's training output")
+    args = p.parse_args(argv)
+    try:
+        return run_main(args.name, args.args, verbose=args.verbose)
+    except EdiffError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
