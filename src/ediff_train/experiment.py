@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from ediff_train.errors import EdiffError
+from ediff_train.errors import EdiffError, run_reporting
 from ediff_train.schedule import CONF_DIR, Schedule, load_schedule, schedule_path
 
 
@@ -155,16 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("args", nargs="*", help="seeds=N run_dir=D scale=S report_only=true "
                    "eval.KEY=V, and train.py overrides")
     a = p.parse_args(argv)
-    try:
-        out = run_experiment(a.name, a.args)
-    except EdiffError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: run the same command again to resume", file=sys.stderr)
-        return 130
-    print(f"report: {out / 'report.md'}")
-    return 0
+
+    def task() -> int:
+        print(f"report: {run_experiment(a.name, a.args) / 'report.md'}")
+        return 0
+
+    return run_reporting(task)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ediff_train.errors import EdiffError
+from ediff_train.errors import EdiffError, run_reporting
 from ediff_train.experts import Node, parse_node
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -317,14 +317,7 @@ def _run(argv: list[str]) -> int:
                    "every stage (e.g. seed=1 trainer=cpu)")
     p.add_argument("--verbose", action="store_true", help="show each stage's training output")
     args = p.parse_args(argv)
-    try:
-        return run_main(args.name, args.args, verbose=args.verbose)
-    except EdiffError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: run the same command again to resume", file=sys.stderr)
-        return 130
+    return run_reporting(lambda: run_main(args.name, args.args, verbose=args.verbose))
 
 
 if __name__ == "__main__":
