@@ -11,7 +11,8 @@ code (images: prompt accuracy + digits-FID, or FID + CLIP, over a guidance sweep
     python -m ediff_train.experiment configs_toy run_dir=runs/fig7_toy seeds=1
     python -m ediff_train.experiment fig7_toy eval.guidance=[1,2,3,5] trainer=cpu
 
-Keys: `seeds=N`, `run_dir=D`, `scale=S` (the schedule's steps × S), `report_only=true` (evaluate
+Keys: `seeds=N`, `run_dir=D`, `report_dir=R` (default run_dir/report; give two experiments
+sharing a run_dir their own), `scale=S` (the schedule's steps × S), `report_only=true` (evaluate
 and report what is trained, train nothing), `eval.<key>=V` (any evaluate.py setting); anything
 else goes to train.py for every stage.
 """
@@ -80,8 +81,8 @@ def evaluate_seed(spec: dict[str, Any], seed_dir: Path, out: Path,
 
 
 def parse_args(args: Sequence[str]) -> dict[str, Any]:
-    opts: dict[str, Any] = {"seeds": None, "run_dir": None, "scale": 1.0, "report_only": False,
-                            "eval": [], "train": []}
+    opts: dict[str, Any] = {"seeds": None, "run_dir": None, "report_dir": None, "scale": 1.0,
+                            "report_only": False, "eval": [], "train": []}
     for arg in args:
         key, eq, value = arg.partition("=")
         if not eq:
@@ -95,8 +96,8 @@ def parse_args(args: Sequence[str]) -> dict[str, Any]:
                 opts["scale"] = float(value)
             except ValueError:
                 raise EdiffError(f"scale must be a number, got {value!r}") from None
-        elif key == "run_dir":
-            opts["run_dir"] = value
+        elif key in ("run_dir", "report_dir"):
+            opts[key] = value
         elif key == "report_only":
             if value.lower() not in ("true", "false"):
                 raise EdiffError(f"report_only must be true or false, got {value!r}")
@@ -120,7 +121,7 @@ def run_experiment(name: str, args: Sequence[str]) -> Path:
         schedule = schedule.scaled(opts["scale"])
     seeds = opts["seeds"] or spec["seeds"]
     run_dir = Path(opts["run_dir"] or f"runs/{schedule.name}").expanduser().resolve()
-    report_dir = run_dir / "report"
+    report_dir = Path(opts["report_dir"] or run_dir / "report").expanduser().resolve()
     needed = {n for names in spec["ensembles"].values() for n in names}
     for seed in range(seeds) if not opts["report_only"] else ():  # train every seed first
         seed_dir = run_dir / f"seed{seed}"
