@@ -111,3 +111,18 @@ def test_verdict_follows_the_paired_differences() -> None:
     swapped = {"ensembles": {"c": [], "b": []}, "claim": "b", "baseline": "c"}
     assert verdict(swapped, image_table(swapped, [better[0]]), 1).startswith(
         "NOT REPRODUCED (the baseline is better)")
+
+
+def test_arguments_split_between_experiment_evaluation_and_training() -> None:
+    from ediff_train.errors import EdiffError
+    from ediff_train.experiment import parse_args
+
+    opts = parse_args(["seeds=2", "run_dir=R", "report_dir=R/rep", "eval.guidance=[1,2]",
+                       "trainer=cpu", "module.lr=1e-3", "report_only=true"])
+    assert (opts["seeds"], opts["run_dir"], opts["report_dir"]) == (2, "R", "R/rep")
+    assert opts["eval"] == ["guidance=[1,2]"] and opts["report_only"] is True
+    assert opts["train"] == ["trainer=cpu", "module.lr=1e-3"]
+    for bad, message in (["seeds=0", "seeds must be"], ["scale=x", "scale must be"],
+                         ["report_only=maybe", "report_only must be"], ["seeds", "key=value"]):
+        with pytest.raises(EdiffError, match=message):
+            parse_args([bad])
