@@ -110,7 +110,7 @@ def test_verdict_follows_the_paired_differences() -> None:
                                                                  "at 1 of 2 guidance scales (1)")
     swapped = {"ensembles": {"c": [], "b": []}, "claim": "b", "baseline": "c"}
     assert verdict(swapped, image_table(swapped, [better[0]]), 1).startswith(
-        "NOT REPRODUCED (the baseline is better)")
+        "NOT REPRODUCED (the baseline is better at 2 of 2)")
 
 
 def test_arguments_split_between_experiment_evaluation_and_training() -> None:

@@ -101,8 +101,8 @@ def verdict(spec: dict[str, Any], images: dict[str, Any], n_seeds: int) -> str:
     claim, base, n = spec["claim"], spec["baseline"], len(d)
     if len(better) == n:
         head = "REPRODUCED"
-    elif len(worse) == n:
-        head = "NOT REPRODUCED (the baseline is better)"
+    elif not better and worse:
+        head = f"NOT REPRODUCED (the baseline is better at {len(worse)} of {n})"
     elif not better:
         head = "NOT REPRODUCED (no difference beyond the seed spread)"
     else:
