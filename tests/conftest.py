@@ -17,6 +17,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+# Under pytest-xdist every worker, and every process a test starts, gets its share of the cores:
+# torch would otherwise start one thread per core in each, and on a 2-core runner two workers
+# that each train spin against each other (a 2-rank DDP run went ~4x slower that way).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // _WORKERS)))
 
 # One data cache for the whole session: the digits build (with its encoder training) is made
 # once, under its lock, by whichever test needs it first; tests of the cache itself use their own.

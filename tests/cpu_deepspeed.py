@@ -28,10 +28,23 @@ class CPUDeepSpeed(DeepSpeed):
         # indexed CPU devices: Lightning checks them against local ranks, DeepSpeed reads one
         assert self.parallel_devices is not None
         self.parallel_devices = [torch.device("cpu", i) for i in range(len(self.parallel_devices))]
+        _no_cpu_ops()
         super().setup_distributed()
 
     def _get_process_group_backend(self) -> str:
         return "gloo"
+
+
+def _no_cpu_ops() -> None:
+    """Tell DeepSpeed no native CPU op is compatible, before it probes.
+
+    Its probe runs compilers (~10 s a process) and it then JIT-builds a shared-memory allreduce
+    kernel for CPU ranks (minutes on 2 cores; a build killed midway leaves a torch-extensions lock
+    that hangs every later run). Gloo does the same reduction, and GPU runs never use that kernel.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__ = {}  # read with .get(name, False) by DeepSpeed's builders
 
 
 def full_weights(module: LightningModule) -> dict[str, torch.Tensor]:

@@ -1,10 +1,14 @@
-"""A real, hermetic single-node SLURM cluster on localhost for tests (DESIGN §7).
+"""A real, hermetic SLURM cluster on localhost for tests (DESIGN §7): one node, or several.
 
 Debian's slurmctld + slurmd + munge, run as root in the foreground as children of the test
 process: a private munged (own key and socket, `--force` so the test directory's ownership is
 accepted), slurm.conf from `slurmd -C` with every path under the test directory, ports on
 127.0.0.1, and `cred_expire=5` so a requeued job restarts within seconds instead of 120 s.
 Clients find the cluster through the environment `env()` returns (SLURM_CONF).
+
+With `nodes=N > 1` every node is its own slurmd (`slurmd -N name`) with its own loopback address
+(127.0.0.2, 127.0.0.3, ...), port, spool directory and log, and one CPU: SLURM schedules, launches
+and signals them as separate machines, although they share this one.
 """
 
 from __future__ import annotations
@@ -54,8 +58,10 @@ def _node_line() -> str:
 class SlurmCluster:
     """Start with `start()`, stop with `stop()` (which cancels jobs before the daemons)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, nodes: int = 1) -> None:
         self.root = root
+        self.nodes = nodes
+        self.names: list[str] = []
         self.conf = root / "slurm.conf"
         self.socket = root / "munge" / "munge.sock"
         self.procs: list[subprocess.Popen] = []
@@ -65,18 +71,28 @@ class SlurmCluster:
         env["SLURM_CONF"] = str(self.conf)
         return env
 
-    def _write_config(self) -> str:
-        node = _node_line()
-        name = node.split()[0].split("=", 1)[1]
+    def _node_lines(self) -> list[str]:
+        """One line per node; a single node is this machine as `slurmd -C` describes it."""
+        if self.nodes == 1:
+            node = _node_line()
+            self.names = [node.split()[0].split("=", 1)[1]]
+            return [f"{node} NodeAddr=127.0.0.1 State=UNKNOWN"]
+        self.names = [f"ediffn{i}" for i in range(self.nodes)]
+        return [f"NodeName={n} NodeAddr=127.0.0.{i + 2} Port={_free_port()} CPUs=1 State=UNKNOWN"
+                for i, n in enumerate(self.names)]
+
+    def _write_config(self) -> None:
+        nodes = "\n".join(self._node_lines())
+        host = _node_line().split()[0].split("=", 1)[1]
         r = self.root
-        for d in ("state", "spool", "munge", "log"):
+        for d in ("state", "spool", "munge", "log", *(f"spool/{n}" for n in self.names)):
             (r / d).mkdir(parents=True, exist_ok=True)
         key = r / "munge" / "munge.key"
         key.write_bytes(os.urandom(1024))
         key.chmod(0o400)
         self.conf.write_text(f"""\
 ClusterName=ediff-test
-SlurmctldHost={name}(127.0.0.1)
+SlurmctldHost={host}(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -85,11 +101,11 @@ AuthInfo=socket={self.socket},cred_expire=5
 SlurmctldPort={_free_port()}
 SlurmdPort={_free_port()}
 StateSaveLocation={r / 'state'}
-SlurmdSpoolDir={r / 'spool'}
+SlurmdSpoolDir={r / 'spool' / ('%n' if self.nodes > 1 else '')}
 SlurmctldPidFile={r / 'slurmctld.pid'}
-SlurmdPidFile={r / 'slurmd.pid'}
+SlurmdPidFile={r / 'slurmd-%n.pid'}
 SlurmctldLogFile={r / 'log' / 'slurmctld.log'}
-SlurmdLogFile={r / 'log' / 'slurmd.log'}
+SlurmdLogFile={r / 'log' / 'slurmd-%n.log'}
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -106,13 +122,13 @@ KillWait=5
 InactiveLimit=0
 SlurmctldTimeout=30
 SlurmdTimeout=30
-{node} NodeAddr=127.0.0.1 State=UNKNOWN
-PartitionName=debug Nodes={name} Default=YES MaxTime=INFINITE State=UP
+{nodes}
+PartitionName=debug Nodes={",".join(self.names)} Default=YES MaxTime=INFINITE State=UP
 """)
-        return name
 
     def _spawn(self, *cmd: str) -> None:
-        with open(self.root / "log" / f"{Path(cmd[0]).name}.stdout", "ab") as log:
+        name = "-".join([Path(cmd[0]).name, *cmd[3:4]] if cmd[1:3] == ("-D", "-N") else [cmd[0]])
+        with open(self.root / "log" / f"{name}.stdout", "ab") as log:
             self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                                env=self.env(), preexec_fn=_die_with_parent))
 
@@ -124,15 +140,17 @@ PartitionName=debug Nodes={name} Default=YES MaxTime=INFINITE State=UP
                     f"--log-file={m / 'munged.log'}", f"--seed-file={m / 'munged.seed'}")
         self._wait(lambda: self.socket.exists(), timeout, "munged did not create its socket")
         self._spawn("slurmctld", "-D", "-c", "-f", str(self.conf))
-        self._spawn("slurmd", "-D", "-f", str(self.conf))
-        self._wait(self._node_idle, timeout, "the node did not become idle")
+        for name in self.names:
+            self._spawn("slurmd", "-D", "-N", name, "-f", str(self.conf))
+        self._wait(self._node_idle, timeout, "the nodes did not become idle")
 
     def _node_idle(self) -> bool:
         for p in self.procs:
             if p.poll() is not None:
                 raise RuntimeError(f"{p.args[0]} exited with {p.returncode}:\n{self.logs()}")
-        out = self.run("sinfo", "--noheader", "--format=%T", check=False).stdout
-        return out.strip().startswith("idle")
+        out = self.run("sinfo", "--Node", "--noheader", "--format=%T", check=False).stdout
+        states = out.split()
+        return len(states) == self.nodes and all(s.startswith("idle") for s in states)
 
     def _wait(self, ready, timeout: float, what: str) -> None:  # noqa: ANN001
         end = time.monotonic() + timeout

@@ -67,3 +67,38 @@ def test_lognormal_quantiles_roundtrip_and_law() -> None:
     assert stats.kstest(s, stats.lognorm(s=1.2, scale=math.exp(-1.2)).cdf).pvalue > 1e-3
     # the test has power: a slightly wrong law is rejected
     assert stats.kstest(s, stats.lognorm(s=1.2, scale=math.exp(-1.0)).cdf).pvalue < 1e-3
+
+
+def test_edm_loss_noises_the_input_it_feeds_the_denoiser() -> None:
+    """A denoiser that depends on its input: a loss that forgot σ·n, used the wrong noise, or
+    skipped λ(σ) gives a different number than this hand-computed reference."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(12, 12, generator=g, dtype=torch.float32) * 0.3
+
+    class Linear(torch.nn.Module):
+        """D(y; σ) = W·y + σ·y: depends on the noisy input and on σ."""
+
+        def forward(self, y, sigma, cond):  # noqa: ANN001, ANN201
+            flat = y.flatten(1) @ w.T + sigma.view(-1, 1) * y.flatten(1)
+            return flat.view_as(y)
+
+    x = torch.randn(4, 3, 2, 2, generator=g)
+    sigma = torch.tensor([0.2, 0.5, 1.0, 3.0])
+    noise = torch.randn(x.shape, generator=g)
+    loss = edm_loss(Linear(), x, sigma, None, noise=noise)
+    expected = torch.empty(4, dtype=torch.float64)
+    for i in range(4):
+        s = float(sigma[i])
+        y = (x[i].flatten() + s * noise[i].flatten()).double()
+        d = w.double() @ y + s * y
+        lam = (s**2 + 0.25) / (s * 0.5) ** 2
+        expected[i] = lam * float(((d - x[i].flatten().double()) ** 2).mean())
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    # the same noise drawn from the global generator when none is passed
+    torch.manual_seed(11)
+    drawn = torch.randn_like(x)
+    torch.manual_seed(11)
+    torch.testing.assert_close(edm_loss(Linear(), x, sigma, None),
+                               edm_loss(Linear(), x, sigma, None, noise=drawn))
+    # and the noise matters (the reference is not blind to it)
+    assert not torch.allclose(edm_loss(Linear(), x, sigma, None, noise=torch.zeros_like(x)), loss)

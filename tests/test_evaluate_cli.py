@@ -137,3 +137,58 @@ def test_two_ranks_share_the_images_and_rank0_scores(tree: Path) -> None:
     assert report["settings"]["ranks"] == 2 and row["images"] == 10
     assert row["generation"]["generated"] == 5  # rank 0's share; rank 1 made the other 5
     assert len(list((tree / "ranks" / "E0_0" / "guidance_2").glob("*.png"))) == 10
+
+
+def test_sample_cli_two_experts_each_serve_their_own_sigmas(
+        tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`sample.py experts=[E1_0,E1_1]` (its main, in this process, on the trained tree): the
+    images are written, and each expert is asked exactly for the σ it owns (split e^−1.2)."""
+    import importlib.util
+
+    import torch
+    from hydra import compose, initialize_config_dir
+    from PIL import Image
+
+    import ediff_train.pipeline as pipeline
+    from ediff_train.checkpoints import load_weights
+
+    asked: dict[str, list[float]] = {}
+    real = pipeline.load_ensemble
+
+    def recording(run_dir, names, which="ema"):  # noqa: ANN001, ANN202
+        ens = real(run_dir, names, which)
+        for node, expert in zip(ens.router.nodes, ens.experts):
+            _, ema, _ = load_weights(Path(run_dir) / node.name / "weights.safetensors")
+            assert all(torch.equal(v, ema[k]) for k, v in expert.state_dict().items())
+            asked[node.name] = []
+            expert.register_forward_pre_hook(
+                lambda _m, args, n=node.name: asked[n].extend(args[1].reshape(-1).tolist()))
+        return ens
+
+    monkeypatch.setattr(pipeline, "load_ensemble", recording)
+    out = tmp_path / "two"
+    with initialize_config_dir(str(ROOT / "conf" / "sampling"), version_base="1.3"):
+        cfg = compose("config", overrides=[
+            f"run_dir={tree / 'R'}", "experts=[E1_0,E1_1]",
+            'prompts=["the number 3","the number 7"]', "n=2", "steps=3", f"out={out}",
+            "progress=false", "device=cpu"])
+    spec = importlib.util.spec_from_file_location("_script_sample_two", ROOT / "sample.py")
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(cfg)
+
+    names = [f"sample_{i:04d}.png" for i in range(4)]  # 2 prompts × n=2
+    assert sorted(p.name for p in out.glob("sample_*.png")) == names
+    assert all(Image.open(out / n).size == (16, 16) for n in names)
+    assert (out / "grid.png").is_file()
+    assert json.loads((out / "settings.json").read_text())["experts"] == ["E1_0", "E1_1"]
+    split = 0.301194  # e^−1.2: u = 1/2
+    low, high = asked["E1_0"], asked["E1_1"]
+    assert low and high, asked
+    assert all(s < split for s in low) and all(s >= split for s in high), asked
+    assert min(low) == pytest.approx(0.002) and max(high) == pytest.approx(80.0)
+    printed = capsys.readouterr().out
+    calls = dict(kv.split(": ") for kv in printed.split("expert calls: ")[1].strip().split(", "))
+    assert calls == {"E1_0": "2", "E1_1": "3"}  # Heun, 3 steps: σ 80, 2.5, 2.5 | 0.002, 0.002

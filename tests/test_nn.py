@@ -181,6 +181,61 @@ def test_grad_checkpointing_gives_same_gradients() -> None:
         torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
+def _saved_bytes(net: torch.nn.Module, cond: Conditioning) -> int:
+    """Bytes autograd keeps for backward from one training forward (outside checkpointed
+    regions: inside one, checkpoint's own hooks take the tensors and recompute them later)."""
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    x, c_noise = inputs()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        net.train()(x, c_noise, cond)
+    return total
+
+
+def test_grad_checkpointing_flag_changes_what_is_stored(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The flag must take effect: every heavy layer goes through torch's checkpoint, and the
+    forward keeps far fewer activations; off (or in eval) it is never called."""
+    import ediff_train.nn.unet as unet_mod
+    from ediff_train.nn.blocks import ResBlock
+    from ediff_train.nn.efficient_unet import EfficientUNet
+
+    calls: list[str] = []
+    real = unet_mod.checkpoint
+
+    def counting(fn, *args, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+        calls.append(type(fn).__name__)
+        return real(fn, *args, **kw)
+
+    monkeypatch.setattr(unet_mod, "checkpoint", counting)
+    heavy = (ResBlock, unet_mod.SelfAttention, CrossAttention)
+    d = DIMS["t5_dim"]
+    sr_cond = make_cond()
+    sr_cond.lowres, sr_cond.sigma_aug = torch.rand(2, 3, 4, 4), torch.full((2,), 0.1)
+    for build, cond in (
+        (lambda flag: small_net(grad_checkpointing=flag), make_cond()),
+        (lambda flag: EfficientUNet(8, 16, [1, 2], [1, 2], [4], d, DIMS["clip_txt_dim"],
+                                    DIMS["clip_pool_dim"], DIMS["clip_img_dim"], 16,
+                                    head_channels=8, grad_checkpointing=flag), sr_cond),
+    ):
+        plain, ckpt = build(False), build(True)
+        n_heavy = sum(isinstance(m, heavy) for m in ckpt.modules())
+        calls.clear()
+        stored_plain = _saved_bytes(plain, cond)
+        assert calls == []
+        stored_ckpt = _saved_bytes(ckpt, cond)
+        assert len(calls) == n_heavy > 0, (type(ckpt).__name__, calls)
+        assert stored_ckpt < 0.5 * stored_plain, (stored_ckpt, stored_plain)
+        calls.clear()
+        with torch.no_grad():
+            ckpt.eval()(*inputs(), cond)  # sampling: nothing to recompute, no checkpoint
+        assert calls == []
+
+
 def test_bf16_autocast_on_cpu_matches_fp32_roughly() -> None:
     net = randomize_zero_init(small_net()).eval()
     x, c_noise = inputs()

@@ -105,7 +105,7 @@ def test_fig7_chain_end_to_end(cluster: SlurmCluster, tmp_path: Path, cache: Pat
         assert info["JobState"] == "PENDING" and info["Reason"] == "Dependency", info
         assert info["Dependency"].startswith(f"afterok:{ids[parent]}"), info
 
-    jobs = wait_done(cluster, list(ids.values()), 300)
+    jobs = wait_done(cluster, list(ids.values()), 600)
     run = tmp_path / "R"
     for name, jid in ids.items():
         assert jobs[jid]["JobState"] == "COMPLETED", (name, (run / name / f"slurm-{jid}.out")
@@ -132,7 +132,7 @@ def test_toy_sr_chain_trains_sr_experts(cluster: SlurmCluster, tmp_path: Path,
     submit(cluster, tmp_path, cache, "schedule=digits_sr32", "scale=0.005", train=sr)
     ids = job_ids(tmp_path)
     assert sorted(ids) == ["E0_0", "E1_0", "E1_1"]
-    jobs = wait_done(cluster, list(ids.values()), 300)
+    jobs = wait_done(cluster, list(ids.values()), 600)
     run = tmp_path / "R"
     for name, jid in ids.items():
         assert jobs[jid]["JobState"] == "COMPLETED", (run / name / f"slurm-{jid}.out"
@@ -166,6 +166,55 @@ def test_failed_parent_holds_descendants(cluster: SlurmCluster, tmp_path: Path,
         assert f"(replaces stuck job {ids[child]})" in out
         assert new[child] != ids[child] and cluster.job(ids[child])["JobState"] == "CANCELLED"
         assert cluster.job(new[child])["Dependency"].startswith(f"afterok:{new['E0_0']}")
+
+
+def submit_here(cluster: SlurmCluster, tmp: Path, monkeypatch: pytest.MonkeyPatch,
+                capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    """slurm/submit.py's main in this process (its SLURM calls are still real); its stdout."""
+    import importlib.util
+
+    from hydra import compose, initialize_config_dir
+
+    monkeypatch.setenv("SLURM_CONF", cluster.env()["SLURM_CONF"])
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("submit", overrides=[
+            f"run_dir={tmp / 'R'}", "train.trainer=cpu", "slurm.gpus_per_node=0",
+            "slurm.cpus_per_task=1", "slurm.time=00:10:00", f"train.args={json.dumps(FAST)}",
+            *args])
+    spec = importlib.util.spec_from_file_location("_script_submit", ROOT / "slurm" / "submit.py")
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, script)  # its dataclasses look themselves up
+    spec.loader.exec_module(script)
+    capsys.readouterr()
+    script.main(cfg)
+    return capsys.readouterr().out
+
+
+def test_second_submit_reuses_queued_jobs(cluster: SlurmCluster, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """Submitting the same schedule again while its jobs wait in the queue submits nothing: every
+    stage is found by its comment (the node folder) and reused. Held jobs never start, so the
+    queue cannot change under the test."""
+    args = ["schedule=config_b_sr256", "scale=1e-6", 'slurm.extra=["--hold"]']
+    submit_here(cluster, tmp_path, monkeypatch, capsys, *args)
+    ids = job_ids(tmp_path)
+    assert sorted(ids) == ["E0_0", "E1_0", "E1_1"]
+    queued = sorted(cluster.queue())
+    assert queued == sorted(ids.values())
+    assert cluster.job(ids["E0_0"])["Reason"] == "JobHeldUser"
+
+    again = submit_here(cluster, tmp_path, monkeypatch, capsys, *args)
+    assert sorted(cluster.queue()) == queued  # no second copy of any stage
+    stages = json.loads((tmp_path / "R" / "slurm_jobs.json").read_text())["stages"]
+    assert {n: (s["action"], s["job_id"]) for n, s in stages.items()} == {
+        n: ("reuse", jid) for n, jid in ids.items()}
+    for jid in ids.values():
+        assert f"already queued as job {jid}" in again, again
+    assert "train.py" not in again  # no job command printed: nothing was submitted
+    for child in ("E1_0", "E1_1"):  # the chain is the original one, untouched
+        assert cluster.job(ids[child])["Dependency"].startswith(f"afterok:{ids['E0_0']}")
 
 
 def logged_steps(ndir: Path) -> list[int]:

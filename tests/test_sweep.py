@@ -98,3 +98,25 @@ def test_bad_strategy_is_one_line_error(tmp_path: Path, args: list[str], needle:
     err = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert proc.returncode != 0 and len(err) == 1 and needle in err[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_cpu_ranks_share_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two CPU ranks on this machine take half its cores each; an explicit OMP_NUM_THREADS, one
+    rank, or a GPU run keep torch's own setting."""
+    import torch
+
+    from ediff_train.strategies import share_cpu_threads
+
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0))
+    try:
+        torch.set_num_threads(7)
+        assert share_cpu_threads({"accelerator": "cpu", "devices": 1}, {}) == 7
+        assert share_cpu_threads({"accelerator": "gpu", "devices": 8}, {}) == 7
+        assert share_cpu_threads({"accelerator": "cpu", "devices": 2},
+                                 {"OMP_NUM_THREADS": "3"}) == 7
+        assert share_cpu_threads({"accelerator": "cpu", "devices": 2}, {}) == max(1, cores // 2)
+        assert torch.get_num_threads() == max(1, cores // 2)
+        assert share_cpu_threads({"accelerator": "cpu", "devices": 4 * cores}, {}) == 1
+    finally:
+        torch.set_num_threads(before)

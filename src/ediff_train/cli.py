@@ -19,7 +19,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from ediff_train.errors import EdiffError
+from ediff_train.errors import EdiffError, user_error
 from ediff_train.experts import parse_node
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -97,7 +97,8 @@ def entry_point(main: Callable[[], Any], register: bool = True) -> Callable[[], 
 
 
 def reporting_errors(task: Callable[..., Any]) -> Callable[..., Any]:
-    """Inside the Hydra task: EdiffError becomes `error: ...` and exit code 2, no traceback."""
+    """Inside the Hydra task: EdiffError, or a full disk anywhere, becomes `error: ...` and exit
+    code 2, no traceback."""
 
     @functools.wraps(task)
     def run(*args: Any, **kwargs: Any) -> Any:
@@ -105,10 +106,11 @@ def reporting_errors(task: Callable[..., Any]) -> Callable[..., Any]:
             return task(*args, **kwargs)
         except EdiffError as e:
             fail(str(e))
-        except Exception as e:  # Hydra's instantiate wraps a constructor's EdiffError
-            if isinstance(e.__cause__, EdiffError):
-                fail(str(e.__cause__))
-            raise
+        except Exception as e:  # Hydra's instantiate and Lightning's hooks wrap the real error
+            err = user_error(e)
+            if err is None:
+                raise
+            fail(str(err))
 
     return run
 

@@ -231,7 +231,7 @@ class Encoders:
     def save(self, path: str | os.PathLike) -> Path:
         """Tiny encoders: weights (safetensors) + configs, reloadable offline by `load`.
         Pretrained encoders: only the local paths they were loaded from (no multi-GB copy)."""
-        from safetensors.torch import save_file
+        from ediff_train.checkpoints import save_safetensors
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -243,7 +243,7 @@ class Encoders:
                 self.t5.save_pretrained(str(path / "t5"))
             self.t5_tokenizer.save_pretrained(str(path / "t5"))
             weights = {k: v.detach().cpu().contiguous() for k, v in self.clip.state_dict().items()}
-            save_file(weights, str(path / CLIP_WEIGHTS))
+            save_safetensors(path / CLIP_WEIGHTS, weights)
             info["t5"]["path"] = "t5"
             info["clip"]["checkpoint"] = CLIP_WEIGHTS
         info["fingerprints"] = {"t5": self.fingerprint("t5"), "clip": self.fingerprint("clip")}
@@ -262,7 +262,8 @@ class Encoders:
         path = Path(path)
         if not (path / SAVED_JSON).is_file():
             raise EdiffError(f"no saved encoders at {path} ({SAVED_JSON} missing); build the data "
-                             "first or set encoders.path")
+                             "first, or train with encoders.path=<folder> (sample.py and "
+                             "evaluate.py read it from the node's config.yaml)")
         info = json.loads((path / SAVED_JSON).read_text())
         t5i, clipi = info["t5"], info["clip"]
         if info["kind"] != "tiny":

@@ -2,7 +2,7 @@
 
 - Checkpoints are written to a temp name and renamed into place (`AtomicCheckpointIO`, and
   strategies.DeepSpeed for checkpoint folders), so `last.ckpt` is the previous good one or the
-  new good one, never half of each.
+  new good one, never half of each; a full disk removes the temp and stops with one line.
 - On start, `resume_checkpoint` takes the newest *valid* checkpoint of the node among
   `checkpoints/last.ckpt` and `checkpoints/hpc_ckpt_N.ckpt`; temp leftovers are deleted,
   unreadable ones renamed `*.corrupt` with a warning, never loaded.
@@ -24,13 +24,14 @@ import signal
 import subprocess
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from ediff_train.checkpoints import atomic_write
 from ediff_train.strategies import MARKER
 
 CKPT_DIR = "checkpoints"
@@ -39,30 +40,62 @@ _HPC = re.compile(r"^hpc_ckpt_(\d+)\.ckpt$")
 WANDB_ID = "wandb_id"
 
 
+class _KeepOSError:
+    """The file object torch.save writes through: torch's C++ writer turns a failed write into a
+    bare RuntimeError ('unexpected pos ...'); this keeps the OSError (ENOSPC) it came from."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = f
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's torch.save checkpoints, written to a temp file, synced, then renamed."""
+    """Lightning's torch.save checkpoints, streamed to a temp file in the checkpoint folder,
+    synced, then renamed (Lightning's own save buffers the whole checkpoint in memory and goes
+    through $TMPDIR). A failed write removes the temp; a full disk is one DiskFull line."""
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
     ) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        super().save_checkpoint(checkpoint, tmp, storage_options)
-        with open(tmp, "rb") as f:
+        with atomic_write(path) as tmp, open(tmp, "wb") as f:
+            out = _KeepOSError(f)
+            try:
+                torch.save(checkpoint, out)
+            except Exception:
+                if out.error is not None:
+                    raise out.error from None
+                raise
+            f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
         _fsync_dir(path.parent)
 
 
 class PeriodicCheckpoint(ModelCheckpoint):
     """`last.ckpt` every n steps, except at the final step: that one is written by the hand-off
     after weights.safetensors, so a checkpoint at the target step implies a finished hand-off
-    (a run resumed at its target does no step, and would never export otherwise)."""
+    (a run resumed at its target does no step, and would never export otherwise).
+
+    Always the name `last.ckpt` (no version counter): resumed from a checkpoint this callback
+    did not write (hand-off, requeue), Lightning would otherwise switch to `last-v1.ckpt`,
+    which resume_checkpoint never reads."""
 
     def __init__(self, ckpt_dir: Path, every_n_steps: int) -> None:
         super().__init__(dirpath=ckpt_dir, save_last=True, save_top_k=0,
-                         every_n_train_steps=every_n_steps, save_on_train_epoch_end=False)
+                         every_n_train_steps=every_n_steps, save_on_train_epoch_end=False,
+                         enable_version_counter=False)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         if trainer.global_step < (trainer.max_steps or 0) or trainer.max_steps < 0:

@@ -22,7 +22,13 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 
-from ediff_train.checkpoints import CONFIG, load_encoders, node_dir, parent_weights
+from ediff_train.checkpoints import (
+    CONFIG,
+    load_encoders,
+    node_dir,
+    parent_weights,
+    write_text,
+)
 from ediff_train.encoders import TINY_NAMES
 from ediff_train.errors import EdiffError
 from ediff_train.experts import Node, node_from_config
@@ -39,7 +45,12 @@ from ediff_train.resume import (
 )
 from ediff_train.sampling import embed_prompts, generate, labelled_grid
 from ediff_train.sr import NoiseAugment, SRConditioner
-from ediff_train.strategies import build_strategy, cluster_plugins, trainer_config
+from ediff_train.strategies import (
+    build_strategy,
+    cluster_plugins,
+    share_cpu_threads,
+    trainer_config,
+)
 from ediff_train.validate import validate_train_config
 
 
@@ -80,9 +91,8 @@ class HandOff(Callback):
         if trainer.global_step < (trainer.max_steps or 0):
             return  # stopped early (requeue): not finished, nothing to hand off
         seen = module.gathered_sigma_seen()
-        usage = self.ndir / "data"
-        usage.mkdir(parents=True, exist_ok=True)
-        (usage / f"rank{trainer.global_rank}.json").write_text(json.dumps(dict(self.shards)))
+        write_text(self.ndir / "data" / f"rank{trainer.global_rank}.json",
+                   json.dumps(dict(self.shards)))
         module.export(self.ndir, self.info, seen, write=trainer.is_global_zero)
         # then the final resume checkpoint (see resume.PeriodicCheckpoint for why in this order)
         trainer.save_checkpoint(self.ndir / CKPT_DIR / LAST)
@@ -158,6 +168,7 @@ def build_trainer(
 ) -> L.Trainer:
     """Trainer from the `trainer` and `strategy` groups, the SLURM layout and resume plugins."""
     kw, strategy = distributed
+    share_cpu_threads(kw)
     extra = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     return L.Trainer(
         **kw,
@@ -232,7 +243,7 @@ def _train_locked(cfg: DictConfig, node: Node, ndir: Path,
     data = instantiate(cfg.data, expect=manifest_expectations(cfg))
 
     ndir.mkdir(parents=True, exist_ok=True)
-    (ndir / CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    write_text(ndir / CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
     info = {"run_dir": str(cfg.run_dir), "data_root": str(cfg.data.root), "config": CONFIG}
     ckpt = PeriodicCheckpoint(ndir / CKPT_DIR, int(cfg.checkpoint_every))
     callbacks: list[Callback] = [ckpt, HandOff(ndir, info), TQDMProgressBar(refresh_rate=10)]

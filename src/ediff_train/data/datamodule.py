@@ -26,6 +26,7 @@ from ediff_train.data.loader import (
     usable_workers,
 )
 from ediff_train.data.manifest import check_manifest, read_manifest
+from ediff_train.data.position import POSITION, StreamPosition
 from ediff_train.data.remote import Retry, is_remote, join, listing, normalize
 from ediff_train.data.samples import check_sizes
 from ediff_train.errors import EdiffError
@@ -64,31 +65,56 @@ class ShardLoader(DataLoader):
     unless `expand=False`: then the consumer calls `finish(batch)`, e.g. after the batch reached
     the GPU, where the cast is free and half the bytes travel.
 
-    The epoch comes from `epoch_fn()` (e.g. the trainer's current epoch, which survives a resume)
-    or, when that gives None, from a counter of passes over this loader.
+    Resumable (`state_dict`/`load_state_dict`, which Lightning keeps in its checkpoints): the
+    loader is one continuous stream of epochs (position.py); a pass goes on where the consumed
+    batches stand. A batch counts as consumed when the iterator yields it or, with
+    `consume_on_yield=False`, when the consumer calls `consume(batch)` (a trainer that
+    prefetches batches must, e.g. ShardDataModule's hook). `epoch_fn()` (e.g. the trainer's
+    epoch) names the first epoch when no position was restored (an older checkpoint).
     """
 
     def __init__(self, dataset: ShardStream, num_workers: int = 0,
                  epoch_fn: Callable[[], int | None] | None = None, expand: bool = True,
-                 **kwargs: Any) -> None:
+                 consume_on_yield: bool = True, **kwargs: Any) -> None:
         kwargs.setdefault("persistent_workers", num_workers > 0)
         super().__init__(dataset, batch_size=None, num_workers=num_workers, **kwargs)
         self.epoch_fn, self.expand = epoch_fn, expand
+        self.consume_on_yield = consume_on_yield
         self.skips = SkipCounter()
-        self._next_epoch = 0
+        self.position = StreamPosition(dataset.rank, dataset.identity(num_workers),
+                                       dataset.active_workers(num_workers),
+                                       dataset.batches_per_epoch)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         epoch = self.epoch_fn() if self.epoch_fn is not None else None
-        if epoch is None:
-            epoch = self._next_epoch
-        self._next_epoch = epoch + 1
+        epoch = self.position.begin(epoch, self.dataset.resume_point)
         self.dataset.set_epoch(epoch)  # before super().__iter__() wakes the workers
         return self._count(super().__iter__())
+
+    def consume(self, batch: dict[str, Any]) -> None:
+        """Count `batch` as consumed (see the class docstring); a batch without a position
+        (consumed already, or not from this loader) changes nothing."""
+        position = batch.pop(POSITION, None)
+        if position is not None:
+            self.position.consume(position)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The stream position of every rank (a collective under torch.distributed)."""
+        return self.position.state_dict(self.skips.totals())
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue at `state`'s position from the next epoch start (iter) on."""
+        skipped = self.position.load_state_dict(state)
+        if skipped is not None:
+            self.skips = SkipCounter()
+            self.skips.update(skipped)
 
     def _count(self, batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         try:
             for batch in batches:
                 self.skips.update(batch.get("skipped", {}))
+                if self.consume_on_yield:
+                    self.consume(batch)
                 yield self.finish(batch) if self.expand else batch
         except Exception as e:
             self._stop_workers()
@@ -210,8 +236,11 @@ class ShardDataModule(L.LightningDataModule):
             seed=self.seed, lowres_size=self.lowres_size, rank=rank, world=world,
             holdout=(self.val_fraction, False) if self.val_fraction else None,
             crop_size=self.crop_size, readahead=self.readahead, retries=self.retries)
+        # under a trainer a batch is consumed when its step takes it (on_before_batch_transfer):
+        # Lightning fetches one batch ahead, and that one must not count if the run stops now
         self._loader = ShardLoader(stream, num_workers=workers, epoch_fn=_trainer_epoch(self),
-                                   expand=not self._casts_on_device())
+                                   expand=not self._casts_on_device(),
+                                   consume_on_yield=self.trainer is None)
         return self._loader
 
     def validation(self) -> tuple[Path | str, float] | None:
@@ -235,13 +264,20 @@ class ShardDataModule(L.LightningDataModule):
                              world=1, holdout=(fraction, True) if fraction else None,
                              crop_size=self.crop_size, centre_crop=True,
                              readahead=self.readahead, retries=self.retries)
-        return [{k: v for k, v in b.items() if k != "skipped"} for b in stream]
+        return [{k: v for k, v in b.items() if k not in ("skipped", POSITION)} for b in stream]
 
     def _casts_on_device(self) -> bool:
         if self.cast_on_device is not None:
             return self.cast_on_device
         trainer = self.trainer
         return trainer is not None and trainer.strategy.root_device.type == "cuda"
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """The trainer takes this batch for a step now (its prefetched successor is not
+        counted yet): this is the moment the data position moves (position.py)."""
+        if isinstance(batch, dict) and self._loader is not None:
+            self._loader.consume(batch)
+        return batch
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Compact batches (see cast_on_device) become float32 here, after the move to the

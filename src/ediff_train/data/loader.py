@@ -26,6 +26,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ediff_train.data.batching import NonFiniteRows, SlabPool, collate, new_slab_flags
 from ediff_train.data.heldout import in_holdout
+from ediff_train.data.position import POSITION, ResumePoint, shards_digest, share
 from ediff_train.data.readahead import prefetch
 from ediff_train.data.remote import Retry, is_remote, shard_name
 from ediff_train.data.samples import (
@@ -124,8 +125,7 @@ def worker_shards(shards: Sequence[str], epoch: int, seed: int, rank: int, world
 
 def worker_quota(batches: int, worker: int, num_workers: int) -> int:
     """Batches worker `worker` yields: an even split, the first `batches % K` get one more."""
-    k = max(num_workers, 1)
-    return batches // k + (1 if worker < batches % k else 0)
+    return share(batches, worker, num_workers)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -178,7 +178,10 @@ class ShardStream(IterableDataset):
     rank per epoch, split evenly over the DataLoader's workers.
 
     The epoch lives in shared memory so persistent workers see `set_epoch` (ShardLoader calls it
-    at the start of each epoch). rank/world are fixed at construction (see resolve_rank_world).
+    at the start of each epoch), and so does `resume_point` (position.py): a resumed epoch goes
+    on after the batches delivered before the interruption. Each batch carries its
+    `[worker, samples drawn]` under `POSITION`. rank/world are fixed at construction (see
+    resolve_rank_world).
     `lowres_size`/`crop_size`: SR pairs and crops (samples.decode_sample, rules in
     check_sizes); a sample's crop follows (seed, epoch, key), or is the centre (`centre_crop`).
     Remote shards (URLs, see remote.py) are fetched `readahead` shards ahead, each request
@@ -216,6 +219,7 @@ class ShardStream(IterableDataset):
         self.holdout = holdout if holdout and holdout[0] > 0 else None
         self._epoch = multiprocessing.Value("q", 0, lock=False)
         self.slab_flags = new_slab_flags()  # see batching.SlabPool
+        self.resume_point = ResumePoint()
         self._pool: SlabPool | None = None
 
     def set_epoch(self, epoch: int) -> None:
@@ -228,22 +232,39 @@ class ShardStream(IterableDataset):
     def __len__(self) -> int:
         return self.batches_per_epoch
 
+    def active_workers(self, num_workers: int) -> int:
+        """Workers that get shards on this rank (the others yield nothing)."""
+        return min(max(num_workers, 1), len(range(self.rank, len(self.shards), self.world)))
+
+    def identity(self, num_workers: int) -> dict[str, object]:
+        """What fixes this rank's stream besides the epoch: a saved position fits only a
+        stream with the same identity (position.StreamPosition)."""
+        return {"seed": self.seed, "shards": shards_digest(self.shards), "world": self.world,
+                "workers": self.active_workers(num_workers), "batch_size": self.batch_size,
+                "batches_per_epoch": self.batches_per_epoch,
+                "shuffle_buffer": self.shuffle_buffer, "holdout": list(self.holdout or ())}
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
-        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        physical, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         compact = info is not None  # crossing a process boundary: see batching.py
         if compact and self._pool is None:
-            self._pool = SlabPool(self.slab_flags, worker)
-        active = min(n_workers, len(range(self.rank, len(self.shards), self.world)))
-        quota = worker_quota(self.batches_per_epoch, worker, active) if worker < active else 0
-        if quota == 0:
+            self._pool = SlabPool(self.slab_flags, physical)
+        active = self.active_workers(n_workers)
+        if physical >= active:
             return
         epoch = self.epoch
+        # resuming: this worker plays the logical worker that is next in line, which has
+        # already delivered `made` batches, made of the first `passed` samples it drew
+        worker, made, passed = self.resume_point.for_worker(epoch, physical, active)
+        quota = worker_quota(self.batches_per_epoch, worker, active)
+        if made >= quota:
+            return
         tag = (self.seed, epoch, self.rank, worker)
         mine = worker_shards(self.shards, epoch, self.seed, self.rank, self.world, worker, active)
         skips, buffer_rng = SkipCounter(), _rng(*tag, "buffer")
         batch: list[dict[str, Any]] = []
-        made = 0
+        drawn = 0  # raw samples taken from the shuffled stream this epoch
         for pass_no in itertools.count():
             order = list(mine)
             if pass_no > 0:  # cycling: every later pass in a new order
@@ -253,8 +274,13 @@ class ShardStream(IterableDataset):
             if self.shuffle_buffer > 1:  # per pass, so one pass never leaks into the next
                 stream = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer,
                                      rng=buffer_rng)(stream)
-            made_before = made
+            made_before, fresh = made, drawn >= passed
             for raw in stream:
+                drawn += 1
+                if drawn <= passed:  # delivered before the resume point: not even decoded
+                    if drawn == passed:
+                        skips.take()  # counted then; the checkpoint holds those counts
+                    continue
                 if self.holdout and in_holdout(raw["__key__"], self.holdout[0]) != self.holdout[1]:
                     continue
                 try:
@@ -273,12 +299,13 @@ class ShardStream(IterableDataset):
                     _drop(batch, {i: f"{name}.npy holds NaN/Inf" for i, name in e.rows}, skips)
                     continue
                 out["skipped"] = skips.take()
+                out[POSITION] = [worker, drawn]
                 batch = []
                 made += 1
                 yield out
                 if made >= quota:
                     return
-            if made == made_before:  # a pass without a batch: is anything usable at all?
+            if made == made_before and fresh:  # a pass without a batch: anything usable?
                 _drop(batch, {i: f"{', '.join(bad)} hold NaN/Inf" for i, s in enumerate(batch)
                               if (bad := nonfinite_fields(s))}, skips)
                 if not batch:

@@ -69,23 +69,27 @@ def fetch(url: str, retry: Retry = RETRY, chunk: int = CHUNK) -> bytes | bytearr
 
 def prefetch(urls: Sequence[str], retry: Retry = RETRY, depth: int = 2
              ) -> Iterator[tuple[str, bytes | bytearray | Exception]]:
-    """(url, bytes or the error that stopped its download) in order, `depth` shards ahead."""
+    """(url, bytes or the error that stopped its download) in order: while the caller reads one
+    shard, the next `depth` are downloading (0: each is fetched when asked for, no read-ahead).
+    The next download starts when the caller asks for the next shard, not before."""
     pool = ThreadPoolExecutor(max(1, depth + 1), thread_name_prefix="ediff-readahead")
     pending: deque[tuple[str, Future]] = deque()
     todo = iter(urls)
     try:
-        for url in todo:
+        for url in todo:  # the shard read first, and `depth` behind it
             pending.append((url, pool.submit(fetch, url, retry)))
             if len(pending) > depth:
                 break
         while pending:
             url, future = pending.popleft()
+            try:
+                data: bytes | bytearray | Exception = future.result()
+            except Exception as e:
+                data = e
+            yield url, data
+            del data  # the caller has read it: not held while the next one arrives
             nxt = next(todo, None)
             if nxt is not None:
                 pending.append((nxt, pool.submit(fetch, nxt, retry)))
-            try:
-                yield url, future.result()
-            except Exception as e:
-                yield url, e
     finally:  # the reader may stop early (its quota is met): drop what it will not read
         pool.shutdown(wait=False, cancel_futures=True)

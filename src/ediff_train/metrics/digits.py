@@ -121,8 +121,9 @@ def load_or_train(data_root: str | os.PathLike, val_root: str | os.PathLike,
     """The cached classifier of a digits build (trained on first use), and its report.
     `size`: the resolution it looks at (images are resized to it); the SR evaluation uses the
     stage's own size, so sharpness a 16 px view would average away counts."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
+    from ediff_train.checkpoints import save_safetensors
     from ediff_train.data.heldout import read_records
 
     folder = Path(data_root) / ("classifier" if size == 16 else f"classifier{size}")
@@ -143,9 +144,7 @@ def load_or_train(data_root: str | os.PathLike, val_root: str | os.PathLike,
             "train_accuracy": round(accuracy(model, x_train, y_train), 4),
             "seconds": round(time.perf_counter() - start, 1)}
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".tmp{os.getpid()}"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    os.replace(tmp, weights)
+    save_safetensors(weights, {k: v.contiguous() for k, v in model.state_dict().items()})
     tmp_info = folder / f".info.tmp{os.getpid()}"  # per process: concurrent first uses
     tmp_info.write_text(json.dumps(info, indent=1))
     os.replace(tmp_info, info_path)
