@@ -71,7 +71,7 @@ def paint_regions(cfg: DictConfig) -> list[Region] | None:
 def sample_cascade(cfg: DictConfig) -> None:
     per = images_per_prompt(cfg)
     stages, description = read_cascade(str(cfg.cascade), CASCADES)
-    loaded = load_stages(stages, cfg.device)
+    loaded = load_stages(stages, cfg.device, offload=bool(cfg.get("offload", False)))
     prompts = [p for p in prompt_list(cfg) for _ in range(per)]
     outputs = run_cascade(loaded, prompts, seed=int(cfg.seed), device=cfg.device)
     grid = write_cascade(loaded, outputs, prompts, cfg.out)
@@ -91,7 +91,8 @@ def main(cfg: DictConfig) -> None:
     names = list(cfg.experts) if cfg.experts else [str(cfg.expert)]
     prompts = prompt_list(cfg)
     seeds = [int(x) for x in (cfg.get("seeds") or [cfg.seed])]
-    sampler = Sampler.from_run(cfg.run_dir, names, str(cfg.weights), str(cfg.device))
+    sampler = Sampler.from_run(cfg.run_dir, names, str(cfg.weights), str(cfg.device),
+                               offload=bool(cfg.get("offload", False)))
     guidance.check(names)
     out = Path(str(cfg.out))
     for seed in seeds:

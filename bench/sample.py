@@ -5,13 +5,16 @@
 
 Both runs use the same solver, steps, guidance and inputs; the ensemble's experts tile the noise
 axis (E9_511, E3_0 and the middle, Config-D's base) and every step asks only the owner of σ, so
-the ratio should be ≈ 1 (the router's lookup is the only extra work). Prints a table; `--json`
-writes it. Peak memory is CUDA's max allocated (on CPU: not measured).
+the ratio should be ≈ 1 (the router's lookup is the only extra work). `--offload` adds the same
+ensemble with offloading (each expert on the device only while it runs, the next one prefetched:
+offload.Offloader) and reports its step time and peak memory beside the resident ensemble's.
+Prints a table; `--json` writes it. Peak memory is CUDA's max allocated (on CPU: not measured).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -40,6 +43,8 @@ def time_sampler(model: Any, cond: Any, size: int, steps: int, solver: str, repe
     sig = karras_sigmas(steps)
     out = []
     for r in range(repeats + 1):
+        if isinstance(model, Ensemble):
+            model.plan(sig)  # what generate() does: tells offloading the expert order
         x = torch.randn(cond.batch_size, 3, size, size, device=device) * 80.0
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -52,6 +57,21 @@ def time_sampler(model: Any, cond: Any, size: int, steps: int, solver: str, repe
     return out
 
 
+def peak_mb(run: Any, device: torch.device) -> float | None:
+    """CUDA's peak allocated memory (MB) during `run()`; None on other devices."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    run()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def _mb(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.0f}"
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="tiny")
@@ -62,6 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--offload", action="store_true", help="also time an offloaded ensemble")
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args(argv)
     if a.threads:
@@ -85,13 +106,29 @@ def main(argv: list[str] | None = None) -> None:
     s, e = statistics.median(single_t), statistics.median(ens_t)
     rows.append({"config": a.config, "experts": a.experts, "batch": a.batch, "steps": a.steps,
                  "solver": a.solver, "device": str(device), "single_s_per_step": s,
-                 "ensemble_s_per_step": e, "ratio": e / s, "calls": ens.calls})
+                 "ensemble_s_per_step": e, "ratio": e / s, "calls": ens.calls,
+                 "peak_mb": peak_mb(lambda: time_sampler(ens, cond, size, a.steps, a.solver, 1,
+                                                          device), device)})
+    if a.offload:
+        off = Ensemble(nodes, [copy.deepcopy(n).cpu() for n in nets]).offload(device)
+        ens.cpu()  # only the offloaded copies on the device now
+        nets[0].cpu()
+        off_t = time_sampler(off, cond, size, a.steps, a.solver, a.repeats, device)
+        o = statistics.median(off_t)
+        rows[0].update(offload_s_per_step=o, offload_ratio=o / s, offload_peak_mb=peak_mb(
+            lambda: time_sampler(off, cond, size, a.steps, a.solver, 1, device), device),
+            offload_transfers=off.offloader.transfers)
     print(f"{'config':<8}{'experts':>8}{'batch':>7}{'solver':>10}{'single s/step':>15}"
-          f"{'ensemble s/step':>17}{'ratio':>8}")
+          f"{'ensemble s/step':>17}{'ratio':>8}{'peak MB':>9}"
+          + (f"{'offload s/step':>16}{'ratio':>8}{'peak MB':>9}" if a.offload else ""))
     for r in rows:
-        print(f"{r['config']:<8}{r['experts']:>8}{r['batch']:>7}{r['solver']:>10}"
-              f"{r['single_s_per_step']:>15.4f}{r['ensemble_s_per_step']:>17.4f}"
-              f"{r['ratio']:>8.3f}")
+        line = (f"{r['config']:<8}{r['experts']:>8}{r['batch']:>7}{r['solver']:>10}"
+                f"{r['single_s_per_step']:>15.4f}{r['ensemble_s_per_step']:>17.4f}"
+                f"{r['ratio']:>8.3f}{_mb(r['peak_mb']):>9}")
+        if a.offload:
+            line += (f"{r['offload_s_per_step']:>16.4f}{r['offload_ratio']:>8.3f}"
+                     f"{_mb(r['offload_peak_mb']):>9}")
+        print(line)
     threads = torch.get_num_threads()
     print(f"device: {device}{f' ({threads} threads)' if device.type == 'cpu' else ''}; "
           f"expert calls in the ensemble runs: {dict(zip([n.name for n in nodes], ens.calls))}")

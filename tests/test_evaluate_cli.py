@@ -146,6 +146,7 @@ def test_sample_cli_two_experts_each_serve_their_own_sigmas(
     images are written, and each expert is asked exactly for the σ it owns (split e^−1.2)."""
     import importlib.util
 
+    import numpy as np
     import torch
     from hydra import compose, initialize_config_dir
     from PIL import Image
@@ -169,10 +170,10 @@ def test_sample_cli_two_experts_each_serve_their_own_sigmas(
     monkeypatch.setattr(pipeline, "load_ensemble", recording)
     out = tmp_path / "two"
     with initialize_config_dir(str(ROOT / "conf" / "sampling"), version_base="1.3"):
-        cfg = compose("config", overrides=[
-            f"run_dir={tree / 'R'}", "experts=[E1_0,E1_1]",
-            'prompts=["the number 3","the number 7"]', "n=2", "steps=3", f"out={out}",
-            "progress=false", "device=cpu"])
+        overrides = [f"run_dir={tree / 'R'}", "experts=[E1_0,E1_1]",
+                     'prompts=["the number 3","the number 7"]', "n=2", "steps=3",
+                     "progress=false", "device=cpu"]
+        cfg = compose("config", overrides=[*overrides, f"out={out}"])
     spec = importlib.util.spec_from_file_location("_script_sample_two", ROOT / "sample.py")
     assert spec is not None and spec.loader is not None
     script = importlib.util.module_from_spec(spec)
@@ -192,3 +193,12 @@ def test_sample_cli_two_experts_each_serve_their_own_sigmas(
     printed = capsys.readouterr().out
     calls = dict(kv.split(": ") for kv in printed.split("expert calls: ")[1].strip().split(", "))
     assert calls == {"E1_0": "2", "E1_1": "3"}  # Heun, 3 steps: σ 80, 2.5, 2.5 | 0.002, 0.002
+
+    # offload=true: the same images, each expert resident only while it (or its successor) runs
+    with initialize_config_dir(str(ROOT / "conf" / "sampling"), version_base="1.3"):
+        cfg_off = compose("config", overrides=[*overrides, f"out={tmp_path / 'off'}",
+                                               "offload=true"])
+    script.main(cfg_off)
+    for n in names:
+        assert np.array_equal(np.asarray(Image.open(out / n)),
+                              np.asarray(Image.open(tmp_path / "off" / n))), n

@@ -83,11 +83,13 @@ class LoadedStage:
         return self.lowres_size is not None
 
 
-def load_stages(stages: Sequence[Stage], device: str = "cpu") -> list[LoadedStage]:
+def load_stages(stages: Sequence[Stage], device: str = "cpu",
+                offload: bool = False) -> list[LoadedStage]:
     """Load every stage's ensemble and check the chain before any sampling: the first stage is
     a base model, every later one is SR, and each SR stage's low-res size is the size of the
     stage below (its output size a multiple of it, for SR1024-style stages run beyond their
-    training crop)."""
+    training crop). `offload`: every stage's experts stay in host memory and visit `device`
+    one at a time (offload.Offloader), so a whole cascade's experts need not fit at once."""
     from ediff_train.checkpoints import load_train_config
 
     loaded: list[LoadedStage] = []
@@ -113,7 +115,8 @@ def load_stages(stages: Sequence[Stage], device: str = "cpu") -> list[LoadedStag
             if low != below:
                 raise EdiffError(f"cascade {st.name}: takes {low} px low-res images but "
                                  f"{loaded[-1].stage.name} makes {below} px")
-        ens = load_ensemble(st.run_dir, st.experts, st.weights).to(device)
+        ens = load_ensemble(st.run_dir, st.experts, st.weights)
+        ens = ens.offload(device) if offload else ens.to(device)
         loaded.append(LoadedStage(st, ens, cfg, size, low))
     return loaded
 
@@ -136,6 +139,8 @@ def run_cascade(stages: Sequence[LoadedStage], prompts: Sequence[str], seed: int
                           guidance=st.guidance, seed=seed + 1000 * k, sigma_min=st.sigma_min,
                           sigma_max=st.sigma_max, rho=st.rho, solver=st.solver,
                           order=st.order, **kw)
+        if ls.ensemble.offloader is not None:  # the next stage's experts take the device
+            ls.ensemble.offloader.release()
         outputs.append(images)
     return outputs
 

@@ -34,13 +34,13 @@ class Sampler:
     """A base-stage ensemble with its encoders and image size, called like a function."""
 
     def __init__(self, ensemble: Ensemble, encoders: Any, image_size: int,
-                 device: str | torch.device = "cpu") -> None:
-        self.ensemble = ensemble.to(device)
+                 device: str | torch.device = "cpu", offload: bool = False) -> None:
+        self.ensemble = ensemble.offload(device) if offload else ensemble.to(device)
         self.encoders, self.image_size, self.device = encoders, int(image_size), device
 
     @classmethod
     def from_run(cls, run_dir: str | Path, experts: Sequence[str], weights: str = "ema",
-                 device: str | torch.device = "cpu") -> Sampler:
+                 device: str | torch.device = "cpu", offload: bool = False) -> Sampler:
         from ediff_train.checkpoints import load_encoders, load_train_config
 
         cfg = load_train_config(Path(run_dir) / experts[0])
@@ -48,7 +48,7 @@ class Sampler:
             raise EdiffError(f"{run_dir}/{experts[0]} is a super-resolution stage: sample it "
                              "in a cascade (ediff_train.cascade)")
         return cls(load_ensemble(run_dir, experts, weights), load_encoders(cfg),
-                   int(cfg.data.image_size), device)
+                   int(cfg.data.image_size), device, offload)
 
     @property
     def expert_calls(self) -> dict[str, int]:

@@ -18,6 +18,7 @@ from ediff_train import solvers
 from ediff_train.conditioning import Conditioning
 from ediff_train.errors import EdiffError
 from ediff_train.experts import Node, Router
+from ediff_train.offload import Offloader
 from ediff_train.solvers import Denoiser
 from ediff_train.sr import SIGMA_AUG_FLOOR, sampling_condition
 
@@ -148,15 +149,32 @@ class Ensemble(nn.Module):
         self.router = Router(nodes)
         self.experts = nn.ModuleList(denoisers)
         self.calls = [0] * len(denoisers)  # how often each expert was asked (for reports/tests)
+        self.offloader: Offloader | None = None
+
+    def offload(self, device: str | torch.device) -> Ensemble:
+        """Keep the experts in host memory; each sits on `device` only while it runs, and the
+        next one is copied over meanwhile (offload.Offloader). Returns self."""
+        self.offloader = Offloader(list(self.experts), device)
+        return self
+
+    def plan(self, sigmas: Tensor) -> None:
+        """The σ the sampler will visit, so offloading knows which expert comes next."""
+        if self.offloader is not None:
+            owners = self.router.index(sigmas[sigmas > 0].detach().cpu()).tolist()
+            self.offloader.plan(owners)
+
+    def _run(self, i: int, *args: Any, **kw: Any) -> Tensor:
+        self.calls[i] += 1
+        if self.offloader is not None:
+            self.offloader.activate(i)
+        return self.experts[i](*args, **kw)
 
     def forward(self, x: Tensor, sigma: Tensor, cond: Conditioning, **kw: Any) -> Tensor:
         """`kw` (e.g. cross_attn_bias) goes to the expert; only for batches of one σ."""
         s = sigma.reshape(-1)
         owners = self.router.index(s.detach().cpu())
         if bool((owners == owners[0]).all()):
-            i = int(owners[0])
-            self.calls[i] += 1
-            return self.experts[i](x, sigma, cond, **kw)
+            return self._run(int(owners[0]), x, sigma, cond, **kw)
         if kw:
             raise EdiffError("per-call options need one σ for the whole batch")
         out = torch.empty_like(x)  # mixed σ in one batch: ask each owner for its rows
@@ -164,8 +182,7 @@ class Ensemble(nn.Module):
             rows = (owners == i).nonzero().squeeze(1).to(x.device)
             sub = cond.rows(rows)
             sig = sigma.reshape(-1).expand(x.shape[0])[rows]
-            self.calls[i] += 1
-            out[rows] = self.experts[i](x[rows], sig, sub)
+            out[rows] = self._run(i, x[rows], sig, sub)
         return out
 
 
@@ -274,6 +291,8 @@ def generate(
     x = noise.to(device)
     sigmas = karras_sigmas(steps, sigma_min, sigma_max, rho)
     x = x * sigmas[0].to(torch.float32)
+    if isinstance(model, Ensemble):
+        model.plan(sigmas)
     cond = text_only(cond, text)
     if paint is not None:
         model = paint.wrap(model)
