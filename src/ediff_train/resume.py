@@ -226,7 +226,7 @@ class Requeue(Callback):
             return
         path = next_hpc_path(self.ckpt_dir) if trainer.is_global_zero else None
         path = trainer.strategy.broadcast(path)
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # a full resume point, optimiser too
         ok = trainer.strategy.broadcast(self._requeue() if trainer.is_global_zero else False)
         if ok:
             self.requeued = True

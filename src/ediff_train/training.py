@@ -95,7 +95,7 @@ class HandOff(Callback):
                    json.dumps(dict(self.shards)))
         module.export(self.ndir, self.info, seen, write=trainer.is_global_zero)
         # then the final resume checkpoint (see resume.PeriodicCheckpoint for why in this order)
-        trainer.save_checkpoint(self.ndir / CKPT_DIR / LAST)
+        trainer.save_checkpoint(self.ndir / CKPT_DIR / LAST, weights_only=False)  # + optimiser
 
 
 def build_module(cfg: DictConfig, node: Node, ndir: Path) -> tuple[ExpertModule, Path | None]:
