@@ -2,6 +2,15 @@
 
     python bench/train_step.py --configs tiny base64 --json bench.json
     python bench/train_step.py --configs sr_tiny sr256 sr1024 --infer 1024
+    python bench/train_step.py --device cuda --configs base64 --batch 64,128,256 --compile both \
+        --optim --json bench_gpu.json
+
+`--batch` takes a list (a sweep up to what fills the GPU; a batch that runs out of memory gives
+an "out of memory" row and the sweep goes on). `--compile on|both` adds rows with the denoiser
+under `torch.compile` (perf.CompiledDenoiser, the wrapper training uses): the first step, which
+compiles forward and backward, is timed apart as `compile_s` and never enters the step figures;
+a failed compile falls back to eager and its row says so (`compiled: false`). `--channels-last`
+runs weights and batch in NHWC; `--optim` uses the AdamW training builds (fused on CUDA).
 
 SR configs (Efficient U-Net) get a low-res input at 1/LOWRES_FACTOR of their size, noise-
 augmented as in training. `--infer N` adds, for each SR config, one sampling-time forward pass
@@ -34,6 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ediff_train.conditioning import Conditioning
 from ediff_train.edm import EDMPrecond, LogNormalSigma, edm_loss
+from ediff_train.perf import CompiledDenoiser, adamw, to_device
 from ediff_train.sr import NoiseAugment
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -144,55 +154,78 @@ def _reset_hwm() -> bool:
         return False
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def time_steps(cfg: DictConfig, args: argparse.Namespace, device: torch.device, batch: int,
-               steps: int, warmup: int, t5_len: int, bf16: bool,
-               factor: int = 4) -> tuple[int, list[float], bool]:
-    """Build the model and time `steps` training steps after `warmup`; returns
-    (parameters, seconds per step, grad checkpointing on). The model dies with this frame."""
+               steps: int, warmup: int, t5_len: int, bf16: bool, factor: int = 4,
+               compile: bool = False) -> dict[str, Any]:
+    """Build the model and time `steps` training steps after `warmup`; with `compile`, the
+    first (compiling) step is timed apart and precedes the warmup. Returns parameters, seconds
+    per step, grad checkpointing, and the compile outcome. The model dies with this frame."""
     torch.manual_seed(0)
     net = instantiate(cfg).to(device)
     if args.no_checkpointing:
         net.grad_checkpointing = False
     den = EDMPrecond(net).train()
-    opt = torch.optim.AdamW(den.parameters(), lr=1e-4) if args.optim else None
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    den.to(memory_format=fmt)
+    opt = adamw(list(den.parameters()), 1e-4, (0.9, 0.999), 0.01, True) if args.optim else None
     x = torch.randn(batch, net.in_channels, net.image_size, net.image_size, device=device)
+    x = x.contiguous(memory_format=fmt)
     cond = random_cond(cfg, batch, t5_len, device, factor=factor)
     law = LogNormalSigma()
-    cuda = device.type == "cuda"
+    fn = CompiledDenoiser(den, args.backend) if compile else den
 
     def step() -> None:
-        sigma = law.sample(batch).to(device, torch.float32)
+        sigma = to_device(law.sample(batch).float(), device)  # as training: no host sync
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = edm_loss(den, x, sigma, cond).mean()
+            loss = edm_loss(fn, x, sigma, cond).mean()
         loss.backward()
         if opt is not None:
             opt.step()
         den.zero_grad(set_to_none=True)
 
+    compile_s = None
+    if compile:
+        _sync(device)
+        t = time.perf_counter()
+        step()
+        _sync(device)
+        compile_s = time.perf_counter() - t
     for _ in range(warmup):
         step()
     times = []
     for _ in range(steps):
-        if cuda:
-            torch.cuda.synchronize(device)
+        _sync(device)
         t = time.perf_counter()
         step()
-        if cuda:
-            torch.cuda.synchronize(device)
+        _sync(device)
         times.append(time.perf_counter() - t)
-    return sum(p.numel() for p in net.parameters()), times, net.grad_checkpointing
+    compiled = isinstance(fn, CompiledDenoiser) and fn.compiled
+    if compile:
+        torch._dynamo.reset()  # the next row's model compiles afresh, this one's graphs go
+    return {"params": sum(p.numel() for p in net.parameters()), "times": times,
+            "grad_checkpointing": net.grad_checkpointing, "compiled": compiled,
+            "compile_s": compile_s,
+            "compile_error": fn.failure if isinstance(fn, CompiledDenoiser) else None}
 
 
-def bench_one(name: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+def bench_one(name: str, args: argparse.Namespace, device: torch.device, batch: int | None,
+              compile: bool) -> dict[str, Any]:
     cfg = model_config(name)
     factor = LOWRES_FACTOR.get(Path(name).stem, 4)
     cuda = device.type == "cuda"
     heavy = int(cfg.image_size) >= 64
-    batch = args.batch or (64 if not heavy else (32 if cuda else 1))
+    batch = batch or (64 if not heavy else (32 if cuda else 1))
     steps = args.steps or (20 if cuda else (2 if heavy else 10))
     warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
     t5_len = args.t5_len or T5_LEN.get(Path(name).stem, DEFAULT_T5_LEN)
     bf16 = args.dtype == "bf16" or (args.dtype == "auto" and cuda)
+    head = {"config": Path(name).stem, "batch": batch, "compile": compile,
+            "channels_last": bool(args.channels_last)}
 
     if cuda:
         torch.cuda.empty_cache()
@@ -205,8 +238,15 @@ def bench_one(name: str, args: argparse.Namespace, device: torch.device) -> dict
         mem_method = "VmHWM growth (clear_refs)" if hwm_ok else "ru_maxrss growth (lower bound)"
         device_name = f"cpu ({torch.get_num_threads()} threads)"
 
-    params, times, ckpt = time_steps(cfg, args, device, batch, steps, warmup, t5_len, bf16,
-                                     factor)
+    try:
+        run = time_steps(cfg, args, device, batch, steps, warmup, t5_len, bf16, factor, compile)
+    except torch.OutOfMemoryError:
+        run = None  # freed once the traceback is gone, i.e. below
+    if run is None:
+        torch._dynamo.reset()
+        if cuda:
+            torch.cuda.empty_cache()
+        return {**head, "oom": True, "device": device_name}
 
     if cuda:
         peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
@@ -215,14 +255,17 @@ def bench_one(name: str, args: argparse.Namespace, device: torch.device) -> dict
         now = _rss_kib("VmHWM") if hwm_ok else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         peak_mb = max(0, now - rss0) / 1024
 
+    times = run["times"]
     sec = sorted(times)[len(times) // 2]  # median: robust to a hiccup on a shared machine
     flops = count_flops(cfg, batch, t5_len, factor)
     peak = peak_tflops(device_name) if cuda else None
     achieved = flops / sec / 1e12
     return {
-        "config": Path(name).stem, "params_m": params / 1e6, "batch": batch, "t5_len": t5_len,
+        **head, "oom": False, "params_m": run["params"] / 1e6, "t5_len": t5_len,
         "dtype": "bf16-autocast" if bf16 else "fp32", "device": device_name, "steps": steps,
-        "warmup": warmup, "optimizer": bool(args.optim), "grad_checkpointing": ckpt,
+        "warmup": warmup, "optimizer": bool(args.optim),
+        "grad_checkpointing": run["grad_checkpointing"], "compiled": run["compiled"],
+        "compile_s": run["compile_s"], "compile_error": run["compile_error"],
         "sec_per_step": sec, "mean_sec_per_step": sum(times) / len(times),
         "best_sec_per_step": min(times), "steps_per_s": 1 / sec,
         "img_per_s": batch / sec, "peak_mem_mb": peak_mb, "mem_method": mem_method,
@@ -265,30 +308,48 @@ def infer_memory(name: str, size: int, device: torch.device, bf16: bool) -> dict
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = f"{'config':<10}{'params(M)':>10}{'batch':>7}{'dtype':>15}{'steps/s':>9}{'img/s':>9}"
-    head += f"{'peak MB':>10}{'GFLOP/step':>12}{'TFLOP/s':>9}{'MFU':>8}"
+    head = f"{'config':<10}{'params(M)':>10}{'batch':>7}{'compile':>9}{'dtype':>15}"
+    head += f"{'steps/s':>9}{'img/s':>9}{'peak MB':>10}{'GFLOP/step':>12}{'TFLOP/s':>9}{'MFU':>8}"
     lines = [head, "-" * len(head)]
     for r in rows:
+        if r["oom"]:
+            lines.append(f"{r['config']:<10}{'':>10}{r['batch']:>7}  out of memory")
+            continue
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        comp = (f"{r['compile_s']:.0f}s" if r["compiled"] else "failed") if r["compile"] else "-"
         lines.append(
-            f"{r['config']:<10}{r['params_m']:>10.2f}{r['batch']:>7}{r['dtype']:>15}"
+            f"{r['config']:<10}{r['params_m']:>10.2f}{r['batch']:>7}{comp:>9}{r['dtype']:>15}"
             f"{r['steps_per_s']:>9.2f}{r['img_per_s']:>9.1f}{r['peak_mem_mb']:>10.0f}"
             f"{r['gflop_per_step']:>12.1f}{r['achieved_tflops']:>9.3f}{mfu:>8}"
         )
-    notes = {f"{r['device']}; memory: {r['mem_method']}" for r in rows}
+    notes = {f"{r['device']}; memory: {r['mem_method']}" for r in rows if not r["oom"]}
     lines += [f"device: {n}" for n in sorted(notes)]
-    if any(r["peak_bf16_tflops"] for r in rows):
+    lines += ["compile: seconds of the first (compiling) step, kept out of the step figures"
+              ] if any(r["compile"] for r in rows) else []
+    if any(r.get("peak_bf16_tflops") for r in rows):
         peaks = ", ".join(f"{k} {v}" for k, v in PEAK_BF16_TFLOPS)
         lines.append(f"MFU vs dense bf16 peak TFLOP/s: {peaks}")
     return "\n".join(lines)
+
+
+def batch_list(text: str) -> list[int]:
+    """'64,128,256' → [64, 128, 256] (argparse type for --batch)."""
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of batch sizes: {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be ≥ 1: {text!r}")
+    return sizes
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--configs", nargs="+", default=["tiny", "base64"],
                    help="names under conf/model/ or paths to model yaml files")
-    p.add_argument("--batch", type=int, default=None,
-                   help="default: 64 (small nets); base64: 32 on CUDA, 1 on CPU")
+    p.add_argument("--batch", type=batch_list, default=None,
+                   help="one size or a list (64,128,256); default: 64 (small nets); "
+                        "base64: 32 on CUDA, 1 on CPU")
     p.add_argument("--steps", type=int, default=None,
                    help="timed steps; default 20 on CUDA, 10 on CPU (2 for base64)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 3 CUDA, 1 CPU)")
@@ -299,6 +360,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--t5-len", type=int, default=None, help="T5 tokens (default 113 base64, 16)")
     p.add_argument("--optim", action="store_true", help="include an AdamW step in each step")
     p.add_argument("--no-checkpointing", action="store_true", help="disable grad checkpointing")
+    p.add_argument("--compile", choices=["off", "on", "both"], default="off",
+                   help="torch.compile the denoiser: rows without, with, or both")
+    p.add_argument("--backend", default="inductor", help="torch.compile backend (--compile)")
+    p.add_argument("--channels-last", action="store_true", help="NHWC weights and batch")
     p.add_argument("--json", type=Path, default=None, help="write the figures here")
     p.add_argument("--infer", type=int, default=None,
                    help="also one no-grad CFG forward of each SR config at this size (e.g. 1024)")
@@ -307,8 +372,11 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     rows = []
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     for name in args.configs:
-        rows.append(bench_one(name, args, device))
+        for batch in args.batch or [None]:
+            for compile in modes:
+                rows.append(bench_one(name, args, device, batch, compile))
         print(f"done {name}", file=sys.stderr, flush=True)
     print(table(rows))
     infer = []

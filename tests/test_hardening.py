@@ -121,6 +121,11 @@ def test_child_of_corrupt_parent_one_line(tmp_path: Path) -> None:
     ("monitor.every", -5, "monitor.every must be a whole number ≥ 0 (0 = off), got -5"),
     ("seed", 1.5, "seed must be a whole number in [0, 4294967295], got 1.5"),
     ("seed", 2**32, "seed must be a whole number in [0, 4294967295], got 4294967296"),
+    ("module.compile", "", "module.compile must be true, false or a torch.compile backend name, "
+                           "got ''"),
+    ("module.channels_last", "yes", "module.channels_last must be true or false, got 'yes'"),
+    ("module.finite_check_every", 0,
+     "module.finite_check_every must be null or a whole number ≥ 1, got 0"),
 ])
 def test_bad_hyperparameter_named(train_cfg: DictConfig, key: str, value: Any,
                                   message: str) -> None:
@@ -136,7 +141,9 @@ def test_edge_values_accepted(train_cfg: DictConfig) -> None:
     validate_train_config(cfg)  # the defaults
     for key, value in [("module.ema_decay", 1.0), ("module.weight_decay", 0), ("steps", 1e3),
                        ("sample.per_prompt", 0), ("monitor.every", 0), ("seed", 0),
-                       ("module.betas", [0.0, 0.999])]:
+                       ("module.betas", [0.0, 0.999]), ("module.compile", "aot_eager"),
+                       ("module.compile", True), ("module.channels_last", True),
+                       ("module.finite_check_every", 1)]:
         OmegaConf.update(cfg, key, value)
     validate_train_config(cfg)
 

@@ -6,6 +6,7 @@ train_probes.Probe`): what the Trainer really did, recorded independently of edi
   which runs after backward and before the parameters change): how many steps this run trained;
 - `weights`: {global step: the denoiser's parameters}, before the first step of the run and after
   every step; `ema0`: the EMA the run starts from (a resumed run's: the checkpoint's);
+- `losses`: {global step: the loss of the step taken there} (what training_step returned);
 - `at_exception`: the parameters when the run stopped with an exception, and `exception`.
 With `nan_at=j` the batch of the step taken at global step j becomes NaN, as corrupt data would.
 """
@@ -28,7 +29,7 @@ class Probe(Callback):
     def __init__(self, key: str, nan_at: int | None = None) -> None:
         self.nan_at = nan_at
         self.rec: dict[str, Any] = {"optimizer_steps": [], "weights": {}, "ema0": None,
-                                    "at_exception": None, "exception": None}
+                                    "losses": {}, "at_exception": None, "exception": None}
         RECORDS[key] = self.rec
 
     def on_train_batch_start(self, trainer: Trainer, module: LightningModule, batch: Any,
@@ -43,8 +44,12 @@ class Probe(Callback):
                                  optimizer: Any) -> None:
         self.rec["optimizer_steps"].append(trainer.global_step)
 
-    def on_train_batch_end(self, trainer: Trainer, module: LightningModule, *args: Any) -> None:
+    def on_train_batch_end(self, trainer: Trainer, module: LightningModule, outputs: Any,
+                           *args: Any) -> None:
         self.rec["weights"][trainer.global_step] = parameters(module)
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if loss is not None:  # keyed by the step that computed it
+            self.rec["losses"][trainer.global_step - 1] = float(loss.detach())
 
     def on_exception(self, trainer: Trainer, module: LightningModule,
                      exception: BaseException) -> None:

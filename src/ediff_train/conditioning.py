@@ -11,6 +11,8 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import Tensor
 
+from ediff_train.perf import to_device
+
 # Default drop rates (eDiff-I via a secondary source): CLIP text 0.2, T5 0.25, CLIP image 0.9.
 DEFAULT_DROP = {"clip_txt": 0.2, "t5": 0.25, "clip_img": 0.9}
 
@@ -114,14 +116,12 @@ def drop_embeddings(
     pass, and keeping one would leak the caption into the 'unconditional' model.
     """
     b = cond.batch_size
-    dev = cond.t5.device
-
-    def keep(name: str) -> Tensor:
-        rate = float(p.get(name, 0.0))
-        r = torch.rand(b, generator=generator, device="cpu").to(dev)
-        return (r >= rate).to(cond.t5.dtype)
-
-    k_t5, k_txt, k_img = keep("t5"), keep("clip_txt"), keep("clip_img")
+    names = ("t5", "clip_txt", "clip_img")
+    # drawn on the host (the same stream on every device), moved in one non-blocking copy
+    r = torch.stack([torch.rand(b, generator=generator, device="cpu") for _ in names])
+    rates = torch.tensor([float(p.get(name, 0.0)) for name in names])[:, None]
+    keep = to_device(r >= rates, cond.t5.device).to(cond.t5.dtype)
+    k_t5, k_txt, k_img = keep[0], keep[1], keep[2]
     return replace(
         cond,
         t5=cond.t5 * k_t5[:, None, None],

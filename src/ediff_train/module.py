@@ -12,6 +12,7 @@ through `on_save_checkpoint`/`on_load_checkpoint` instead, as full fp32 tensors 
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
 
 import lightning as L
@@ -24,6 +25,7 @@ from ediff_train.edm import EDMPrecond, edm_loss
 from ediff_train.ema import EMA, full_fp32_state, restore_fp32
 from ediff_train.errors import EdiffError
 from ediff_train.experts import Node
+from ediff_train.perf import CompiledDenoiser, adamw, clip_gradients, is_fused, to_device
 from ediff_train.sr import SRConditioner
 
 
@@ -43,6 +45,9 @@ class ExpertModule(L.LightningModule):
         step_offset: int = 0,
         seed: int = 0,
         sr: SRConditioner | None = None,
+        compile: bool | str = False,
+        channels_last: bool = False,
+        finite_check_every: int | None = None,
     ) -> None:
         super().__init__()
         self.denoiser = EDMPrecond(net)
@@ -59,6 +64,14 @@ class ExpertModule(L.LightningModule):
         self._gen: torch.Generator | None = None
         self._ema_step = -1  # global step of the last EMA update (once per optimiser step)
         self._fp32_init: dict[str, Tensor] | None = None
+        # speed switches (perf.py): compile backend (True = inductor), NHWC on CUDA
+        self.compile_backend: str | None = "inductor" if compile is True else (compile or None)
+        self.channels_last = bool(channels_last)
+        self._compiled: CompiledDenoiser | None = None
+        self._nhwc = False  # channels_last and the run is on CUDA (decided in setup)
+        self.finite_check_every = finite_check_every
+        # deferred NaN/Inf check (see _check_finite): device flag, first and last step it covers
+        self._pending: tuple[Tensor, int, int] | None = None
 
     @property
     def ema(self) -> nn.Module:
@@ -85,18 +98,38 @@ class ExpertModule(L.LightningModule):
         return self.step_offset + self.global_step
 
     # ---- training --------------------------------------------------------------------------
+    def _deepspeed(self) -> bool:
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        return isinstance(self.trainer.strategy, DeepSpeedStrategy)
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(
-            self.denoiser.parameters(), lr=self.lr, betas=self.betas, weight_decay=self.weight_decay
-        )
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        opt = adamw(list(self.denoiser.parameters()), self.lr, self.betas, self.weight_decay,
+                    fusable=not self._deepspeed() and scaler is None)
+        if is_fused(opt):
+            # Lightning refuses to clip for a fused optimiser (perf.clip_gradients): the hook is
+            # replaced on this instance only, as a class override would make DeepSpeed warn.
+            self.configure_gradient_clipping = self.clip_fused  # type: ignore[method-assign]
+        return opt
+
+    def clip_fused(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                   gradient_clip_algorithm: str | None = None) -> None:
+        """Lightning's configure_gradient_clipping for a fused AdamW (no GradScaler)."""
+        if gradient_clip_val:
+            params = (p for g in optimizer.param_groups for p in g["params"])
+            clip_gradients(params, float(gradient_clip_val), gradient_clip_algorithm or "norm")
 
     def setup(self, stage: str) -> None:
+        # channels_last before the strategy moves the model (`.to(device)` keeps the layout);
+        # on CPU it is left off: the CPU path stays as it was.
+        self._nhwc = self.channels_last and self.trainer.strategy.root_device.type == "cuda"
+        if self._nhwc:
+            self.denoiser.to(memory_format=torch.channels_last)
         # DeepSpeed's bf16/fp16 mode casts the model, then builds its fp32 master weights from
         # the cast copy: a parent's (or the init's) weights would lose 16 mantissa bits at the
         # hand-off. Keep the fp32 values until on_train_start writes them into the master copy.
-        from lightning.pytorch.strategies import DeepSpeedStrategy
-
-        deepspeed = isinstance(self.trainer.strategy, DeepSpeedStrategy)
+        deepspeed = self._deepspeed()
         if deepspeed and str(self.trainer.precision).startswith(("bf16", "16")):
             self._fp32_init = {
                 n: p.detach().float().clone() for n, p in self.denoiser.named_parameters()
@@ -113,31 +146,91 @@ class ExpertModule(L.LightningModule):
         self._gen = torch.Generator().manual_seed(
             self.seed * 1_000_003 + self.global_rank * 7919 + self.total_step
         )
+        self._compiled = self._compile()
+
+    def _compile(self) -> CompiledDenoiser | None:
+        """The compiled denoiser when asked for, after the strategy set the model up."""
+        if self.compile_backend is None:
+            return None
+        if getattr(self.trainer.strategy, "zero_stage_3", False):
+            print("warning: module.compile is not used under DeepSpeed ZeRO-3 (its parameters are "
+                  "gathered by hooks inside the forward): training eagerly", file=sys.stderr)
+            return None
+        return CompiledDenoiser(self.denoiser, self.compile_backend)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         x = batch["image"]
+        if self._nhwc:
+            x = x.contiguous(memory_format=torch.channels_last)
         cond = drop_embeddings(Conditioning.from_batch(batch), self.drop, self._gen)
         if self.sr is not None:
             cond = self.sr.condition(cond, x, batch.get("lowres"), self._gen)
+        # σ is drawn and bookkept on the host (reproducible, and no GPU value is ever read)
         sigma64 = self.node.sample_sigma(x.shape[0], self._gen)
         self.sigma_seen[0] = torch.minimum(self.sigma_seen[0], sigma64.min())
         self.sigma_seen[1] = torch.maximum(self.sigma_seen[1], sigma64.max())
-        sigma = sigma64.to(device=x.device, dtype=torch.float32)
-        per_sample = edm_loss(self.denoiser, x, sigma, cond)
+        sigma = to_device(sigma64.to(torch.float32), x.device)
+        per_sample = edm_loss(self._compiled or self.denoiser, x, sigma, cond)
         loss = per_sample.mean()
-        if not torch.isfinite(loss):
-            raise EdiffError(
-                f"loss is {loss.item()} at step {self.total_step} of {self.node.name} "
-                f"(σ in [{sigma.min().item():.4g}, {sigma.max().item():.4g}]); stopped before "
-                "updating weights: the last checkpoint is intact (lower the lr or check the data)"
-            )
-        self.log("train/loss", loss, prog_bar=True, batch_size=x.shape[0])
-        self.log("train/total_step", float(self.total_step), batch_size=x.shape[0])
+        self._check_finite(loss, sigma64)
+        n = x.shape[0]
+        # host numbers are logged as host tensors: a Python float would be copied to the GPU
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        self.log("train/total_step", torch.tensor(float(self.total_step)), batch_size=n)
         skipped = batch.get("skipped")
         if isinstance(skipped, dict):
             for reason, count in skipped.items():
-                self.log(f"data/skipped_{reason}", float(count), reduce_fx="sum", batch_size=1)
+                self.log(f"data/skipped_{reason}", torch.tensor(float(count)), reduce_fx="sum",
+                         batch_size=1)
         return loss
+
+    # ---- NaN/Inf -----------------------------------------------------------------------------
+    def _check_every(self, loss: Tensor) -> int:
+        if self.finite_check_every is not None:
+            return int(self.finite_check_every)
+        if loss.device.type == "cpu":
+            return 1
+        return int(getattr(self._trainer, "log_every_n_steps", 50) or 50)
+
+    def _check_finite(self, loss: Tensor, sigma64: Tensor) -> None:
+        """Stop on a NaN/Inf loss. Checked every step (the CPU default) it stops before this
+        step's update, the previous weights kept. Reading a GPU loss makes the host wait for the
+        forward, so on a GPU the flag stays on the device and is read every `finite_check_every`
+        steps (default: the trainer's log_every_n_steps) and before any checkpoint or hand-off
+        is written: nothing saved ever holds weights trained on a bad loss."""
+        every = self._check_every(loss)
+        if every <= 1:
+            if not torch.isfinite(loss):
+                raise EdiffError(
+                    f"loss is {loss.item()} at step {self.total_step} of {self.node.name} (σ in "
+                    f"[{float(sigma64.min()):.4g}, {float(sigma64.max()):.4g}]); stopped before "
+                    "updating weights: the last checkpoint is intact (lower the lr or check the "
+                    "data)")
+            return
+        bad = ~torch.isfinite(loss.detach())
+        if self._pending is None:
+            self._pending = (bad, self.total_step, self.total_step)
+        else:
+            self._pending = (self._pending[0] | bad, self._pending[1], self.total_step)
+        if (self.global_step + 1) % every == 0:
+            self.raise_if_nonfinite()
+
+    def raise_if_nonfinite(self) -> None:
+        """Read the deferred NaN/Inf flag (waits for the GPU; a collective on several ranks, so
+        every rank calls it at the same point) and stop if any rank saw a bad loss."""
+        if self._pending is None:
+            return
+        bad, first, last = self._pending
+        flag = bad.float()
+        if self._trainer is not None and self.trainer.world_size > 1:
+            flag = self.trainer.strategy.reduce(flag, reduce_op="max")
+        self._pending = None
+        if bool(flag):
+            where = f"step {first}" if first == last else f"a step in {first}–{last}"
+            raise EdiffError(
+                f"loss was not finite at {where} of {self.node.name} (checked every "
+                f"{self._check_every(bad)} steps: module.finite_check_every); stopped before "
+                "writing a checkpoint: the last one is intact (lower the lr or check the data)")
 
     def ema_decay_at(self, n: int) -> float:
         """Decay after this node's n-th optimiser step (with warmup: min(decay, (1+n)/(10+n)))."""
@@ -155,7 +248,8 @@ class ExpertModule(L.LightningModule):
 
     # ---- checkpoints -----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Called on every rank: assembling a sharded EMA is a collective.
+        # Called on every rank: assembling a sharded EMA is a collective, and so is the check.
+        self.raise_if_nonfinite()  # a deferred NaN/Inf check never lets bad weights be saved
         checkpoint["ema"] = self.ema_state.state_dict()
         checkpoint["sigma_seen"] = self.sigma_seen.clone()
 
@@ -180,6 +274,7 @@ class ExpertModule(L.LightningModule):
         """Write the hand-off files for children and the sampler: full fp32 model and EMA weights,
         however the strategy partitioned them. Call on every rank (assembling them may be a
         collective); only a rank with `write` writes."""
+        self.raise_if_nonfinite()
         model = full_fp32_state(self.denoiser, self.ema_state.shapes)
         self.ema_state.release()
         ema = self.ema_state.state_dict()

@@ -93,17 +93,22 @@ def token_positions(encoders: Any, prompt: str, phrase: str) -> tuple[list[int],
     return list(range(i, i + len(t5_sub))), list(range(j, j + len(clip_sub)))
 
 
+Recorder = Callable[[float, Tensor, Tensor], None]
+
+
 class Painter:
     """Builds each cross-attention's AttentionHook for a batch of painted prompts.
 
     Rows of the batch are [conditional rows..., unconditional rows...] (guided's layout); only
-    the first `rows` are painted."""
+    the first `rows` are painted. `record(σ, probs, A)`, if given, sees every cross-attention's
+    weights [B, heads, HW, N] with its paint matrix A [B, HW, N], also at w′ = 0, so the
+    attention a phrase gets inside its mask can be measured with and without painting."""
 
     def __init__(self, encoders: Any, prompts: Sequence[str], regions: Sequence[Region],
-                 w_prime: float) -> None:
+                 w_prime: float, record: Recorder | None = None) -> None:
         if not regions:
             raise EdiffError("paint-with-words needs at least one phrase and mask")
-        self.w_prime, self.rows = float(w_prime), len(prompts)
+        self.w_prime, self.rows, self.record = float(w_prime), len(prompts), record
         self.regions = list(regions)
         self.positions = [[token_positions(encoders, p, r.phrase) for r in regions]
                           for p in prompts]
@@ -131,15 +136,18 @@ class Painter:
         def hook(h: int, w: int) -> AttentionHook:
             if (h, w) not in cache:
                 a = self.matrix(h, w, t5_len, cond.batch_size).to(cond.t5.device)
-                cache[(h, w)] = AttentionHook(paint=a, weight=weight.to(cond.t5.device))
+                seen = (None if self.record is None
+                        else lambda probs, a=a: self.record(sigma, probs, a))
+                cache[(h, w)] = AttentionHook(paint=a if self.w_prime else None,
+                                              weight=weight.to(cond.t5.device), record=seen)
             return cache[(h, w)]
 
         return hook
 
     def wrap(self, model: Callable[..., Tensor]) -> Callable[[Tensor, Tensor, Conditioning],
                                                              Tensor]:
-        """`model` with every call painted (a plain model when w′ = 0)."""
-        if self.w_prime == 0.0:
+        """`model` with every call painted (a plain model when w′ = 0 and nothing records)."""
+        if self.w_prime == 0.0 and self.record is None:
             return model
 
         def painted(x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:

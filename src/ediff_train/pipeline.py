@@ -60,11 +60,13 @@ class Sampler:
         """Images [N,3,H,W] in [0, 1], one per prompt (repeat a prompt for several). Extra
         keywords go to sampling.generate (sigma_min, sigma_max, rho, order, text, style,
         style_guidance); `style_image=PATH` is turned into `style` here; `paint` (a list of
-        paint.Region) with `paint_weight` (w′, default 0.3) paints phrases onto regions."""
+        paint.Region) with `paint_weight` (w′, default 0.3) paints phrases onto regions;
+        `paint_record` is paint.Painter's `record`."""
         if kw.get("style_image"):
             kw["style"] = style_embedding(self.encoders, kw.pop("style_image"))
         kw.pop("style_image", None)
         regions, w_prime = kw.pop("paint", None), float(kw.pop("paint_weight", 0.3))
+        record = kw.pop("paint_record", None)
         if batch_size < 1:
             raise EdiffError(f"batch_size must be ≥ 1, got {batch_size}")
         if not prompts:
@@ -81,7 +83,8 @@ class Sampler:
             cond = embed_prompts(self.encoders, chunk).to(self.device)
             noise = torch.stack([image_noise(seed, first_index + i + k, shape)
                                  for k in range(len(chunk))])
-            painter = (Painter(self.encoders, chunk, regions, w_prime) if regions else None)
+            painter = (Painter(self.encoders, chunk, regions, w_prime, record)
+                       if regions else None)
             out.append(generate(self.ensemble, cond, self.image_size, steps=steps,
                                 guidance=guidance, seed=seed, noise=noise, solver=solver,
                                 paint=painter, **kw).cpu())

@@ -219,10 +219,11 @@ class Requeue(Callback):
             signal.signal(self.signum, self._previous)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
-        flag = torch.tensor(1.0 if self.signalled else 0.0, device=pl_module.device)
-        if trainer.world_size > 1:
-            flag = trainer.strategy.reduce(flag, reduce_op="max")
-        if flag.item() < 0.5 or self.requeued or trainer.global_step >= (trainer.max_steps or 0):
+        signalled = self.signalled  # one process: a host flag, the GPU is never waited for
+        if trainer.world_size > 1:  # several: they agree (a collective, so every rank asks)
+            flag = torch.tensor(1.0 if signalled else 0.0, device=pl_module.device)
+            signalled = trainer.strategy.reduce(flag, reduce_op="max").item() >= 0.5
+        if not signalled or self.requeued or trainer.global_step >= (trainer.max_steps or 0):
             return
         path = next_hpc_path(self.ckpt_dir) if trainer.is_global_zero else None
         path = trainer.strategy.broadcast(path)

@@ -37,6 +37,7 @@ from torch import Tensor
 from ediff_train.conditioning import Conditioning
 from ediff_train.edm import SIGMA_DATA
 from ediff_train.errors import EdiffError
+from ediff_train.perf import to_device
 
 SIGMA_AUG_FLOOR = 0.002  # below this the embedding sees the floor: 0 and 0.002 look the same
 
@@ -118,7 +119,7 @@ class SRConditioner:
                                   generator or torch.Generator())
         if lowres is None:
             raise EdiffError("an SR stage needs low-res images: set data.lowres_size")
-        sigma_aug = self.augment.sample(hires.shape[0], generator).to(hires.device)
+        sigma_aug = to_device(self.augment.sample(hires.shape[0], generator), hires.device)
         return replace(cond, lowres=corrupt(lowres, sigma_aug), sigma_aug=sigma_aug)
 
 

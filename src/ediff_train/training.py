@@ -113,6 +113,9 @@ def build_module(cfg: DictConfig, node: Node, ndir: Path) -> tuple[ExpertModule,
         drop=OmegaConf.to_container(m.drop),
         seed=cfg.seed,
         sr=sr_conditioner(cfg, net),
+        compile=m.get("compile", False),
+        channels_last=bool(m.get("channels_last", False)),
+        finite_check_every=m.get("finite_check_every"),
     )
     resume = resume_checkpoint(ndir)
     if node.parent is not None:

@@ -59,6 +59,11 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "sample.per_prompt": (_count(0), "a whole number ≥ 0"),
     "sample.steps": (_count(1), "a whole number ≥ 1"),
     "monitor.every": (_count(0), "a whole number ≥ 0 (0 = off)"),
+    "module.compile": (lambda v: isinstance(v, bool) or (isinstance(v, str) and bool(v.strip())),
+                       "true, false or a torch.compile backend name"),
+    "module.channels_last": (lambda v: isinstance(v, bool), "true or false"),
+    "module.finite_check_every": (lambda v: v is None or _count(1)(v),
+                                  "null or a whole number ≥ 1"),
 }
 
 

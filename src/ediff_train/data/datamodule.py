@@ -238,9 +238,11 @@ class ShardDataModule(L.LightningDataModule):
             crop_size=self.crop_size, readahead=self.readahead, retries=self.retries)
         # under a trainer a batch is consumed when its step takes it (on_before_batch_transfer):
         # Lightning fetches one batch ahead, and that one must not count if the run stops now
+        # on a GPU: pinned host batches, so the trainer's non-blocking copy does not wait
         self._loader = ShardLoader(stream, num_workers=workers, epoch_fn=_trainer_epoch(self),
                                    expand=not self._casts_on_device(),
-                                   consume_on_yield=self.trainer is None)
+                                   consume_on_yield=self.trainer is None,
+                                   pin_memory=self._trains_on_cuda())
         return self._loader
 
     def validation(self) -> tuple[Path | str, float] | None:
@@ -266,11 +268,14 @@ class ShardDataModule(L.LightningDataModule):
                              readahead=self.readahead, retries=self.retries)
         return [{k: v for k, v in b.items() if k not in ("skipped", POSITION)} for b in stream]
 
+    def _trains_on_cuda(self) -> bool:
+        trainer = self.trainer
+        return trainer is not None and trainer.strategy.root_device.type == "cuda"
+
     def _casts_on_device(self) -> bool:
         if self.cast_on_device is not None:
             return self.cast_on_device
-        trainer = self.trainer
-        return trainer is not None and trainer.strategy.root_device.type == "cuda"
+        return self._trains_on_cuda()
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """The trainer takes this batch for a step now (its prefetched successor is not

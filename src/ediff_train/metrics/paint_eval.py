@@ -1,10 +1,17 @@
 """Does painting a phrase put it where it was painted? Measured on the layout set (data/layout.py).
 
 For random pairs a ≠ b the prompt "a {a} and a {b}" names both digits but not their places.
-Three runs from the same noise: unpainted; "a" painted into the left half and "b" into the right;
-and swapped. Each half (the 8×8 scan area) is classified by the digits build's classifier; a
-sample is placed right when the left half reads as the digit painted left and the right half as
-the one painted right.
+From the same noise: unpainted; "a" painted into the left half and "b" into the right; and
+swapped; the painted runs at every w′ asked for. Each half (the 8×8 scan area) is classified by
+the digits build's classifier. Reported per run:
+
+- `in_painted_half`: the share of (sample, phrase) pairs whose painted half reads as the
+  phrase's digit. Its baseline is the unpainted run scored against the same halves (where the
+  digit lands without painting), so the difference is what painting moved.
+- `both_halves`: both halves read as painted (unpainted: the first-named digit on the left).
+- `mass_inside`: the mean attention weight an image token inside a mask gives the tokens of the
+  phrase painted there, over every cross-attention, head and solver call; unpainted runs are
+  measured against the same masks.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from ediff_train.checkpoints import load_train_config, write_json
@@ -27,6 +34,35 @@ def halves(images: Tensor) -> tuple[Tensor, Tensor]:
         return F.interpolate(x, size=(16, 16), mode="bicubic", align_corners=False).clamp(0, 1)
 
     return up(images[:, :, 4:12, 0:8]), up(images[:, :, 4:12, 8:16])
+
+
+class MaskMass:
+    """A Painter `record`: the painted phrases' attention share inside their masks, and the
+    same for the masks mirrored left↔right (the swapped layout, for an unpainted baseline)."""
+
+    def __init__(self, rows: int) -> None:
+        self.rows, self.total, self.calls = rows, torch.zeros(2), 0
+
+    def __call__(self, sigma: float, probs: Tensor, paint: Tensor) -> None:
+        p = probs[: self.rows].float().mean(1)  # [rows, HW, N], heads averaged
+        side = int(p.shape[1] ** 0.5)
+        on = paint[: self.rows] > 0
+        mirrored = on.view(on.shape[0], side, side, -1).flip(2).reshape(on.shape)
+        for i, m in enumerate((on, mirrored)):
+            inside = m.any(-1)  # image tokens inside some mask
+            self.total[i] += (p * m).sum(-1)[inside].mean()
+        self.calls += 1
+
+    def mean(self, mirrored: bool = False) -> float:
+        return float(self.total[int(mirrored)]) / max(self.calls, 1)
+
+
+def layout_regions(a: int, b: int, swap: bool) -> list[Region]:
+    """"a" painted into the left half and "b" into the right (or the other way round)."""
+    left = torch.zeros(16, 16)
+    left[:, :8] = 1.0
+    return ([Region(str(a), 1.0 - left), Region(str(b), left)] if swap
+            else [Region(str(a), left), Region(str(b), 1.0 - left)])
 
 
 def evaluate_paint(cfg: DictConfig) -> dict[str, Any]:
@@ -43,38 +79,61 @@ def evaluate_paint(cfg: DictConfig) -> dict[str, Any]:
     classifier, _ = load_or_train(digits_root, val[0] if val else digits_root / "val",
                                   int(cfg.metrics.classifier_steps))
     sampler = Sampler.from_run(cfg.run_dir, [d.name for d in spec["dirs"]], str(cfg.weights))
-    g = torch.Generator().manual_seed(int(cfg.seed))
-    pairs = digit_pairs(int(c.pairs), g)
-    left = torch.zeros(16, 16)
-    left[:, :8] = 1.0
-    right = 1.0 - left
-    hits = {"unpainted": 0, "painted": 0, "swapped": 0}
+    pairs = digit_pairs(int(c.pairs), torch.Generator().manual_seed(int(cfg.seed)))
+    weights = [float(w) for w in (c.weight if OmegaConf.is_list(c.weight) else [c.weight])]
+    # unpainted = w′ 0: no bias, but the attention is recorded (explicit softmax path)
+    runs = [("unpainted", 0.0, False)] + [(f"{kind} w'={w:g}", w, kind == "swapped")
+                                          for w in weights for kind in ("painted", "swapped")]
+    counts = {name: torch.zeros(3, dtype=torch.long) for name, _, _ in runs}
+    mass = {name: MaskMass(int(c.per_pair)) for name, _, _ in runs}
+    grid: list[tuple[str, Tensor]] = []  # the first pairs, unpainted and at the first w′
     n = 0
     for k, (a, b) in enumerate(pairs):
         prompts = [f"a {a} and a {b}"] * int(c.per_pair)
-        runs = {"unpainted": None,
-                "painted": [Region(str(a), left), Region(str(b), right)],
-                "swapped": [Region(str(a), right), Region(str(b), left)]}
-        for name, regions in runs.items():
+        for name, w, swap in runs:
             images = sampler(prompts, seed=int(cfg.seed) + k, steps=int(cfg.steps),
-                             guidance=float(c.guidance), paint=regions,
-                             paint_weight=float(c.weight), first_index=0)
+                             guidance=float(c.guidance), paint=layout_regions(a, b, swap),
+                             paint_weight=w, paint_record=mass[name], first_index=0)
+            if k < int(c.grid_pairs) and w in (0.0, weights[0]):
+                lt, rt = (b, a) if swap else (a, b)
+                how = f"painted {lt} left, {rt} right, w'={w:g}" if w else "unpainted"
+                grid.append((f'"{prompts[0]}": {how}', images))
             lh, rh = halves(images)
             with torch.no_grad():
                 gl, gr = classifier(lh).argmax(1), classifier(rh).argmax(1)
-            want_l, want_r = (b, a) if name == "swapped" else (a, b)
-            hits[name] += int(((gl == want_l) & (gr == want_r)).sum())
+            if name == "unpainted":
+                base = gl, gr
+            want_l, want_r = (b, a) if swap else (a, b)
+            hit_l, hit_r = gl == want_l, gr == want_r
+            counts[name] += torch.stack([hit_l.sum() + hit_r.sum(), (hit_l & hit_r).sum(),
+                                         (base[0] == want_l).sum() + (base[1] == want_r).sum()])
         n += len(prompts)
-    rates = {k: round(v / n, 4) for k, v in hits.items()}
+    results = {}
+    for name, w, swap in runs:
+        half, both, base_half = (int(v) for v in counts[name])
+        results[name] = {
+            "paint_weight": w, "in_painted_half": round(half / (2 * n), 4),
+            "unpainted_in_same_half": round(base_half / (2 * n), 4),
+            "both_halves": round(both / n, 4), "mass_inside": round(mass[name].mean(), 4),
+            "unpainted_mass_inside": round(mass["unpainted"].mean(mirrored=swap), 4)}
     report = {"metric": "paint", "run": spec["label"], "samples_per_run": n,
-              "pairs": len(pairs), "paint_weight": float(c.weight),
-              "guidance": float(c.guidance), "steps": int(cfg.steps), "seed": int(cfg.seed),
-              "placed_as_painted": rates,
-              "meaning": "share of samples whose left half reads as the digit painted left "
-                         "(unpainted: the first-named digit) and right half as the other"}
+              "pairs": len(pairs), "guidance": float(c.guidance), "steps": int(cfg.steps),
+              "seed": int(cfg.seed), "runs": results,
+              "meaning": "in_painted_half: share of (sample, phrase) whose painted half reads as "
+                         "that digit (unpainted: left = first-named); both_halves: both right; "
+                         "mass_inside: attention share an in-mask image token gives its phrase"}
     out = Path(str(cfg.out))
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "paint.json", report)
-    print(f"placed as painted: {rates} ({n} samples per run)")
+    if grid:
+        from ediff_train.sampling import labelled_grid
+
+        labelled_grid(torch.cat([g for _, g in grid]), [t for t, _ in grid],
+                      int(c.per_pair), upscale=4).save(out / "paint_grid.png")
+    for name, r in results.items():
+        print(f"{name:16s} in painted half {r['in_painted_half']:.3f} (unpainted "
+              f"{r['unpainted_in_same_half']:.3f})  both halves {r['both_halves']:.3f}  "
+              f"attention inside {r['mass_inside']:.3f} (unpainted "
+              f"{r['unpainted_mass_inside']:.3f})")
     print(f"wrote {out / 'paint.json'}")
     return report
