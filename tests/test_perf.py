@@ -35,12 +35,9 @@ KEYS = ("perf_eager", "perf_compiled", "perf_fallback", "perf_nan", "perf_fused"
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: tiny runs, and the same float sums in every run compared here."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def one_thread(one_torch_thread: None) -> Iterator[None]:
+    """One intra-op thread (the same float sums in every run compared here); the records go."""
     yield
-    torch.set_num_threads(before)
     for key in KEYS:
         RECORDS.pop(key, None)
 

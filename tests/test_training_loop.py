@@ -62,13 +62,7 @@ def reference_ema(ema0: dict[str, torch.Tensor], weights: dict[int, dict[str, to
     return ema
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Runs here are tiny: one intra-op thread is faster than two fighting a busy CI machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
