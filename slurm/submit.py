@@ -92,7 +92,7 @@ def train_command(cfg: DictConfig, schedule: Schedule, stage: Stage, run_dir: Pa
         f"run_dir={run_dir}", f"steps={stage.steps}",
         f"experiment={cfg.experiment}", f"trainer={cfg.train.trainer}",
         f"trainer.num_nodes={int(s.nodes)}", f"trainer.devices={tasks_per_node(cfg)}",
-        *schedule.overrides, *stage.overrides, *extra,
+        *schedule.overrides, *schedule.stage_overrides(stage), *stage.overrides, *extra,
     ]
 
 

@@ -18,7 +18,8 @@ from lightning.fabric.utilities.types import _Stateful
 from ediff_train.data.datamodule import ShardDataModule, ShardLoader
 
 BATCH, PER_EPOCH, BUFFER = 8, 3, 100  # train.py runs: 3 batches per epoch, so steps cross epochs
-ARGS = ["logger=none", "sample.per_prompt=0", "data.num_workers=2", f"data.batch_size={BATCH}",
+ARGS = ["logger=none", "monitor.every=0", "probe.enabled=false", "sample.per_prompt=0",
+        "data.num_workers=2", f"data.batch_size={BATCH}",
         f"data.batches_per_epoch={PER_EPOCH}", f"data.shuffle_buffer={BUFFER}",
         "+callbacks.keys._target_=record_keys.RecordKeys"]
 

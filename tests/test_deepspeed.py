@@ -21,7 +21,9 @@ pytest.importorskip("deepspeed")
 
 FAST = ["logger=csv", "data.num_workers=0", "sample.per_prompt=0", "data.batch_size=8",
         "trainer=ddp_cpu", "strategy._target_=cpu_deepspeed.CPUDeepSpeed",
-        "module.lr=3e-3"]  # steps large enough that EMA and raw weights visibly differ
+        "module.lr=3e-3",  # steps large enough that EMA and raw weights visibly differ
+        "module.ema_halflife_images=null",  # the per-step EMA rule (images: test_handoff.py)
+        "monitor.every=0", "probe.batches=1", "probe.batch_size=8"]
 DECAY = 0.9999  # conf/train.yaml module.ema_decay, with warmup
 
 

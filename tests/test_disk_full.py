@@ -27,7 +27,7 @@ from ediff_train.resume import AtomicCheckpointIO
 # A tiny U-Net so a checkpoint is ~2 MB: the disk and the runs stay small and quick.
 FAST = ["data.num_workers=0", "sample.per_prompt=0", "data.batch_size=8", "logger=none",
         "monitor.every=0", "model.model_channels=8", "model.head_channels=8",
-        "model.context_dim=16"]
+        "model.context_dim=16", "probe.enabled=false"]
 LINE = re.compile(r"error: disk full \(ENOSPC\) while writing (\S+) \(\d+ bytes free there\): "
                   r"free space and run the same command again to resume from the last complete "
                   r"checkpoint")

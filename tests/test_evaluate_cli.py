@@ -15,7 +15,7 @@ from conftest import ROOT, run_env
 
 FAST = ["logger=csv", "data.num_workers=0", "sample.per_prompt=1", "sample.steps=3",
         "checkpoint_every=50", "data.batch_size=16", "monitor.every=5", "monitor.batches=1",
-        "monitor.batch_size=16"]
+        "monitor.batch_size=16", "probe.batches=1", "probe.batch_size=16"]
 EVAL = ["captions.per_caption=1", "captions.templates=plain", "steps=3", "batch_size=7",
         "device=cpu"]
 

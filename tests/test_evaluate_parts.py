@@ -4,6 +4,7 @@ generation, loss-by-σ routing with mock experts, and the key-hash held-out spli
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from ediff_train.conditioning import Conditioning
 from ediff_train.data.heldout import in_holdout, read_records
 from ediff_train.errors import EdiffError
 from ediff_train.experts import parse_node
-from ediff_train.metrics.captions import digits_items, file_items
+from ediff_train.metrics.captions import Item, digits_items, file_items
 from ediff_train.metrics.digits import (
     accuracy,
     caption_wording,
@@ -22,7 +23,7 @@ from ediff_train.metrics.digits import (
     prompt_digit,
     records_tensor,
 )
-from ediff_train.metrics.generation import generate_items, image_path
+from ediff_train.metrics.generation import generate_items, image_path, load_images
 from ediff_train.metrics.loss_by_sigma import band_means, loss_by_sigma, sigma_grid
 from ediff_train.sampling import Ensemble
 
@@ -175,3 +176,55 @@ def test_images_of_different_sizes_are_refused_unless_resized(tmp_path: Path) ->
     (tmp_path / "empty").mkdir()
     with pytest.raises(EdiffError, match="holds no images"):
         image_files(tmp_path / "empty")
+
+
+@pytest.fixture(scope="module")
+def real_heldout(digits_root: Path, tmp_path_factory: pytest.TempPathFactory
+                 ) -> tuple[Path, torch.Tensor, torch.Tensor]:
+    """The held-out real digits written as an evaluation folder (lossless PNGs named by item
+    id), with the same images as a tensor and their true labels."""
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("real_heldout")
+    records = read_records(digits_root / "val")
+    x, y = records_tensor(records)
+    for i, r in enumerate(records):
+        Image.fromarray(r["image"]).save(folder / f"{i:06d}.png")
+    return folder, x, y
+
+
+def _items(labels: torch.Tensor) -> list[Item]:
+    return [Item(i, f"the number {d}", digit=d) for i, d in enumerate(labels.tolist())]
+
+
+def test_digits_scorer_on_real_heldout_digits_gives_known_answers(
+        digits_root: Path, real_heldout: tuple[Path, torch.Tensor, torch.Tensor]) -> None:
+    """True labels: prompt accuracy is the classifier's own held-out accuracy, recomputed here
+    from its logits (overall and per digit); digits-FID of the held-out set against itself
+    (the scorer's reference) is 0. Shuffled labels: accuracy at chance, within 4 binomial σ."""
+    from ediff_train.metrics.scorers import DigitsScorer
+
+    folder, x, y = real_heldout
+    scorer = DigitsScorer(digits_root, digits_root / "val")
+    with torch.no_grad():
+        pred = scorer.model.head(scorer.model.features(x)).argmax(1)
+    assert torch.equal(load_images([folder / f"{i:06d}.png" for i in range(len(y))]), x)
+    ok = (pred == y).float()
+    report = scorer.score(folder, _items(y))
+    assert report["images"] == len(y) == 297
+    assert report["prompt_accuracy"] == round(float(ok.mean()), 4) == \
+        scorer.info["heldout_accuracy"]
+    assert report["prompt_accuracy_per_digit"] == {
+        str(d): round(float(ok[y == d].mean()), 4) for d in range(10)}
+    assert report["prompt_accuracy_per_wording"] == {"the number N": report["prompt_accuracy"]}
+    # FID clips at 0 and rounds to 3 decimals: identical feature sets give exactly 0.0; real
+    # training digits against the same reference give the floor the scorer reports (> 0)
+    assert report["digits_fid"] == 0.0
+    assert scorer.info["digits_fid_real_train_vs_heldout"] > 0.1
+
+    shuffled = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))]
+    chance = scorer.score(folder, _items(shuffled))
+    n = len(y)
+    assert abs(chance["prompt_accuracy"] - 0.1) < 4 * math.sqrt(0.09 / n)  # 0.0696 at n=297
+    assert chance["prompt_accuracy"] == round(float((pred == shuffled).float().mean()), 4)
+    assert chance["digits_fid"] == 0.0  # same images: the prompts do not enter FID

@@ -4,6 +4,7 @@ evaluated by evaluate.py's code) and the summary's arithmetic and verdict."""
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from conftest import ROOT, run_env
 from ediff_train.experiment_report import image_table, verdict
 
 FAST = ["logger=csv", "data.num_workers=0", "sample.per_prompt=1", "sample.steps=2",
-        "data.batch_size=16", "monitor.every=0"]
+        "data.batch_size=16", "monitor.every=0", "probe.batches=1", "probe.batch_size=16"]
 TINY = {
     "name": "tiny_exp", "overrides": FAST,
     "stages": [{"node": "E0_0", "steps": 3, "source": "test"},
@@ -126,3 +127,30 @@ def test_arguments_split_between_experiment_evaluation_and_training() -> None:
                          ["report_only=maybe", "report_only must be"], ["seeds", "key=value"]):
         with pytest.raises(EdiffError, match=message):
             parse_args([bad])
+
+
+def test_gate_and_control_decide_the_verdict() -> None:
+    """The gate is the training-law-weighted loss gain of the continued root over the root (a
+    known answer on a two-point grid); a failed gate means no verdict, a control that loses is
+    named."""
+    from ediff_train.edm import P_MEAN, P_STD
+    from ediff_train.experiment_report import gate_table, law_weighted
+
+    sig = [math.exp(P_MEAN), math.exp(P_MEAN + P_STD)]  # weights 1 and e^-1/2
+    w = math.exp(-0.5)
+    assert law_weighted(sig, [1.0, 2.0]) == pytest.approx((1.0 + 2.0 * w) / (1.0 + w))
+    spec = {"ensembles": {"c": [], "b": [], "k": [], "r": []}, "claim": "c", "baseline": "b",
+            "control": "k", "images": ["c", "b", "k"],
+            "gate": {"root": "r", "continued": "b", "max_gain": 0.03}}
+    loss = {"sigmas": sig, "curves": {"r": [[1.0, 1.0]], "b": [[0.9, 0.9]]}}
+    gate = gate_table(spec, loss)
+    assert gate["gain"]["values"] == [pytest.approx(0.1)] and not gate["passed"]
+    seeds = [_seed({"c": [(1, 0.9, 1.0)], "b": [(1, 0.9, 1.5)], "k": [(1, 0.8, 2.0)]})]
+    t = image_table(spec, seeds)
+    text = verdict(spec, t, 1, gate)
+    assert text.startswith("NO VERDICT: the root is not at its plateau (continuing it lowers "
+                           "held-out loss by 10.0 % > 3 %)")
+    assert "lost to the baseline at 1, so the pipeline is still unfair" in text
+    loss["curves"]["b"] = [[0.99, 0.99]]
+    passed = gate_table(spec, loss)
+    assert passed["passed"] and verdict(spec, t, 1, passed).startswith("REPRODUCED")

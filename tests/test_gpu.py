@@ -25,7 +25,8 @@ from conftest import ROOT, run_env
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 GPU = ["trainer=gpu", "trainer.devices=1", "logger=csv", "sample.per_prompt=0",
-       "data.batch_size=32", "module.lr=3e-3"]  # lr: EMA and raw weights visibly apart
+       "data.batch_size=32", "module.lr=3e-3",
+       "module.ema_halflife_images=null"]  # lr: EMA and raw weights visibly apart; per-step EMA
 DECAY = 0.9999  # conf/train.yaml module.ema_decay, with warmup
 
 

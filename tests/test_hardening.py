@@ -90,7 +90,8 @@ def test_child_of_corrupt_parent_one_line(tmp_path: Path) -> None:
     corrupt(tmp_path / "R" / "E0_0" / "weights.safetensors", "half")
     proc = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), "run_dir=R", "expert=E1_1", "steps=1",
-         "logger=none", "data.num_workers=0", "sample.per_prompt=0"],
+         "logger=none", "data.num_workers=0", "sample.per_prompt=0", "monitor.every=0",
+         "probe.enabled=false"],
         cwd=tmp_path, env=run_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     err = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
@@ -118,7 +119,7 @@ def test_child_of_corrupt_parent_one_line(tmp_path: Path) -> None:
     ("checkpoint_every", 0, "checkpoint_every must be a whole number ≥ 1, got 0"),
     ("sample.per_prompt", -1, "sample.per_prompt must be a whole number ≥ 0, got -1"),
     ("sample.steps", 0, "sample.steps must be a whole number ≥ 1, got 0"),
-    ("monitor.every", -5, "monitor.every must be a whole number ≥ 0 (0 = off), got -5"),
+    ("monitor.every", -5, "monitor.every must be auto or a whole number ≥ 0 (0 = off), got -5"),
     ("seed", 1.5, "seed must be a whole number in [0, 4294967295], got 1.5"),
     ("seed", 2**32, "seed must be a whole number in [0, 4294967295], got 4294967296"),
     ("module.compile", "", "module.compile must be true, false or a torch.compile backend name, "

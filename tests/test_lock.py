@@ -97,6 +97,7 @@ def test_train_refuses_while_locked_and_lock_dies_with_holder(tmp_path: Path) ->
     try:
         proc = subprocess.run(
             [sys.executable, str(ROOT / "train.py"), "run_dir=R", "steps=1", "logger=none",
+             "monitor.every=0", "probe.enabled=false",
              "data.num_workers=0", "sample.per_prompt=0"],
             cwd=tmp_path, env=run_env(tmp_path), capture_output=True, text=True, timeout=300)
         assert proc.returncode == 2, proc.stderr[-3000:]

@@ -60,7 +60,8 @@ def test_embed_then_train_then_sample_as_the_readme_says(
     run = "runs/coco"
     train = ok(cli(tmp_path, "train.py", "data=shards", f"data.root={SHARDS}",
                    "data.image_size=16", f"run_dir={run}", "steps=2", "data.batch_size=4",
-                   "data.num_workers=0", "sample.per_prompt=0", "logger=none"))
+                   "data.num_workers=0", "sample.per_prompt=0", "logger=none",
+                   "monitor.every=0", "probe.enabled=false"))
     assert "Traceback" not in train.stderr
     ndir = tmp_path / run / "E0_0"
     node = json.loads((ndir / "node.json").read_text())

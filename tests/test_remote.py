@@ -109,7 +109,8 @@ def test_embed_to_s3_resumes_then_trains_and_samples(s3: str, tmp_path: Path,
 
     run = tmp_path / "run"
     train = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "logger=csv", "data=shards", f"data.root={out}",
+        [sys.executable, str(ROOT / "train.py"), "logger=csv", "monitor.every=0",
+         "probe.enabled=false", "data=shards", f"data.root={out}",
          "data.image_size=16", "data.num_workers=2", "data.batch_size=8", "data.readahead=1",
          "data.shuffle_buffer=16", "steps=2", "checkpoint_every=5", "sample.per_prompt=0",
          f"run_dir={run}"],
@@ -216,7 +217,8 @@ def test_bad_remote_roots_are_one_line_errors(s3: str, tmp_path: Path, monkeypat
     monkeypatch.undo()
     _fresh_fs()
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "logger=csv", "data=shards",
+        [sys.executable, str(ROOT / "train.py"), "logger=csv", "monitor.every=0",
+         "probe.enabled=false", "data=shards",
          f"data.root={s3}/nothing", "data.image_size=16", "steps=1", "run_dir=R"],
         cwd=tmp_path, env=run_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]

@@ -24,7 +24,8 @@ from ediff_train.resume import (
 )
 from ediff_train.strategies import MARKER
 
-FAST = ["data.num_workers=0", "sample.per_prompt=0", "data.batch_size=8", "run_dir=R"]
+FAST = ["data.num_workers=0", "sample.per_prompt=0", "data.batch_size=8", "run_dir=R",
+        "monitor.every=0", "probe.batches=1", "probe.batch_size=8"]  # instruments: cheap here
 
 
 def command(*args: str) -> list[str]:

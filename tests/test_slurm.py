@@ -21,7 +21,8 @@ from slurm_cluster import SlurmCluster, missing
 pytestmark = pytest.mark.skipif(missing() is not None, reason=str(missing()))
 
 FAST = ["logger=csv", "data.num_workers=0", "sample.per_prompt=0", "data.batch_size=8",
-        "checkpoint_every=10", "trainer.log_every_n_steps=1"]
+        "checkpoint_every=10", "trainer.log_every_n_steps=1", "monitor.every=0",
+        "probe.enabled=false"]
 DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
         "BOOT_FAIL", "DEADLINE"}
 NEVER = "DependencyNeverSatisfied"

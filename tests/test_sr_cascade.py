@@ -15,7 +15,7 @@ from conftest import ROOT, SHARED_CACHE, run_env
 from PIL import Image
 
 FAST = ["logger=none", "data.num_workers=0", "sample.per_prompt=0", "monitor.every=0",
-        "data.batch_size=8", "checkpoint_every=100"]
+        "data.batch_size=8", "checkpoint_every=100", "probe.enabled=false"]
 # crisp-ink 32 px digits, untrained encoders (the SR stage's text path is not under test)
 SR_DATA = [f"data.root={SHARED_CACHE}/digits32_stroke_a0", "data.builder.align_steps=0"]
 

@@ -19,7 +19,7 @@ from ediff_train.errors import EdiffError
 from ediff_train.strategies import slurm_layout
 
 FAST = ["logger=csv", "data.num_workers=0", "sample.per_prompt=0", "data.batch_size=8",
-        "run_dir=R", "steps=2"]
+        "run_dir=R", "steps=2", "monitor.every=0", "probe.batches=1", "probe.batch_size=8"]
 
 
 def train(tmp: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -19,7 +19,8 @@ from ediff_train.errors import EdiffError
 from ediff_train.experts import parse_node
 
 FAST = ["logger=csv", "data.num_workers=0", "sample.per_prompt=1", "sample.steps=3",
-        "checkpoint_every=5", "data.batch_size=16"]
+        "checkpoint_every=5", "data.batch_size=16",
+        "monitor.every=0", "probe.batches=1", "probe.batch_size=8"]  # instruments: cheap here
 
 
 def train(tmp: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:

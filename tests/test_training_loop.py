@@ -21,7 +21,9 @@ from ediff_train.checkpoints import load_weights
 from ediff_train.cli import register_nodes
 
 FAST = ["logger=none", "data.num_workers=0", "sample.per_prompt=0", "data.batch_size=4",
-        "monitor.every=0", "module.lr=3e-3"]  # lr: EMA and raw weights visibly apart in 4 steps
+        "monitor.every=0", "module.lr=3e-3",  # lr: EMA and raw weights visibly apart in 4 steps
+        "module.ema_halflife_images=null",  # the per-step EMA rule (images: test_handoff.py)
+        "probe.enabled=false"]
 DECAY = 0.9999  # conf/train.yaml module.ema_decay, with warmup min(decay, (1+n)/(10+n))
 
 

@@ -49,18 +49,34 @@ def experiment_spec(name: str) -> dict[str, Any]:
         if spec.get(key) not in ensembles:
             raise EdiffError(f"experiment {name}: {key}: must name one of its ensembles "
                              f"({', '.join(ensembles)}), got {spec.get(key)!r}")
+    if spec.get("control") is not None and spec["control"] not in ensembles:
+        raise EdiffError(f"experiment {name}: control: must name one of its ensembles "
+                         f"({', '.join(ensembles)}), got {spec['control']!r}")
+    gate = spec.get("gate")
+    if gate is not None:
+        if not isinstance(gate, dict) or not {"root", "continued", "max_gain"} <= set(gate):
+            raise EdiffError(f"experiment {name}: gate: needs root:, continued: (ensembles) and "
+                             "max_gain: (e.g. 0.03 = at most 3 % lower held-out loss)")
+        for key in ("root", "continued"):
+            if gate[key] not in ensembles:
+                raise EdiffError(f"experiment {name}: gate.{key}: must name one of its "
+                                 f"ensembles ({', '.join(ensembles)}), got {gate[key]!r}")
     return {"seeds": int(spec.get("seeds", 3)), "claim": str(spec["claim"]),
             "baseline": str(spec["baseline"]), "ensembles": ensembles,
+            "control": spec.get("control"), "gate": gate,
+            "images": list(spec.get("images") or ensembles),
             "evaluate": dict(spec.get("evaluate") or {})}
 
 
-def eval_config(spec: dict[str, Any], seed_dir: Path, out: Path, overrides: Sequence[str]) -> Any:
-    """evaluate.py's config for one seed: its defaults, the experiment's settings, the caller's."""
+def eval_config(spec: dict[str, Any], seed_dir: Path, out: Path, overrides: Sequence[str],
+                names: Sequence[str] | None = None) -> Any:
+    """evaluate.py's config for one seed: its defaults, the experiment's settings, the caller's;
+    over the ensembles `names` (default: all, in the file's order)."""
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.load(CONF_DIR / "evaluate" / "config.yaml")
     cfg.pop("hydra", None)
-    ens = list(spec["ensembles"].values())
+    ens = [spec["ensembles"][n] for n in (names or list(spec["ensembles"]))]
     cfg = OmegaConf.merge(cfg, spec["evaluate"], OmegaConf.from_dotlist(list(overrides)))
     cfg.run_dir, cfg.out = str(seed_dir), str(out)
     cfg.experts, cfg.compare = ens[0], ens[1:]
@@ -74,7 +90,7 @@ def evaluate_seed(spec: dict[str, Any], seed_dir: Path, out: Path,
 
     cfg = eval_config(spec, seed_dir, out, overrides)
     loss = evaluate_loss_by_sigma(cfg)
-    images = evaluate_images(cfg)
+    images = evaluate_images(eval_config(spec, seed_dir, out, overrides, spec["images"]))
     if images is None:  # only rank 0 scores; the experiment runs as one process
         raise EdiffError("the experiment runs evaluation in one process (no torchrun)")
     return {"images": images, "loss_by_sigma": loss}

@@ -14,6 +14,7 @@ on the FID-like one in every seed; the verdict counts the scales where that hold
 from __future__ import annotations
 
 import csv
+import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ def _stats(values: list[float]) -> dict[str, Any]:
 
 def image_table(spec: dict[str, Any], per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     """ensemble → guidance → {quality, alignment: stats over seeds}; plus the paired deltas."""
-    names = list(spec["ensembles"])
+    names = list(spec.get("images") or spec["ensembles"])
     first = per_seed[0]["images"]["runs"][0]["rows"][0]
     q, a, q_label, a_label = _keys(first)
     table: dict[str, dict[str, Any]] = {}
@@ -51,7 +52,16 @@ def image_table(spec: dict[str, Any], per_seed: list[dict[str, Any]]) -> dict[st
                 cell[a].append(float(row[a]))
         table[name] = {f"{g:g}": {k: _stats(v) for k, v in cell.items()}
                        for g, cell in sorted(per_g.items())}
-    claim, base = spec["claim"], spec["baseline"]
+    out = {"quality_key": q, "alignment_key": a, "quality_label": q_label,
+           "alignment_label": a_label, "table": table,
+           "claim_minus_baseline": paired(table, spec["claim"], spec["baseline"], q, a)}
+    if spec.get("control") in table:
+        out["control_minus_baseline"] = paired(table, spec["control"], spec["baseline"], q, a)
+    return out
+
+
+def paired(table: dict[str, Any], claim: str, base: str, q: str, a: str) -> dict[str, Any]:
+    """Per guidance scale: the paired (same seed) differences claim − base and who is better."""
     deltas = {}
     for g, cell in table[claim].items():
         dq = [c - b for c, b in zip(cell[q]["values"], table[base][g][q]["values"])]
@@ -63,8 +73,7 @@ def image_table(spec: dict[str, Any], per_seed: list[dict[str, Any]]) -> dict[st
         deltas[g] = {q: _stats(dq), a: _stats(da), "claim_better": better,
                      "baseline_better": worse,
                      "seeds_claim_lower_" + q: sum(d < 0 for d in dq)}
-    return {"quality_key": q, "alignment_key": a, "quality_label": q_label,
-            "alignment_label": a_label, "table": table, "claim_minus_baseline": deltas}
+    return deltas
 
 
 def loss_table(spec: dict[str, Any], per_seed: list[dict[str, Any]]) -> dict[str, Any]:
@@ -93,8 +102,65 @@ def loss_table(spec: dict[str, Any], per_seed: list[dict[str, Any]]) -> dict[str
             "bands": bands, "claim_band_edges": edges}
 
 
-def verdict(spec: dict[str, Any], images: dict[str, Any], n_seeds: int) -> str:
-    """One plain sentence from the numbers: where the claim held, at this scale and seeds."""
+def law_weighted(sigmas: list[float], loss: list[float]) -> float:
+    """Held-out loss averaged under the training law (ln σ ~ N(P_mean, P_std²)) over a grid
+    log-spaced in σ: what "the loss" of a model is, one number."""
+    from ediff_train.edm import P_MEAN, P_STD
+
+    w = [math.exp(-0.5 * ((math.log(x) - P_MEAN) / P_STD) ** 2) for x in sigmas]
+    return sum(wi * li for wi, li in zip(w, loss)) / sum(w)
+
+
+def gate_table(spec: dict[str, Any], loss: dict[str, Any]) -> dict[str, Any] | None:
+    """Is the root at its plateau? The continued root's held-out loss gain over the root, per
+    seed; the comparison means nothing where more shared steps still pay (no verdict then)."""
+    gate = spec.get("gate")
+    if not gate:
+        return None
+    sig = loss["sigmas"]
+    root = [law_weighted(sig, c) for c in loss["curves"][gate["root"]]]
+    cont = [law_weighted(sig, c) for c in loss["curves"][gate["continued"]]]
+    gains = [(r - c) / r for r, c in zip(root, cont)]
+    limit = float(gate["max_gain"])
+    return {"root": gate["root"], "continued": gate["continued"], "max_gain": limit,
+            "root_loss": _stats(root), "continued_loss": _stats(cont), "gain": _stats(gains),
+            "passed": statistics.fmean(gains) <= limit}
+
+
+def band_shares(spec: dict[str, Any], bands: list[dict[str, Any]]) -> dict[str, float]:
+    """Each of the claim's bands' share of the sampler's σ grid (the steps it answers)."""
+    from omegaconf import OmegaConf
+
+    from ediff_train.sampling import karras_sigmas
+    from ediff_train.schedule import CONF_DIR
+
+    ev = OmegaConf.merge(OmegaConf.load(CONF_DIR / "evaluate" / "config.yaml"),
+                         spec.get("evaluate") or {})
+    grid = karras_sigmas(int(ev.steps), float(ev.sigma_min), float(ev.sigma_max),
+                         float(ev.rho))[:-1].tolist()
+    return {b["node"]: sum(b["sigma_lo"] <= x < b["sigma_hi"] for x in grid) / len(grid)
+            for b in bands}
+
+
+def verdict(spec: dict[str, Any], images: dict[str, Any], n_seeds: int,
+            gate: dict[str, Any] | None = None) -> str:
+    """One plain sentence from the numbers: where the claim held, at this scale and seeds;
+    no verdict where the gate failed, and a warning where the control lost."""
+    text = _verdict(spec, images, n_seeds)
+    if "control_minus_baseline" in images:
+        lost = [g for g, x in images["control_minus_baseline"].items() if x["baseline_better"]]
+        how = (f"lost to the baseline at {', '.join(lost)}, so the pipeline is still unfair "
+               "there" if lost else "did not lose to the baseline (the pipeline is fair)")
+        text += (f" Control ({spec['control']}: the same pipeline, children on the full σ "
+                 f"range): {how}.")
+    if gate is not None and not gate["passed"]:
+        text = (f"NO VERDICT: the root is not at its plateau (continuing it lowers held-out loss "
+                f"by {100 * gate['gain']['mean']:.1f} % > {100 * gate['max_gain']:.0f} %). "
+                f"For the record: {text}")
+    return text
+
+
+def _verdict(spec: dict[str, Any], images: dict[str, Any], n_seeds: int) -> str:
     d = images["claim_minus_baseline"]
     better = [g for g, x in d.items() if x["claim_better"]]
     worse = [g for g, x in d.items() if x["baseline_better"]]
@@ -177,7 +243,8 @@ def _fmt(s: dict[str, Any], digits: int = 3) -> str:
 
 
 def markdown(name: str, schedule: Schedule, spec: dict[str, Any], images: dict[str, Any],
-             loss: dict[str, Any], text: str, n_seeds: int) -> str:
+             loss: dict[str, Any], text: str, n_seeds: int,
+             gate: dict[str, Any] | None = None) -> str:
     q, a = images["quality_key"], images["alignment_key"]
     lines = [f"# Experiment {name}: {spec['claim']} vs {spec['baseline']}", "", f"**{text}**", "",
              "```", schedule.tree(), "```", "",
@@ -194,12 +261,29 @@ def markdown(name: str, schedule: Schedule, spec: dict[str, Any], images: dict[s
                 "baseline better" if d["baseline_better"] else "within spread")
         lines.append(f"| {g} | {_fmt(d[a])} | {_fmt(d[q])} | "
                      f"{d['seeds_claim_lower_' + q]}/{n_seeds} | {word} |")
+    for g, d in images.get("control_minus_baseline", {}).items():
+        if g == next(iter(images["control_minus_baseline"])):
+            lines += ["", f"Control: {spec['control']} − {spec['baseline']} (same seed):", "",
+                      f"| guidance | Δ {a} | Δ {q} | verdict |", "|---|---|---|---|"]
+        word = ("control better" if d["claim_better"] else
+                "baseline better" if d["baseline_better"] else "within spread")
+        lines.append(f"| {g} | {_fmt(d[a])} | {_fmt(d[q])} | {word} |")
+    if gate is not None:
+        lines += ["", "## Gate: is the root at its plateau?", "",
+                  f"Held-out loss under the training law: {gate['root']} "
+                  f"{_fmt(gate['root_loss'], 4)}, {gate['continued']} "
+                  f"{_fmt(gate['continued_loss'], 4)}; gain {100 * gate['gain']['mean']:.2f} % "
+                  f"(seeds: {', '.join(f'{100 * x:.2f} %' for x in gate['gain']['values'])}), "
+                  f"limit {100 * gate['max_gain']:.0f} %: "
+                  f"**{'passed' if gate['passed'] else 'failed (no verdict)'}**."]
+    shares = loss.get("band_share_of_sampler_grid", {})
     lines += ["", "## Loss by σ inside each of the claim's bands (mean ± std)", "",
-              f"| band | {spec['claim']} | {spec['baseline']} | seeds where the claim is lower |",
-              "|---|---|---|---|"]
+              f"| band | share of the sampler's σ grid | {spec['claim']} | {spec['baseline']} "
+              "| seeds where the claim is lower |", "|---|---|---|---|---|"]
     for node, b in loss["bands"].items():
-        lines.append(f"| {node} | {_fmt(b[spec['claim']], 4)} | {_fmt(b[spec['baseline']], 4)} "
-                     f"| {b['seeds_claim_lower']}/{n_seeds} |")
+        share = f"{shares[node]:.2f}" if node in shares else "–"
+        lines.append(f"| {node} | {share} | {_fmt(b[spec['claim']], 4)} | "
+                     f"{_fmt(b[spec['baseline']], 4)} | {b['seeds_claim_lower']}/{n_seeds} |")
     lines += ["", "![curve](curve.png) ![loss by sigma](loss_by_sigma.png)", "",
               "Per-seed reports (images, eval.json, loss_by_sigma.json) are under seed<k>/."]
     return "\n".join(lines) + "\n"
@@ -211,11 +295,14 @@ def write_summary(out: Path, name: str, schedule: Schedule, spec: dict[str, Any]
     names = list(spec["ensembles"])
     images = image_table(spec, per_seed)
     loss = loss_table(spec, per_seed)
-    text = verdict(spec, images, len(per_seed))
+    gate = gate_table(spec, loss)
+    claim_runs = per_seed[0]["loss_by_sigma"]["runs"][names.index(spec["claim"])]
+    loss["band_share_of_sampler_grid"] = band_shares(spec, claim_runs["bands"])
+    text = verdict(spec, images, len(per_seed), gate)
     summary = {"experiment": name, "schedule": schedule.name, "scale": schedule.scale,
                "seeds": [s["seed"] for s in per_seed], "claim": spec["claim"],
                "baseline": spec["baseline"], "ensembles": spec["ensembles"],
-               "evaluate": spec["evaluate"], "verdict": text, "images": images,
+               "evaluate": spec["evaluate"], "verdict": text, "gate": gate, "images": images,
                "loss_by_sigma": loss,
                "per_seed_reports": [{"seed": s["seed"], "run_dir": s["run_dir"]}
                                     for s in per_seed]}
@@ -229,10 +316,10 @@ def write_summary(out: Path, name: str, schedule: Schedule, spec: dict[str, Any]
             for g, cell in cells.items():
                 w.writerow([ens, g, cell[a]["mean"], cell[a]["std"], cell[q]["mean"],
                             cell[q]["std"], len(cell[q]["values"])])
-    curve_plot(images, per_seed, names, out / "curve.png")
+    curve_plot(images, per_seed, list(images["table"]), out / "curve.png")
     loss_plot(loss, spec, out / "loss_by_sigma.png")
     (out / "report.md").write_text(markdown(name, schedule, spec, images, loss, text,
-                                            len(per_seed)))
+                                            len(per_seed), gate))
     print(text)
     print(f"wrote {out}/report.md, summary.json, summary.csv, curve.png, loss_by_sigma.png")
     return summary

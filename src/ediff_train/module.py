@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import math
 import sys
+import zlib
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -25,8 +27,16 @@ from ediff_train.edm import EDMPrecond, edm_loss
 from ediff_train.ema import EMA, full_fp32_state, restore_fp32
 from ediff_train.errors import EdiffError
 from ediff_train.experts import Node
+from ediff_train.lr_schedule import LRSchedule, to_steps
+from ediff_train.optim_state import OPTIMIZER, gather_state, hand_on, save_state
 from ediff_train.perf import CompiledDenoiser, adamw, clip_gradients, is_fused, to_device
 from ediff_train.sr import SRConditioner
+
+
+def stream_seed(seed: int, node: str) -> int:
+    """The seed of a node's own σ, noise and data streams: children never replay their parent's
+    batches, and siblings never share σ or dropout draws. The root keeps the plain seed."""
+    return int(seed) if node == "E0_0" else int(seed) * 1_000_003 + zlib.crc32(node.encode())
 
 
 class ExpertModule(L.LightningModule):
@@ -48,20 +58,34 @@ class ExpertModule(L.LightningModule):
         compile: bool | str = False,
         channels_last: bool = False,
         finite_check_every: int | None = None,
+        lr_schedule: dict[str, Any] | None = None,
+        ema_halflife_images: float | None = None,
+        ema_rampup_ratio: float | None = 0.05,
+        handoff_optimizer: str | None = None,
     ) -> None:
         super().__init__()
         self.denoiser = EDMPrecond(net)
         self.ema_state = EMA(self.denoiser)  # a plain attribute: see the module docstring
         self.node = node
+        self.sample_node = node  # whose σ law the run draws from (sigma_from=root: the control)
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         self.ema_decay, self.ema_warmup = ema_decay, ema_warmup
         self.drop = dict(DEFAULT_DROP if drop is None else drop)
         self.step_offset = step_offset
-        self.seed = seed
+        self.images_offset = 0  # images the tree had seen when this run started (the parent's)
+        self.seed = seed  # the node's stream seed (stream_seed): σ, noise and dropout draws
+        self.is_handoff = False  # a child's run (warmup_handoff), not a root's or a continuation's
+        self.lr_schedule = dict(lr_schedule or {})
+        self.ema_halflife_images = ema_halflife_images
+        self.ema_rampup_ratio = ema_rampup_ratio
+        self.handoff_optimizer = handoff_optimizer  # parent's optimizer.safetensors to start from
+        self.handoff_record: dict[str, Any] = {}
+        self.images_per_step = 1  # global batch: set in setup from the data and the strategy
         self.sr = sr  # super-resolution stages: makes the low-res conditioning (sr.py)
         # [min, max] of σ drawn in this node's run (kept in the checkpoint, on CPU, float64).
         self.sigma_seen = torch.tensor([math.inf, -math.inf], dtype=torch.float64)
         self._gen: torch.Generator | None = None
+        self._noise_gen: torch.Generator | None = None
         self._ema_step = -1  # global step of the last EMA update (once per optimiser step)
         self._fp32_init: dict[str, Tensor] | None = None
         # speed switches (perf.py): compile backend (True = inductor), NHWC on CUDA
@@ -97,13 +121,33 @@ class ExpertModule(L.LightningModule):
         """Global step counted from the root: the parent's steps plus this run's."""
         return self.step_offset + self.global_step
 
+    @property
+    def images_seen(self) -> int:
+        """Training images the tree has seen up to this run's current step (all ranks)."""
+        return self.images_offset + self.global_step * self.images_per_step
+
+    def schedule(self) -> LRSchedule:
+        """This run's lr schedule: warmup of a root or of a hand-off, then the decay."""
+        c = self.lr_schedule
+        unit = str(c.get("unit", "steps"))
+        warm = c.get("warmup_handoff") if self.is_handoff else c.get("warmup_root")
+        total = int(self.trainer.max_steps) if self._trainer is not None else 1
+        return LRSchedule(
+            decay=str(c.get("decay", "constant")),
+            warmup=to_steps(warm, unit, self.images_per_step),
+            total=max(total, 1),
+            offset=self.step_offset,
+            min_factor=float(c.get("min_factor", 0.0)),
+            ref=to_steps(c.get("ref", 0), unit, self.images_per_step),
+        )
+
     # ---- training --------------------------------------------------------------------------
     def _deepspeed(self) -> bool:
         from lightning.pytorch.strategies import DeepSpeedStrategy
 
         return isinstance(self.trainer.strategy, DeepSpeedStrategy)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> dict[str, Any]:
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         opt = adamw(list(self.denoiser.parameters()), self.lr, self.betas, self.weight_decay,
                     fusable=not self._deepspeed() and scaler is None)
@@ -111,7 +155,11 @@ class ExpertModule(L.LightningModule):
             # Lightning refuses to clip for a fused optimiser (perf.clip_gradients): the hook is
             # replaced on this instance only, as a class override would make DeepSpeed warn.
             self.configure_gradient_clipping = self.clip_fused  # type: ignore[method-assign]
-        return opt
+        schedule = self.schedule()
+        # a closure, not the schedule object: LambdaLR would store an object's fields in the
+        # checkpoint and a resumed run would keep them; only the step position is stored
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda n: schedule.factor(n))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def clip_fused(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
                    gradient_clip_algorithm: str | None = None) -> None:
@@ -121,6 +169,9 @@ class ExpertModule(L.LightningModule):
             clip_gradients(params, float(gradient_clip_val), gradient_clip_algorithm or "norm")
 
     def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        self.images_per_step = (int(getattr(dm, "batch_size", 1) or 1) * self.trainer.world_size
+                                * int(self.trainer.accumulate_grad_batches or 1))
         # channels_last before the strategy moves the model (`.to(device)` keeps the layout);
         # on CPU it is left off: the CPU path stays as it was.
         self._nhwc = self.channels_last and self.trainer.strategy.root_device.type == "cuda"
@@ -142,11 +193,23 @@ class ExpertModule(L.LightningModule):
         self._fp32_init = None
         self.ema_state.attach(self.denoiser)  # after the strategy has set the model up
         self._ema_step = self.global_step
-        # A per-rank stream for σ, offset by the step so a resumed run does not replay σ draws.
-        self._gen = torch.Generator().manual_seed(
-            self.seed * 1_000_003 + self.global_rank * 7919 + self.total_step
-        )
+        # σ/dropout draws on the host, noise on the model's device; both re-seeded every step
+        # from (stream, rank, tree step), so a resumed or continued run draws what an
+        # uninterrupted one would, and no generator state needs saving per rank
+        if self.trainer.ckpt_path is None and self.handoff_optimizer is not None:
+            self.handoff_record["optimizer"] = hand_on(self, Path(self.handoff_optimizer))
+        elif self.trainer.ckpt_path is None and self.step_offset:
+            self.handoff_record["optimizer"] = "reset (handoff.optimizer=reset)"
         self._compiled = self._compile()
+
+    def _seed_step(self, device: torch.device) -> None:
+        if self._gen is None:
+            self._gen = torch.Generator()
+        if self._noise_gen is None or self._noise_gen.device != device:
+            self._noise_gen = torch.Generator(device=device)
+        base = (self.seed * 1_000_003 + self.global_rank * 7919 + self.total_step * 104_729)
+        self._gen.manual_seed(base % (2**62))
+        self._noise_gen.manual_seed((base + 1) % (2**62))
 
     def _compile(self) -> CompiledDenoiser | None:
         """The compiled denoiser when asked for, after the strategy set the model up."""
@@ -162,15 +225,17 @@ class ExpertModule(L.LightningModule):
         x = batch["image"]
         if self._nhwc:
             x = x.contiguous(memory_format=torch.channels_last)
+        self._seed_step(x.device)
         cond = drop_embeddings(Conditioning.from_batch(batch), self.drop, self._gen)
         if self.sr is not None:
             cond = self.sr.condition(cond, x, batch.get("lowres"), self._gen)
         # σ is drawn and bookkept on the host (reproducible, and no GPU value is ever read)
-        sigma64 = self.node.sample_sigma(x.shape[0], self._gen)
+        sigma64 = self.sample_node.sample_sigma(x.shape[0], self._gen)
         self.sigma_seen[0] = torch.minimum(self.sigma_seen[0], sigma64.min())
         self.sigma_seen[1] = torch.maximum(self.sigma_seen[1], sigma64.max())
         sigma = to_device(sigma64.to(torch.float32), x.device)
-        per_sample = edm_loss(self._compiled or self.denoiser, x, sigma, cond)
+        noise = torch.randn(x.shape, generator=self._noise_gen, device=x.device, dtype=x.dtype)
+        per_sample = edm_loss(self._compiled or self.denoiser, x, sigma, cond, noise=noise)
         loss = per_sample.mean()
         self._check_finite(loss, sigma64)
         n = x.shape[0]
@@ -233,7 +298,19 @@ class ExpertModule(L.LightningModule):
                 "writing a checkpoint: the last one is intact (lower the lr or check the data)")
 
     def ema_decay_at(self, n: int) -> float:
-        """Decay after this node's n-th optimiser step (with warmup: min(decay, (1+n)/(10+n)))."""
+        """Decay after this node's n-th optimiser step.
+
+        With a half-life in images (EDM's rule, the default): the tree has seen `images` after
+        this step; the half-life ramps up as min(halflife, images·rampup_ratio) and the decay is
+        0.5^(batch / half-life), so a short child continues its parent's window instead of
+        restarting it. Otherwise the per-step decay, with the warmup min(decay, (1+n)/(10+n))
+        over this node's own steps."""
+        if self.ema_halflife_images is not None:
+            images = self.images_offset + n * self.images_per_step
+            half = float(self.ema_halflife_images)
+            if self.ema_rampup_ratio is not None:
+                half = min(half, images * float(self.ema_rampup_ratio))
+            return 0.5 ** (self.images_per_step / max(half, 1e-8))
         return min(self.ema_decay, (1 + n) / (10 + n)) if self.ema_warmup else self.ema_decay
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
@@ -276,6 +353,8 @@ class ExpertModule(L.LightningModule):
         collective); only a rank with `write` writes."""
         self.raise_if_nonfinite()
         model = full_fp32_state(self.denoiser, self.ema_state.shapes)
+        optim = gather_state(self.denoiser, self.trainer.optimizers[0]) if self.trainer.optimizers \
+            else None  # a collective under ZeRO, so before `write` is looked at
         self.ema_state.release()
         ema = self.ema_state.state_dict()
         if not write:
@@ -288,13 +367,20 @@ class ExpertModule(L.LightningModule):
             "parent": node.parent,
             "step": self.total_step,
             "steps_this_run": self.global_step,
+            "images": self.images_seen,
+            "stream_seed": self.seed,
+            "lr_schedule": self.schedule().record(self.lr),
+            "ema": self.ema_record(),
+            "handoff": dict(self.handoff_record),
             "quantile_interval": list(node.quantile_interval),
             "quantile_pieces": [list(p) for p in node.pieces],
             "sigma_interval": [lo, hi if math.isfinite(hi) else "inf"],
             "sigma_seen": sigma_seen,
             **info,
         }
-        meta = {"node": node.name, "step": self.total_step}
+        meta = {"node": node.name, "step": self.total_step, "images": self.images_seen}
+        if optim is not None:
+            save_state(node_path / OPTIMIZER, optim, self.trainer.world_size)
         save_weights(
             node_path / "weights.safetensors",
             model,
@@ -302,3 +388,16 @@ class ExpertModule(L.LightningModule):
             meta,
         )
         write_json(node_path / "node.json", record)
+
+    def ema_record(self) -> dict[str, Any]:
+        """The EMA this run used, in numbers: its rule and its half-life (in images and in this
+        run's steps) at the run's last step."""
+        n = self.global_step
+        beta = self.ema_decay_at(n) if n else None
+        half_steps = (math.log(0.5) / math.log(beta)) if beta and 0 < beta < 1 else None
+        rule = "halflife_images" if self.ema_halflife_images is not None else "per_step_decay"
+        return {"rule": rule, "halflife_images": self.ema_halflife_images,
+                "rampup_ratio": self.ema_rampup_ratio, "decay": self.ema_decay,
+                "beta_at_end": beta, "halflife_steps_at_end": half_steps,
+                "halflife_images_at_end": None if half_steps is None
+                else half_steps * self.images_per_step}

@@ -34,7 +34,8 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 SCHEDULE_DIR = CONF_DIR / "schedule"
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 _NODE_NAME = re.compile(r"^(E\d+_\d+|not_.*)$")
-_STAGE_KEYS = {"node", "name", "parent", "steps", "source", "overrides"}
+_STAGE_KEYS = {"node", "name", "parent", "steps", "source", "overrides", "continue",
+               "branch_step"}
 
 
 @dataclass(frozen=True)
@@ -47,9 +48,17 @@ class Stage:
     steps: int
     source: str
     overrides: tuple[str, ...] = ()
+    continues: bool = False  # the parent stage's run going on (continuation.py), not a child
+    branch_step: int | None = None  # start from the parent's hand-off at this tree step
 
     def expert_args(self) -> list[str]:
-        """train.py overrides that select this stage's node, run name and parent."""
+        """train.py overrides that select this stage's node, run name and parent (and, for a
+        continuation, the folder it continues: `${run_dir}/<parent>`)."""
+        cont = [f"continue_from=${{run_dir}}/{self.parent}"] if self.continues else []
+        branch = [f"branch_step={self.branch_step}"] if self.branch_step is not None else []
+        return [*self._node_args(), *cont, *branch]
+
+    def _node_args(self) -> list[str]:
         node = self.node
         if self.name == node.name:
             args = [f"expert={node.name}"]
@@ -82,6 +91,7 @@ class Schedule:
             _check_stage(stage, self._by_name())
         ordered = tuple(_toposort(self.stages))
         object.__setattr__(self, "stages", ordered)
+        self.targets()  # branch steps inside their parents' runs
 
     def _by_name(self) -> dict[str, Stage]:
         out: dict[str, Stage] = {}
@@ -100,11 +110,31 @@ class Schedule:
     def children(self, name: str | None) -> list[Stage]:
         return [s for s in self.stages if s.parent == name]
 
+    def branch_points(self, name: str) -> list[int]:
+        """Tree steps at which stage `name` must write hand-off files for its children."""
+        return sorted({s.branch_step for s in self.children(name) if s.branch_step is not None})
+
+    def stage_overrides(self, stage: Stage) -> list[str]:
+        """train.py overrides the schedule derives for a stage (its children's branch points)."""
+        at = self.branch_points(stage.name)
+        return [f"handoff_at=[{','.join(map(str, at))}]"] if at else []
+
     def targets(self) -> dict[str, int]:
-        """Global step each stage ends at: its parent's target plus its own steps."""
+        """Global step each stage ends at: its start (the parent's target, or its branch step)
+        plus its own steps."""
         out: dict[str, int] = {}
         for s in self.stages:  # parents come first
-            out[s.name] = (out[s.parent] if s.parent else 0) + s.steps
+            start = s.branch_step if s.branch_step is not None else out[s.parent] if s.parent \
+                else 0
+            out[s.name] = start + s.steps
+        for s in self.stages:
+            if s.branch_step is not None:
+                lo = out[s.parent] - self[s.parent].steps  # type: ignore[index]
+                if not lo < s.branch_step < out[s.parent]:  # type: ignore[index]
+                    raise EdiffError(
+                        f"schedule {self.name}: stage {s.name}: branch_step {s.branch_step} "
+                        f"must lie inside its parent {s.parent}'s run ({lo}, "
+                        f"{out[s.parent]}) exclusive")  # type: ignore[index]
         return out
 
     def scaled(self, factor: float) -> Schedule:
@@ -112,8 +142,11 @@ class Schedule:
         factor = float(factor)
         if not (math.isfinite(factor) and factor > 0):
             raise EdiffError(f"scale must be a positive number, got {factor}")
-        stages = tuple(replace(s, steps=max(1, math.floor(s.steps * factor + 0.5)))
-                       for s in self.stages)
+        def scale(n: int) -> int:
+            return max(1, math.floor(n * factor + 0.5))
+
+        stages = tuple(replace(s, steps=scale(s.steps), branch_step=None if s.branch_step is None
+                               else scale(s.branch_step)) for s in self.stages)
         return replace(self, stages=stages, scale=self.scale * factor)
 
     def walk(self) -> Iterator[tuple[str, Stage]]:
@@ -153,7 +186,8 @@ class Schedule:
 def _label(stage: Stage) -> str:
     if stage.name == stage.node.name:
         return stage.name
-    return f"{stage.name} ({stage.node.name} continued)"
+    return f"{stage.name} ({stage.node.name} continued)" if stage.continues else \
+        f"{stage.name} (as {stage.node.name})"
 
 
 def _sigma(node: Node) -> str:
@@ -195,6 +229,16 @@ def _check_stage(stage: Stage, stages: Mapping[str, Stage]) -> None:
                 f"{where}: trains node {stage.node.name} but is named like another node; "
                 f"pick a run name such as {stage.node.name}_cont"
             )
+    if stage.branch_step is not None and (
+            isinstance(stage.branch_step, bool) or not isinstance(stage.branch_step, int)
+            or stage.parent is None or stage.continues):
+        raise EdiffError(f"{where}: branch_step must be a whole number (a tree step of its "
+                         "parent stage's run), on a child stage, not a continuation")
+    if stage.continues:
+        parent = stages.get(stage.parent or "")
+        if parent is None or parent.node.pieces != stage.node.pieces or stage.name == parent.name:
+            raise EdiffError(f"{where}: continue: true goes on with its parent stage's run, so it "
+                             "needs a parent stage of the same node and a name of its own")
 
 
 def _toposort(stages: tuple[Stage, ...]) -> list[Stage]:
@@ -237,7 +281,15 @@ def stage_from_config(cfg: Mapping[str, Any], index: int = 0) -> Stage:
         steps=steps,  # type: ignore[arg-type]  # checked by the Schedule
         source=str(cfg.get("source") or ""),
         overrides=tuple(str(o) for o in cfg.get("overrides") or ()),
+        continues=_flag(cfg.get("continue", False), f"stage #{index + 1} ({cfg['node']})"),
+        branch_step=cfg.get("branch_step"),
     )
+
+
+def _flag(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise EdiffError(f"{where}: continue must be true or false, got {value!r}")
+    return value
 
 
 def schedule_from_config(cfg: Mapping[str, Any], name: str | None = None) -> Schedule:

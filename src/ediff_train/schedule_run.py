@@ -51,7 +51,7 @@ def train_command(schedule: Schedule, stage: Stage, run_dir: Path, extra: Sequen
     the stage's and the caller's (last wins), as the SLURM jobs get them."""
     return [python or sys.executable, str(TRAIN_PY), *stage.expert_args(),
             f"run_dir={run_dir}", f"steps={stage.steps}", f"experiment={schedule.name}",
-            *schedule.overrides, *stage.overrides, *extra]
+            *schedule.overrides, *schedule.stage_overrides(stage), *stage.overrides, *extra]
 
 
 @dataclass

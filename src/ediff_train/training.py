@@ -9,10 +9,8 @@ its newest valid checkpoint (resume.py).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,14 +27,16 @@ from ediff_train.checkpoints import (
     parent_weights,
     write_text,
 )
+from ediff_train.continuation import continuation_target, place_continuation
 from ediff_train.encoders import TINY_NAMES
 from ediff_train.errors import EdiffError
 from ediff_train.experts import Node, node_from_config
+from ediff_train.handoff import BranchPoints, HandOff, branch_dir
 from ediff_train.lock import training_lock
-from ediff_train.module import ExpertModule
+from ediff_train.module import ExpertModule, stream_seed
+from ediff_train.optim_state import OPTIMIZER
 from ediff_train.resume import (
     CKPT_DIR,
-    LAST,
     AtomicCheckpointIO,
     PeriodicCheckpoint,
     Requeue,
@@ -75,33 +75,12 @@ def manifest_expectations(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-class HandOff(Callback):
-    """At the end of fit: gather σ bounds and shard usage from all ranks, export on rank 0.
-
-    Only a run that reached its step count hands off; a preempted one leaves its checkpoint."""
-
-    def __init__(self, ndir: Path, info: dict[str, Any]) -> None:
-        self.ndir, self.info = ndir, info
-        self.shards: Counter[str] = Counter()
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
-        self.shards.update(batch.get("shard", []))
-
-    def on_train_end(self, trainer: L.Trainer, module: ExpertModule) -> None:
-        if trainer.global_step < (trainer.max_steps or 0):
-            return  # stopped early (requeue): not finished, nothing to hand off
-        seen = module.gathered_sigma_seen()
-        write_text(self.ndir / "data" / f"rank{trainer.global_rank}.json",
-                   json.dumps(dict(self.shards)))
-        module.export(self.ndir, self.info, seen, write=trainer.is_global_zero)
-        # then the final resume checkpoint (see resume.PeriodicCheckpoint for why in this order)
-        trainer.save_checkpoint(self.ndir / CKPT_DIR / LAST, weights_only=False)  # + optimiser
-
-
 def build_module(cfg: DictConfig, node: Node, ndir: Path) -> tuple[ExpertModule, Path | None]:
-    """The module, initialised from the parent unless this node resumes its own checkpoint."""
+    """The module, initialised from the parent unless this node resumes its own checkpoint (or
+    continues another node's: then that node's final checkpoint is its resume point)."""
     m = cfg.module
     net = instantiate(cfg.model)
+    cont = cfg.get("continue_from")
     module = ExpertModule(
         net=net,
         node=node,
@@ -116,12 +95,36 @@ def build_module(cfg: DictConfig, node: Node, ndir: Path) -> tuple[ExpertModule,
         compile=m.get("compile", False),
         channels_last=bool(m.get("channels_last", False)),
         finite_check_every=m.get("finite_check_every"),
+        lr_schedule=OmegaConf.to_container(m.lr_schedule) if m.get("lr_schedule") else None,
+        ema_halflife_images=m.get("ema_halflife_images"),
+        ema_rampup_ratio=m.get("ema_rampup_ratio"),
     )
+    if str(cfg.get("sigma_from") or "node") not in ("node", "root"):
+        raise EdiffError(f"sigma_from must be node or root, got {cfg.sigma_from!r}")
+    if cfg.get("sigma_from") == "root":  # the fair test's control: a child on the full range
+        module.sample_node = node_from_config({"name": "E0_0"})
+    if cont:  # the same run going on: its streams, optimiser, EMA and data position
+        module.seed = place_continuation(cfg, ndir)
+        module.handoff_record["continues"] = str(cont)
+        return module, resume_checkpoint(ndir)
+    module.seed = stream_seed(int(cfg.seed), node.name)
     resume = resume_checkpoint(ndir)
     if node.parent is not None:
-        path = parent_weights(cfg.run_dir, node.parent, cfg.parent_dir)
+        branch = cfg.get("branch_step")
+        pdir = branch_dir(cfg.run_dir, node.parent, cfg.parent_dir, branch) if branch is not None \
+            else cfg.parent_dir
+        path = parent_weights(cfg.run_dir, node.parent, pdir)
         meta = module.init_from(str(path))  # on resume the checkpoint overwrites these weights
         module.step_offset = int(meta.get("step", 0))
+        module.images_offset = int(meta.get("images", module.step_offset
+                                            * int(cfg.data.batch_size)))
+        module.is_handoff = True
+        mode = str((cfg.get("handoff") or {}).get("optimizer", "keep"))
+        if mode not in ("keep", "reset"):
+            raise EdiffError(f"handoff.optimizer must be keep or reset, got {mode!r}")
+        module.handoff_record["from"] = str(path.parent)
+        if mode == "keep":
+            module.handoff_optimizer = str(path.parent / OPTIMIZER)
     return module, resume
 
 
@@ -167,7 +170,7 @@ def build_distributed(cfg: DictConfig) -> tuple[dict[str, Any], Any]:
 
 def build_trainer(
     cfg: DictConfig, ndir: Path, callbacks: list[Callback], logger: Any,
-    distributed: tuple[dict[str, Any], Any],
+    distributed: tuple[dict[str, Any], Any], max_steps: int | None = None,
 ) -> L.Trainer:
     """Trainer from the `trainer` and `strategy` groups, the SLURM layout and resume plugins."""
     kw, strategy = distributed
@@ -177,7 +180,7 @@ def build_trainer(
         **kw,
         strategy=strategy,
         plugins=[AtomicCheckpointIO(), *cluster_plugins()],
-        max_steps=int(cfg.steps),
+        max_steps=int(cfg.steps) if max_steps is None else max_steps,
         logger=logger,
         callbacks=[*callbacks, *extra],
         default_root_dir=str(ndir),
@@ -243,22 +246,28 @@ def _train_locked(cfg: DictConfig, node: Node, ndir: Path,
     requeue = Requeue(ndir / CKPT_DIR) if slurm_job else None
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     module, resume = build_module(cfg, node, ndir)
-    data = instantiate(cfg.data, expect=manifest_expectations(cfg))
+    # the node's own data order (a continuation: the stream it continues)
+    data = instantiate(cfg.data, expect=manifest_expectations(cfg), seed=module.seed)
+    max_steps = continuation_target(cfg) if cfg.get("continue_from") else int(cfg.steps)
 
     ndir.mkdir(parents=True, exist_ok=True)
     write_text(ndir / CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
     info = {"run_dir": str(cfg.run_dir), "data_root": str(cfg.data.root), "config": CONFIG}
     ckpt = PeriodicCheckpoint(ndir / CKPT_DIR, int(cfg.checkpoint_every))
     callbacks: list[Callback] = [ckpt, HandOff(ndir, info), TQDMProgressBar(refresh_rate=10)]
-    callbacks += [sigma_monitor(cfg, data, ndir)] if cfg.get("monitor") else []
+    start = max_steps - int(cfg.steps)  # the global step this run begins at (a continuation's > 0)
+    callbacks += [sigma_monitor(cfg, data, ndir, start)] if cfg.get("monitor") else []
+    callbacks += [handoff_probe(cfg, data, node, ndir, start)] if probe_on(cfg) else []
     callbacks += [requeue] if requeue else []
+    at = sorted(int(x) for x in cfg.get("handoff_at") or ())
+    callbacks += [BranchPoints(ndir, at, info)] if at else []
     logger = build_logger(cfg, ndir)
-    trainer = build_trainer(cfg, ndir, callbacks, logger, distributed)
+    trainer = build_trainer(cfg, ndir, callbacks, logger, distributed, max_steps)
     ckpt_path = str(resume) if resume else None
     try:
         with isolated_job():
             trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
-        finished = trainer.global_step >= int(cfg.steps)
+        finished = trainer.global_step >= max_steps
         if finished and trainer.is_global_zero and cfg.sample.per_prompt > 0:
             grid = sample_grid(cfg, module, data)
             log_image = getattr(logger, "log_image", None) if logger else None
@@ -269,16 +278,44 @@ def _train_locked(cfg: DictConfig, node: Node, ndir: Path,
     return ndir
 
 
-def sigma_monitor(cfg: DictConfig, data: Any, ndir: Path) -> Callback:
-    """Held-out loss at a coarse σ grid every `monitor.every` steps (metrics/loss_by_sigma.py)."""
-    from ediff_train.metrics.loss_by_sigma import SigmaLossMonitor, sigma_grid
+def sigma_monitor(cfg: DictConfig, data: Any, ndir: Path, start: int = 0) -> Callback:
+    """Held-out loss at a coarse σ grid at the steps `monitor.every` names: "auto" (≥ ~10 points
+    whatever the run's length, dense after the start) or every n (metrics/loss_by_sigma.py)."""
+    from ediff_train.metrics.loss_by_sigma import SigmaLossMonitor, monitor_steps, sigma_grid
 
     m = cfg.monitor
-    batches = getattr(data, "val_batches", None)
+    every = m.every if m.every == "auto" else int(m.every)
     return SigmaLossMonitor(
-        (lambda: batches(int(m.batches), int(m.batch_size))) if batches else list,
+        held_out(data, int(m.batches), int(m.batch_size)),
         sigma_grid(int(m.sigmas), float(m.sigma_min), float(m.sigma_max)),
-        int(m.every), ndir / "loss_by_sigma.csv", seed=int(cfg.seed))
+        monitor_steps(int(cfg.steps), every), ndir / "loss_by_sigma.csv", seed=int(cfg.seed),
+        start=start)
+
+
+def probe_on(cfg: DictConfig) -> bool:
+    """The hand-off probe is configured and enabled (it also needs held-out data at run time)."""
+    probe = cfg.get("probe")
+    return bool(probe) and bool(probe.get("enabled", True))
+
+
+def handoff_probe(cfg: DictConfig, data: Any, node: Node, ndir: Path, start: int = 0) -> Callback:
+    """In-band held-out loss of the raw weights from the hand-off on (metrics/handoff_probe.py);
+    warns when a child lost ground. A continuation's step 0 is no hand-off: measured, no warning."""
+    from ediff_train.metrics.handoff_probe import PROBE_JSON, HandoffProbe, probe_steps
+
+    p = cfg.probe
+    after = int(p.get("after", 3))
+    return HandoffProbe(
+        node, held_out(data, int(p.get("batches", 2)), int(p.get("batch_size", 64))),
+        probe_steps(int(cfg.steps), after), ndir / PROBE_JSON,
+        handoff=node.parent is not None and not cfg.get("continue_from"), after=after,
+        warn_ratio=float(p.get("warn_ratio", 1.05)), seed=int(cfg.seed), start=start)
+
+
+def held_out(data: Any, batches: int, batch_size: int) -> Any:
+    """A loader of the data's fixed held-out batches ([] when it names none), called at start."""
+    load = getattr(data, "val_batches", None)
+    return (lambda: load(batches, batch_size)) if load else list
 
 
 def finish_wandb(logger: Any) -> None:

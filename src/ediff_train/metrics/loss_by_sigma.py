@@ -4,7 +4,9 @@ An expert is worth training when, inside its band, its loss is below its parent'
 is measured at a fixed grid of σ with fixed noise (the same draws for every model compared, so
 differences are the models', not the sampling's), each σ answered by the expert that owns it
 (an Ensemble routes; a single node answers everything). The training loop logs the same figure
-on a coarse grid (`SigmaLossMonitor`) so a child can be watched improving inside its band.
+on a coarse grid (`SigmaLossMonitor`) so a child can be watched improving inside its band; its
+cadence follows the run's length (`monitor_steps`): a short child is measured as often as a long
+root, and densely right after the hand-off, where a child that lost ground shows first.
 """
 
 from __future__ import annotations
@@ -35,6 +37,41 @@ def sigma_grid(n: int = 40, lo: float = 0.002, hi: float = 80.0) -> list[float]:
     return [math.exp(math.log(lo) + i * step) for i in range(n)]
 
 
+DENSE_START = (1, 2, 3, 5, 10)  # steps measured right after the start (the hand-off)
+
+
+def monitor_steps(steps: int, every: int | str = "auto") -> Sequence[int]:
+    """The run's steps (optimiser steps done, 0 = before the first) the monitor measures at.
+
+    "auto": 0, then 1, 2, 3, 5, 10 (a hand-off goes wrong in its first steps), then every
+    max(1, steps // 10) steps and the last, so every run gets ≥ ~10 points whatever its length.
+    An integer n: every n steps, as before (0 = never); a range, so a long run costs no memory."""
+    steps = int(steps)
+    if every == "auto":
+        stride = max(1, steps // 10)
+        dense = [s for s in DENSE_START if s < steps]
+        return sorted({0, *dense, *range(stride, steps + 1, stride), max(steps, 0)})
+    n = int(every)
+    return range(n, steps + 1, n) if n > 0 else range(0)
+
+
+def heldout_inputs(batch: dict[str, Any],
+                   device: str | torch.device) -> tuple[torch.Tensor, Conditioning]:
+    """A held-out batch's clean images and its conditioning (full, no dropout): an SR stage gets
+    its clean low-res at the clean σ_aug floor, so only the denoiser varies between models."""
+    x = batch["image"].to(device, torch.float32)
+    cond = Conditioning.from_batch(batch).to(device, torch.float32)
+    if "lowres" in batch:
+        cond = replace(cond, lowres=batch["lowres"].to(device, torch.float32),
+                       sigma_aug=torch.full((x.shape[0],), SIGMA_AUG_FLOOR, device=device))
+    return x, cond
+
+
+def noise_seed(seed: int, batch: int, k: int) -> int:
+    """Seed of the fixed noise for (batch, draw k): the same for every model compared."""
+    return int(seed) * 1_000_003 + batch * 1009 + k
+
+
 @torch.no_grad()
 def loss_by_sigma(denoiser: nn.Module, batches: Sequence[dict[str, Any]],
                   sigmas: Sequence[float], seed: int = 0,
@@ -45,13 +82,9 @@ def loss_by_sigma(denoiser: nn.Module, batches: Sequence[dict[str, Any]],
     totals = [0.0] * len(sigmas)
     count = 0
     for b, batch in enumerate(batches):
-        x = batch["image"].to(device, torch.float32)
-        cond = Conditioning.from_batch(batch).to(device, torch.float32)
-        if "lowres" in batch:  # an SR stage: its clean low-res, at the clean σ_aug floor
-            cond = replace(cond, lowres=batch["lowres"].to(device, torch.float32),
-                           sigma_aug=torch.full((x.shape[0],), SIGMA_AUG_FLOOR, device=device))
+        x, cond = heldout_inputs(batch, device)
         for k, s in enumerate(sigmas):
-            g = torch.Generator().manual_seed(int(seed) * 1_000_003 + b * 1009 + k)
+            g = torch.Generator().manual_seed(noise_seed(seed, b, k))
             noise = torch.randn(x.shape, generator=g).to(device)
             sigma = torch.full((x.shape[0],), float(s), device=device)
             totals[k] += float(edm_loss(denoiser, x, sigma, cond, noise=noise).sum())
@@ -69,30 +102,66 @@ def band_means(sigmas: Sequence[float], losses: Sequence[float],
     return out
 
 
-class SigmaLossMonitor(Callback):
-    """Every `every` steps: held-out loss at a coarse σ grid, logged (W&B/CSV logger) as
-    `val/loss_sigma_<σ>` and appended to `<node dir>/loss_by_sigma.csv`.
+class StepCadence(Callback):
+    """Calls `measure(trainer, module, k)` after k optimiser steps of this run, for k in `steps`.
+
+    k = 0 is measured on_train_start (after the strategy set the model up, before any update:
+    a child's hand-off weights); k > 0 on_train_batch_end when the run's global step reaches
+    `start` + k (`start`: the global step the run begins at, a continuation's > 0). Each k once,
+    also under gradient accumulation; a resumed run goes on after its checkpoint's step. Every
+    rank decides alike from the global step, so collectives inside `measure` stay matched."""
+
+    def __init__(self, steps: Sequence[int], start: int = 0) -> None:
+        self.steps, self.start = steps, int(start)
+        self._last = -1
+
+    def setup_measure(self, trainer, module) -> bool:  # noqa: ANN001
+        """Load what measuring needs (once, on train start); False turns measuring off."""
+        return True
+
+    def measure(self, trainer, module, k: int) -> None:  # noqa: ANN001
+        raise NotImplementedError
+
+    def on_train_start(self, trainer, module) -> None:  # noqa: ANN001
+        k = trainer.global_step - self.start
+        self._last = k  # a resumed run measured its checkpoint's step before stopping
+        if not self.steps or not self.setup_measure(trainer, module):
+            self.steps = range(0)
+        elif k == 0 and 0 in self.steps:
+            self.measure(trainer, module, 0)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        k = trainer.global_step - self.start
+        if k != self._last and k in self.steps:
+            self._last = k
+            self.measure(trainer, module, k)
+
+
+class SigmaLossMonitor(StepCadence):
+    """At the run's `steps` (`monitor_steps`): held-out loss at a coarse σ grid, logged (W&B/CSV
+    logger) as `val/loss_sigma_<σ>` and appended to `<node dir>/loss_by_sigma.csv` (one row per
+    measurement, `step` = the tree's global step: the parent's steps plus this run's).
 
     Runs on every rank (under ZeRO-3 a forward is a collective); rank 0 logs. It measures the
     weights being trained, not the EMA (which lags far behind early in a child's run)."""
 
     def __init__(self, batches: Callable[[], Sequence[dict[str, Any]]], sigmas: Sequence[float],
-                 every: int, csv_path: Path | None, seed: int = 0) -> None:
-        self.load, self.sigmas, self.every = batches, list(sigmas), int(every)
+                 steps: Sequence[int], csv_path: Path | None, seed: int = 0,
+                 start: int = 0) -> None:
+        super().__init__(steps, start)
+        self.load, self.sigmas = batches, list(sigmas)
         self.csv_path, self.seed = csv_path, seed
         self.batches: list[dict[str, Any]] = []
 
-    def on_train_start(self, trainer, module) -> None:  # noqa: ANN001
+    def setup_measure(self, trainer, module) -> bool:  # noqa: ANN001
         # after prepare_data: the embedded data set may only now have been built
-        self.batches = list(self.load()) if self.every > 0 else []
-        if self.every > 0 and not self.batches and trainer.is_global_zero:
+        self.batches = list(self.load())
+        if not self.batches and trainer.is_global_zero:
             print("loss-by-σ monitor off: this data names no held-out samples "
                   "(set data.val_root or data.val_fraction)")
+        return bool(self.batches)
 
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
-        step = trainer.global_step
-        if self.every <= 0 or step % self.every != 0 or not self.batches:
-            return
+    def measure(self, trainer, module, k: int) -> None:  # noqa: ANN001
         was_training = module.denoiser.training
         module.denoiser.eval()
         losses = loss_by_sigma(module.denoiser, self.batches, self.sigmas, self.seed,
@@ -100,15 +169,14 @@ class SigmaLossMonitor(Callback):
         module.denoiser.train(was_training)
         if not trainer.is_global_zero:
             return
-        total = module.total_step
         if trainer.logger is not None:
             trainer.logger.log_metrics(
-                {f"val/loss_sigma_{s:.3g}": v for s, v in zip(self.sigmas, losses)}, step=step)
+                {f"val/loss_sigma_{s:.3g}": v for s, v in zip(self.sigmas, losses)},
+                step=trainer.global_step)
         if self.csv_path is not None:
             new = not self.csv_path.is_file()
             with self.csv_path.open("a", newline="") as fh:
                 w = csv.writer(fh)
                 if new:
                     w.writerow(["step", *[f"{s:.4g}" for s in self.sigmas]])
-                w.writerow([total, *[f"{v:.6g}" for v in losses]])
-
+                w.writerow([module.total_step, *[f"{v:.6g}" for v in losses]])
