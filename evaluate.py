@@ -16,9 +16,15 @@ def main(cfg: DictConfig) -> None:
     from ediff_train.metrics.sr_eval import evaluate_cascade, evaluate_sr
 
     metric = str(cfg.metric)
-    known = ("images", "loss_by_sigma", "all", "sr", "cascade", "attention", "paint", "switch")
+    known = ("images", "loss_by_sigma", "all", "sr", "cascade", "attention", "paint", "switch",
+             "ema_sweep")
     if metric not in known:
         raise EdiffError(f"metric must be one of {', '.join(known)}, got {metric!r}")
+    if metric == "ema_sweep":
+        from ediff_train.metrics.ema_sweep import evaluate_ema_sweep
+
+        evaluate_ema_sweep(cfg)
+        return
     if metric == "switch":
         from ediff_train.metrics.switch import evaluate_switch
 

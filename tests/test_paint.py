@@ -42,12 +42,18 @@ def test_explicit_attention_path_equals_the_fused_one() -> None:
     torch.nn.init.normal_(layer.proj.weight, std=0.1)
     x, ctx = torch.randn(2, 16, 4, 4), torch.randn(2, 5, 8)
     mask = torch.tensor([[True] * 5, [True, True, False, True, True]])
-    seen = []
+    seen: list[torch.Tensor] = []
     fused = layer(x, ctx, mask)
-    explicit = layer(x, ctx, mask, AttentionHook(record=seen.append))
+    # a zero paint matrix forces the explicit softmax path: the same output up to rounding
+    zero = AttentionHook(torch.zeros(2, 16, 5), torch.zeros(2), seen.append)
+    explicit = layer(x, ctx, mask, zero)
+    assert not torch.equal(explicit, fused)  # it really is another computation
     torch.testing.assert_close(explicit, fused, rtol=1e-5, atol=1e-5)
     assert seen[0].shape == (2, 2, 16, 5) and float(seen[0][1, :, :, 2].abs().max()) == 0.0
     torch.testing.assert_close(seen[0].sum(-1), torch.ones(2, 2, 16))
+    # a hook that only records keeps the fused output bit for bit and sees the same weights
+    recorded = layer(x, ctx, mask, AttentionHook(record=seen.append))
+    assert torch.equal(recorded, fused) and torch.equal(seen[1], seen[0])
 
 
 def test_phrase_tokens_are_found_in_both_encoders(enc: Encoders) -> None:
@@ -104,6 +110,17 @@ def test_zero_weight_is_bit_identical_and_bad_input_is_refused(enc: Encoders,
     plain = generate(den, cond, 16, steps=3, guidance=3.0)
     off = Painter(enc, [prompt] * 2, [Region("3", torch.ones(5, 7))], w_prime=0.0)
     assert torch.equal(generate(den, cond, 16, steps=3, guidance=3.0, paint=off), plain)
+    # w′ = 0 through the hooks (what metric=paint's unpainted run does): a recorder installs an
+    # AttentionHook with a structured paint matrix in every cross-attention of every solver call,
+    # and the images are still the plain sampler's, bit for bit
+    mask = torch.zeros(5, 7)
+    mask[1:3, 2:5] = 1.0
+    calls: list[float] = []
+    hooked = Painter(enc, [prompt] * 2, [Region("3", mask)], w_prime=0.0,
+                     record=lambda sigma, probs, a: calls.append(float(a.sum())))
+    assert torch.equal(generate(den, cond, 16, steps=3, guidance=3.0, paint=hooked), plain)
+    layers = sum(isinstance(m, CrossAttention) for m in den.modules())
+    assert len(calls) == 5 * layers and min(calls) > 0  # Heun, 3 steps: 5 network calls
     on = Painter(enc, [prompt] * 2, [Region("3", torch.ones(5, 7))], w_prime=1.0)
     assert not torch.equal(generate(den, cond, 16, steps=3, guidance=3.0, paint=on), plain)
     with pytest.raises(EdiffError, match="not in the prompt"):

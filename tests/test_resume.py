@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -67,19 +66,33 @@ def tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("resume")  # one digits cache for every run here
 
 
-def test_sigkill_at_random_step_then_same_command_finishes(tmp: Path) -> None:
-    args = ["steps=30", "checkpoint_every=3", "logger=wandb", "run_dir=K"]
+def test_sigkill_after_a_checkpoint_then_same_command_resumes_from_it(tmp: Path) -> None:
+    """kill -9 (the whole process group) as soon as the first checkpoint exists; the same
+    command then resumes from the newest checkpoint on disk, step k > 0, not from step 0: its
+    first optimiser step is k and it trains exactly the 30 − k steps left (a Probe records it)."""
+    dump = tmp / "K_probe.pt"
+    args = ["steps=30", "checkpoint_every=3", "logger=wandb", "run_dir=K",
+            "+callbacks.probe._target_=train_probes.Probe", "+callbacks.probe.key=k",
+            f"+callbacks.probe.dump={dump}"]
+    env = run_env(tmp)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"),
+                                         *filter(None, [env.get("PYTHONPATH")])])
     ndir = tmp / "K" / "E0_0"
-    proc = start(tmp, args)
-    wait_for(ndir / "checkpoints" / "last.ckpt", proc)
-    time.sleep(random.uniform(0.0, 1.5))  # somewhere in the run, maybe mid-save
+    proc = start(tmp, args, env)
+    wait_for(ndir / "checkpoints" / "last.ckpt", proc)  # renamed into place: complete
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (ndir / "weights.safetensors").exists() and not dump.exists()  # killed mid-run
     run_id = (ndir / "wandb_id").read_text().strip()
-    assert not (ndir / "weights.safetensors").exists() or json.loads(
-        (ndir / "node.json").read_text())["step"] == 30  # the kill may land after the end
+    steps = [int(torch.load(c, map_location="cpu", weights_only=True)["global_step"])
+             for c in (ndir / "checkpoints").glob("*.ckpt")]  # a .tmp of a later save: not one
+    k = max(steps)
+    assert 3 <= k < 30 and k % 3 == 0, steps
 
-    finish(start(tmp, args))
+    finish(start(tmp, args, env))
+    rec = torch.load(dump, weights_only=True)
+    assert rec["optimizer_steps"] == list(range(k, 30))  # from the checkpoint, to the target
     assert json.loads((ndir / "node.json").read_text())["step"] == 30
     assert all_checkpoints_load(ndir / "checkpoints") == [30]
     assert (ndir / "wandb_id").read_text().strip() == run_id

@@ -21,8 +21,8 @@ from ediff_train.schedule import available, load_schedule, schedule_from_config
 
 FIG7 = {"E0_0": 500_000, "E1_0": 550_000, "E1_1": 550_000, "E2_0": 600_000, "E2_1": 600_000,
         "E2_2": 600_000, "E2_3": 600_000, "E0_0_cont": 800_000}
-SHIPPED = ["config_b_sr256", "config_c_base", "config_d_base", "configs_toy", "digits_sr32",
-           "fig7", "fig7_toy", "table5_base", "table6_sr256"]
+SHIPPED = ["config_b_sr256", "config_c_base", "config_d_base", "configs_fair", "configs_toy",
+           "digits_sr32", "fig7", "fig7_fair", "fig7_toy", "table5_base", "table6_sr256"]
 
 
 def stage(node: str, steps: object = 10, **kw: object) -> dict:
@@ -64,7 +64,7 @@ def test_shipped_schedules_valid_and_ordered(name: str) -> None:
         seen.add(st.name)
     if name.startswith("digits"):  # toy schedules: counts are ours and say so
         assert all(st.source.startswith("ours") for st in s.stages)
-    elif name != "fig7" and not name.endswith("_toy"):  # reconstructions say so
+    elif name != "fig7" and not name.endswith(("_toy", "_fair")):  # reconstructions say so
         # (the *_toy schedules are scaled from the paper's: tests/test_schedule_run.py)
         text = (ROOT / "conf" / "schedule" / f"{name}.yaml").read_text()
         assert "not recoverable" in text
@@ -255,3 +255,31 @@ def test_sbatch_script_from_config(tmp_path: Path) -> None:
         submit.render("#SBATCH --x={{nope}}", {})
     assert submit.render("#SBATCH --a={{a}}\n{{b}}\necho {{c}}\n", {"a": None, "b": "", "c": 1}) \
         == "echo 1\n"
+
+
+def test_continue_and_branch_step_become_train_arguments() -> None:
+    """`continue: true` passes the continued stage's folder; `branch_step: N` makes the parent
+    write a hand-off at N and the child start there (its target counted from N)."""
+    s = schedule_from_config({"name": "b", "stages": [
+        stage("E0_0", 10), stage("E1_0", 4, branch_step=6), stage("E1_1", 4),
+        {"name": "E0_0_cont", "node": "E0_0", "parent": "E0_0", "continue": True, "steps": 5,
+         "source": "t"}]})
+    assert "continue_from=${run_dir}/E0_0" in s["E0_0_cont"].expert_args()
+    assert "branch_step=6" in s["E1_0"].expert_args()
+    assert s.stage_overrides(s["E0_0"]) == ["handoff_at=[6]"]
+    assert s.stage_overrides(s["E1_1"]) == []
+    assert s.targets() == {"E0_0": 10, "E1_0": 10, "E1_1": 14, "E0_0_cont": 15}
+    assert "E0_0_cont (E0_0 continued)" in s.tree()
+
+
+@pytest.mark.parametrize(("stages", "message"), [
+    ([stage("E0_0", 10), stage("E1_0", 4, branch_step=10)],
+     "branch_step 10 must lie inside its parent E0_0's run (0, 10) exclusive"),
+    ([stage("E0_0", 10), stage("E1_0", 4, branch_step="x")], "branch_step must be a whole number"),
+    ([stage("E0_0", 10), {"name": "E1_0_c", "node": "E1_0", "parent": "E0_0", "continue": True,
+                          "steps": 3, "source": "t"}],
+     "continue: true goes on with its parent stage's run"),
+])
+def test_continue_and_branch_errors_are_one_line(stages: list[dict], message: str) -> None:
+    with pytest.raises(EdiffError, match=re.escape(message)):
+        schedule_from_config({"name": "bad", "stages": stages})

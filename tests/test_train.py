@@ -4,6 +4,7 @@ and a 2-process DDP run (gloo) whose ranks read disjoint shards."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,9 +24,15 @@ FAST = ["logger=csv", "data.num_workers=0", "sample.per_prompt=1", "sample.steps
         "monitor.every=0", "probe.batches=1", "probe.batch_size=8"]  # instruments: cheap here
 
 
-def train(tmp: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+def train(tmp: Path, *args: str, check: bool = True,
+          probes: bool = False) -> subprocess.CompletedProcess:
+    """train.py in a subprocess; `probes`: tests/ on its path, for train_probes.Probe."""
+    env = run_env(tmp)
+    if probes:
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(ROOT / "tests"), *filter(None, [env.get("PYTHONPATH")])])
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *FAST, *args], cwd=tmp,
-                          env=run_env(tmp), capture_output=True, text=True, timeout=600)
+                          env=env, capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
@@ -51,9 +58,24 @@ def test_root_writes_handoff(root_run: Path) -> None:
     assert (ndir / "samples.png").is_file() and (ndir / "checkpoints" / "last.ckpt").is_file()
 
 
-def test_child_continues_from_parent(root_run: Path) -> None:
-    train(root_run, "run_dir=R", "expert=E1_1", "steps=10")
-    info = json.loads((root_run / "R" / "E1_1" / "node.json").read_text())
+@pytest.fixture(scope="module")
+def child_run(root_run: Path) -> Path:
+    """root_run with the root's high-noise child E1_1 trained from it (10 steps on top)."""
+    if not (root_run / "R" / "E1_1" / "weights.safetensors").is_file():
+        train(root_run, "run_dir=R", "expert=E1_1", "steps=10")
+    return root_run
+
+
+@pytest.fixture(scope="module")
+def pair_run(child_run: Path) -> Path:
+    """child_run with the low-noise child E1_0 as well (2 steps): an ensemble E1_0 + E1_1."""
+    if not (child_run / "R" / "E1_0" / "weights.safetensors").is_file():
+        train(child_run, "run_dir=R", "expert=E1_0", "steps=2", "sample.per_prompt=0")
+    return child_run
+
+
+def test_child_continues_from_parent(child_run: Path) -> None:
+    info = json.loads((child_run / "R" / "E1_1" / "node.json").read_text())
     assert info["parent"] == "E0_0" and info["step"] == 22
     assert info["sigma_seen"][0] >= 0.3012 and info["quantile_interval"] == [0.5, 1.0]
 
@@ -79,20 +101,31 @@ def test_rerun_after_finish_keeps_total(root_run: Path) -> None:
     assert info["step"] == 12
 
 
-def test_nan_loss_stops_with_clear_error(root_run: Path) -> None:
-    from ediff_train.training import build_module
-
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[f"run_dir={root_run / 'R'}"])
-    module, _ = build_module(cfg, parse_node("E0_0"), root_run / "nan")
-    b = 2
-    batch = {"image": torch.full((b, 3, 16, 16), float("nan")), "t5": torch.zeros(b, 4, 32),
-             "t5_mask": torch.ones(b, 4, dtype=torch.bool), "clip_txt": torch.zeros(b, 77, 32),
-             "clip_pool": torch.zeros(b, 24), "clip_img": torch.zeros(b, 24)}
-    before = {k: v.clone() for k, v in module.denoiser.state_dict().items()}
-    with pytest.raises(EdiffError, match="loss is nan"):
-        module.training_step(batch, 0)
-    assert all(torch.equal(before[k], v) for k, v in module.denoiser.state_dict().items())
+def test_nan_loss_stops_with_clear_error(tmp_path: Path) -> None:
+    """A real run whose batch turns NaN at step 3, after three optimiser steps: train.py stops
+    with one line, and the last checkpoint holds the weights after step 3 (the NaN step never
+    reached the optimiser), not the initial ones."""
+    dump = tmp_path / "probe.pt"
+    proc = train(tmp_path, "run_dir=N", "steps=8", "checkpoint_every=3", "sample.per_prompt=0",
+                 "+callbacks.probe._target_=train_probes.Probe", "+callbacks.probe.key=nan",
+                 "+callbacks.probe.nan_at=3", f"+callbacks.probe.dump={dump}",
+                 check=False, probes=True)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    err = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and "loss is nan at step 3 of E0_0" in err[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    rec = torch.load(dump, weights_only=True)
+    assert rec["optimizer_steps"] == [0, 1, 2]  # three real steps, then the NaN one stopped
+    w0, w3 = rec["weights"][0], rec["weights"][3]
+    assert any(not torch.equal(w0[k], w3[k]) for k in w0)  # the steps changed the weights
+    assert all(torch.equal(rec["at_exception"][k], w3[k]) for k in w3)
+    ckpt = torch.load(tmp_path / "N" / "E0_0" / "checkpoints" / "last.ckpt",
+                      map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 3
+    saved = {k.removeprefix("denoiser."): v for k, v in ckpt["state_dict"].items()}
+    assert w3.keys() <= saved.keys() and all(torch.equal(saved[k].float(), w3[k]) for k in w3)
+    assert all(torch.isfinite(v).all() for v in ckpt["ema"].values())
+    assert not (tmp_path / "N" / "E0_0" / "weights.safetensors").exists()  # no hand-off
 
 
 def test_manifest_expectations_name_the_configured_encoders() -> None:
@@ -144,7 +177,8 @@ def test_ddp_two_ranks_read_disjoint_shards(tmp_path: Path) -> None:
     assert json.loads((ndir / "node.json").read_text())["step"] == 4
 
 
-def test_sample_cli_writes_pngs_and_grid(root_run: Path) -> None:
+def test_sample_cli_writes_pngs_and_grid(child_run: Path) -> None:
+    root_run = child_run
     out = root_run / "samples"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "sample.py"), f"run_dir={root_run / 'R'}", "expert=E0_0",
@@ -159,3 +193,48 @@ def test_sample_cli_writes_pngs_and_grid(root_run: Path) -> None:
          "experts=[E0_0,E1_1]", f"out={out}"],
         cwd=root_run, env=run_env(root_run), capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "overlap" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_guidance_per_expert_both_override_forms_compose() -> None:
+    """The README's dict form and the `+key` form give the same per-expert scales."""
+    want = {"E1_1": 7.0, "E1_0": 3.0}
+    for overrides in (["guidance_per_expert={E1_1: 7.0, E1_0: 3.0}"],
+                      ["+guidance_per_expert.E1_1=7.0", "+guidance_per_expert.E1_0=3.0"]):
+        with initialize_config_dir(str(ROOT / "conf" / "sampling"), version_base="1.3"):
+            cfg = compose("config", overrides=overrides)
+        assert dict(cfg.guidance_per_expert) == want, overrides
+
+
+def test_sample_cli_guidance_per_expert_as_documented(pair_run: Path) -> None:
+    """The README's `'guidance_per_expert={E1_1: 7.0, E1_0: 3.0}'` through sample.py's command
+    line: settings.json records those scales and the images are the ones an in-process sampler
+    makes with them, not with the scales swapped, with either one left at `guidance`, or none."""
+    import numpy as np
+    from PIL import Image
+
+    from ediff_train.pipeline import Sampler
+    from ediff_train.sampling import Guidance
+
+    run, out = pair_run / "R", pair_run / "guided"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "sample.py"), f"run_dir={run}", "experts=[E1_0,E1_1]",
+         "prompt=the number 3", "n=2", "steps=6", "guidance=5", "progress=false",
+         "guidance_per_expert={E1_1: 7.0, E1_0: 3.0}", f"out={out}"],
+        cwd=pair_run, env=run_env(pair_run), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["guidance"] == 5.0
+    assert settings["guidance_per_expert"] == {"E1_1": 7.0, "E1_0": 3.0}
+    got = torch.from_numpy(np.stack([np.asarray(Image.open(out / f))
+                                     for f in settings["files"]])).permute(0, 3, 1, 2).float()
+    sampler = Sampler.from_run(run, ["E1_0", "E1_1"])
+
+    def pixels(per: dict[str, float]) -> torch.Tensor:
+        images = sampler(["the number 3"] * 2, seed=0, steps=6, guidance=Guidance(5.0, per))
+        return (images.clamp(0, 1) * 255).round()
+
+    # equal here (0 of 255); 1 level allows another thread count's rounding. The others differ
+    # by 64 / 4 / 35 / 32 levels: E1_0 (σ < 0.30, the last steps) moves few pixels
+    assert float((got - pixels({"E1_1": 7.0, "E1_0": 3.0})).abs().max()) <= 1.0
+    for other in ({"E1_1": 3.0, "E1_0": 7.0}, {"E1_1": 7.0}, {"E1_0": 3.0}, {}):
+        assert float((got - pixels(other)).abs().max()) > 2.0, other

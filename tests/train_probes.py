@@ -9,6 +9,8 @@ train_probes.Probe`): what the Trainer really did, recorded independently of edi
 - `losses`: {global step: the loss of the step taken there} (what training_step returned);
 - `at_exception`: the parameters when the run stopped with an exception, and `exception`.
 With `nan_at=j` the batch of the step taken at global step j becomes NaN, as corrupt data would.
+With `dump=PATH` the record (all but the exception object) is also written there with torch.save
+when the run ends or stops, for runs in another process (train.py started as a subprocess).
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ def parameters(module: LightningModule) -> dict[str, torch.Tensor]:
 
 
 class Probe(Callback):
-    def __init__(self, key: str, nan_at: int | None = None) -> None:
-        self.nan_at = nan_at
+    def __init__(self, key: str, nan_at: int | None = None, dump: str | None = None) -> None:
+        self.nan_at, self.dump = nan_at, dump
         self.rec: dict[str, Any] = {"optimizer_steps": [], "weights": {}, "ema0": None,
                                     "losses": {}, "at_exception": None, "exception": None}
         RECORDS[key] = self.rec
@@ -55,3 +57,11 @@ class Probe(Callback):
                      exception: BaseException) -> None:
         self.rec["at_exception"] = parameters(module)
         self.rec["exception"] = exception
+        self._dump()
+
+    def on_train_end(self, trainer: Trainer, module: LightningModule) -> None:
+        self._dump()
+
+    def _dump(self) -> None:
+        if self.dump is not None:
+            torch.save({k: v for k, v in self.rec.items() if k != "exception"}, self.dump)

@@ -242,6 +242,9 @@ class ExpertModule(L.LightningModule):
         # host numbers are logged as host tensors: a Python float would be copied to the GPU
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         self.log("train/total_step", torch.tensor(float(self.total_step)), batch_size=n)
+        if self._trainer is not None and self.trainer.optimizers:  # the effective lr, logged
+            lr = float(self.trainer.optimizers[0].param_groups[0]["lr"])
+            self.log("train/lr", torch.tensor(lr), batch_size=n)
         skipped = batch.get("skipped")
         if isinstance(skipped, dict):
             for reason, count in skipped.items():

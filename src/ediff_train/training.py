@@ -255,6 +255,8 @@ def _train_locked(cfg: DictConfig, node: Node, ndir: Path,
     info = {"run_dir": str(cfg.run_dir), "data_root": str(cfg.data.root), "config": CONFIG}
     ckpt = PeriodicCheckpoint(ndir / CKPT_DIR, int(cfg.checkpoint_every))
     callbacks: list[Callback] = [ckpt, HandOff(ndir, info), TQDMProgressBar(refresh_rate=10)]
+    posthoc = posthoc_ema_callback(cfg, node, ndir)  # first: the checkpoints save its update
+    callbacks[:0] = [posthoc] if posthoc is not None else []
     start = max_steps - int(cfg.steps)  # the global step this run begins at (a continuation's > 0)
     callbacks += [sigma_monitor(cfg, data, ndir, start)] if cfg.get("monitor") else []
     callbacks += [handoff_probe(cfg, data, node, ndir, start)] if probe_on(cfg) else []
@@ -276,6 +278,15 @@ def _train_locked(cfg: DictConfig, node: Node, ndir: Path,
     finally:
         finish_wandb(logger)
     return ndir
+
+
+def posthoc_ema_callback(cfg: DictConfig, node: Node, ndir: Path) -> Callback | None:
+    """EDM2's post-hoc EMA trackers when `posthoc_ema.enabled` (posthoc_callback.py)."""
+    if not (cfg.get("posthoc_ema") or {}).get("enabled"):
+        return None
+    from ediff_train.posthoc_callback import from_train_config
+
+    return from_train_config(cfg, node, ndir)
 
 
 def sigma_monitor(cfg: DictConfig, data: Any, ndir: Path, start: int = 0) -> Callback:

@@ -128,12 +128,24 @@ class StepCadence(Callback):
         if not self.steps or not self.setup_measure(trainer, module):
             self.steps = range(0)
         elif k == 0 and 0 in self.steps:
-            self.measure(trainer, module, 0)
+            self._measure_whole(trainer, module, 0)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
         k = trainer.global_step - self.start
         if k != self._last and k in self.steps:
             self._last = k
+            self._measure_whole(trainer, module, k)
+
+    def _measure_whole(self, trainer, module, k: int) -> None:  # noqa: ANN001
+        """`measure` with every parameter whole: under ZeRO-3 a forward outside the engine would
+        see the empty partitions of parameters used directly (the null token), so they are
+        gathered for the measurement (a collective: every rank is here at the same step)."""
+        if not getattr(trainer.strategy, "zero_stage_3", False):
+            self.measure(trainer, module, k)
+            return
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.denoiser.parameters())):
             self.measure(trainer, module, k)
 
 

@@ -36,6 +36,27 @@ def halves(images: Tensor) -> tuple[Tensor, Tensor]:
     return up(images[:, :, 4:12, 0:8]), up(images[:, :, 4:12, 8:16])
 
 
+def read_halves(classifier: Any, images: Tensor) -> tuple[Tensor, Tensor]:
+    """The digit the classifier reads in the left and in the right half of each canvas ([B])."""
+    lh, rh = halves(images)
+    with torch.no_grad():
+        return classifier(lh).argmax(1), classifier(rh).argmax(1)
+
+
+def placement_counts(read: tuple[Tensor, Tensor], left: int, right: int) -> Tensor:
+    """[phrases read in their painted half, samples with both halves as painted], for `left`
+    painted into the left half and `right` into the right."""
+    hit_l, hit_r = read[0] == left, read[1] == right
+    return torch.stack([hit_l.sum() + hit_r.sum(), (hit_l & hit_r).sum()])
+
+
+def placement_scores(counts: Tensor, samples: int) -> dict[str, float]:
+    """`in_painted_half` and `both_halves` from summed `placement_counts` over `samples`."""
+    half, both = (int(v) for v in counts[:2])
+    return {"in_painted_half": round(half / (2 * samples), 4),
+            "both_halves": round(both / samples, 4)}
+
+
 class MaskMass:
     """A Painter `record`: the painted phrases' attention share inside their masks, and the
     same for the masks mirrored left↔right (the swapped layout, for an unpainted baseline)."""
@@ -81,7 +102,8 @@ def evaluate_paint(cfg: DictConfig) -> dict[str, Any]:
     sampler = Sampler.from_run(cfg.run_dir, [d.name for d in spec["dirs"]], str(cfg.weights))
     pairs = digit_pairs(int(c.pairs), torch.Generator().manual_seed(int(cfg.seed)))
     weights = [float(w) for w in (c.weight if OmegaConf.is_list(c.weight) else [c.weight])]
-    # unpainted = w′ 0: no bias, but the attention is recorded (explicit softmax path)
+    # unpainted = w′ 0: no bias; the attention is recorded beside the fused output (the plain
+    # sampler's images, bit for bit)
     runs = [("unpainted", 0.0, False)] + [(f"{kind} w'={w:g}", w, kind == "swapped")
                                           for w in weights for kind in ("painted", "swapped")]
     counts = {name: torch.zeros(3, dtype=torch.long) for name, _, _ in runs}
@@ -98,23 +120,20 @@ def evaluate_paint(cfg: DictConfig) -> dict[str, Any]:
                 lt, rt = (b, a) if swap else (a, b)
                 how = f"painted {lt} left, {rt} right, w'={w:g}" if w else "unpainted"
                 grid.append((f'"{prompts[0]}": {how}', images))
-            lh, rh = halves(images)
-            with torch.no_grad():
-                gl, gr = classifier(lh).argmax(1), classifier(rh).argmax(1)
+            read = read_halves(classifier, images)
             if name == "unpainted":
-                base = gl, gr
+                base = read
             want_l, want_r = (b, a) if swap else (a, b)
-            hit_l, hit_r = gl == want_l, gr == want_r
-            counts[name] += torch.stack([hit_l.sum() + hit_r.sum(), (hit_l & hit_r).sum(),
-                                         (base[0] == want_l).sum() + (base[1] == want_r).sum()])
+            counts[name] += torch.cat([placement_counts(read, want_l, want_r),
+                                       placement_counts(base, want_l, want_r)[:1]])
         n += len(prompts)
     results = {}
     for name, w, swap in runs:
-        half, both, base_half = (int(v) for v in counts[name])
+        score = placement_scores(counts[name], n)
         results[name] = {
-            "paint_weight": w, "in_painted_half": round(half / (2 * n), 4),
-            "unpainted_in_same_half": round(base_half / (2 * n), 4),
-            "both_halves": round(both / n, 4), "mass_inside": round(mass[name].mean(), 4),
+            "paint_weight": w, "in_painted_half": score["in_painted_half"],
+            "unpainted_in_same_half": round(int(counts[name][2]) / (2 * n), 4),
+            "both_halves": score["both_halves"], "mass_inside": round(mass[name].mean(), 4),
             "unpainted_mass_inside": round(mass["unpainted"].mean(mirrored=swap), 4)}
     report = {"metric": "paint", "run": spec["label"], "samples_per_run": n,
               "pairs": len(pairs), "guidance": float(c.guidance), "steps": int(cfg.steps),

@@ -6,8 +6,10 @@ to the *unscaled* logits, so the layer computes softmax((QKᵀ + B)/√d)·V, th
 key. Keys whose mask is False get −∞ in the same mask.
 
 Paint-with-words needs max(QKᵀ) of the layer and analyses need the attention weights, neither of
-which the fused kernel exposes: an `AttentionHook` instead of a bias tensor switches that one
-call to an explicit softmax(QKᵀ) path. Without a hook the fused path runs, untouched.
+which the fused kernel exposes: an `AttentionHook` with a paint matrix switches that one call to
+an explicit softmax(QKᵀ) path. A hook that only records keeps the fused output (the weights are
+computed beside it, for the recorder), so recording never changes the images. Without a hook the
+fused path runs, untouched.
 """
 
 from __future__ import annotations
@@ -130,29 +132,37 @@ class CrossAttention(nn.Module):
         tokens = self.norm(x).flatten(2).transpose(1, 2)
         q = _split_heads(self.q(tokens), self.heads)
         k, v = (_split_heads(t, self.heads) for t in self.kv(context).chunk(2, dim=-1))
-        if isinstance(bias, AttentionHook):
+        if isinstance(bias, AttentionHook) and bias.paint is not None:
             out = _merge_heads(self._explicit(q, k, v, key_mask, bias))
+        elif isinstance(bias, AttentionHook):  # record only: the fused output, bit for bit
+            if bias.record is not None:
+                bias.record(self._probs(q, k, key_mask).detach())
+            mask = self.attn_mask(key_mask, None, h * w, q.dtype)
+            out = _merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
         else:
             mask = self.attn_mask(key_mask, bias, h * w, q.dtype)
             out = _merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
         out = self.proj(out).transpose(1, 2).reshape(b, c, h, w)
         return x + out
 
-    def _explicit(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor,
-                  hook: AttentionHook) -> Tensor:
-        """softmax((QKᵀ + w·max(QKᵀ)·A)/√d)·V, in float32, with the weights handed to
-        hook.record."""
+    def _probs(self, q: Tensor, k: Tensor, key_mask: Tensor, paint: Tensor | None = None,
+               weight: Tensor | None = None) -> Tensor:
+        """softmax((QKᵀ + w·max(QKᵀ)·A)/√d) in float32: the attention weights [B, heads, HW, N]."""
         scores = q.float() @ k.float().transpose(-1, -2)  # [B, heads, HW, N], unscaled
-        if hook.paint is not None and hook.weight is not None:
-            if hook.paint.shape != (scores.shape[0], scores.shape[2], scores.shape[3]):
-                raise EdiffError(f"paint mask has shape {tuple(hook.paint.shape)}, expected "
+        if paint is not None and weight is not None:
+            if paint.shape != (scores.shape[0], scores.shape[2], scores.shape[3]):
+                raise EdiffError(f"paint mask has shape {tuple(paint.shape)}, expected "
                                  f"{(scores.shape[0], scores.shape[2], scores.shape[3])}")
             top = scores.amax(dim=(1, 2, 3), keepdim=True)
-            w = hook.weight.float().view(-1, 1, 1, 1)
-            scores = scores + w * top * hook.paint.float()[:, None]
+            w = weight.float().view(-1, 1, 1, 1)
+            scores = scores + w * top * paint.float()[:, None]
         scores = scores / math.sqrt(self.head_dim)
-        scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
-        probs = scores.softmax(dim=-1)
+        return scores.masked_fill(~key_mask[:, None, None, :], float("-inf")).softmax(dim=-1)
+
+    def _explicit(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor,
+                  hook: AttentionHook) -> Tensor:
+        """The painted attention output in float32, with the weights handed to hook.record."""
+        probs = self._probs(q, k, key_mask, hook.paint, hook.weight)
         if hook.record is not None:
             hook.record(probs.detach())
         return (probs @ v.float()).to(v.dtype)
