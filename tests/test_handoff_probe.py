@@ -91,7 +91,8 @@ class _Counting(StepCadence):
 
 def _drive(cb: StepCadence, global_steps: list[int], start_at: int = 0,
            module: Any = None) -> None:
-    trainer = SimpleNamespace(global_step=start_at, is_global_zero=True)
+    # a Lightning Trainer's few attributes the cadence reads (a plain strategy: not ZeRO-3)
+    trainer = SimpleNamespace(global_step=start_at, is_global_zero=True, strategy=SimpleNamespace())
     cb.on_train_start(trainer, module)
     for g in global_steps:
         trainer.global_step = g
@@ -232,7 +233,6 @@ def test_probe_step0_is_the_parents_in_band_loss(tree: tuple[Path, Any],
     got = read_probe(tmp / "R" / "E1_1")
     assert got is not None and got["in_band_loss"][0] == pytest.approx(want, rel=1e-5)
     assert sigma.min() >= parse_node("E1_1").sigma_interval[0]  # drawn inside the band
-
 
 
 def test_probe_leaves_training_untouched(digits_root: Path, tmp_path: Path) -> None:

@@ -67,7 +67,8 @@ def test_embed_then_train_then_sample_as_the_readme_says(
     node = json.loads((ndir / "node.json").read_text())
     assert node["step"] == 2 and node["data_root"] == SHARDS
     model, ema, meta = load_weights(ndir / "weights.safetensors")
-    assert meta == {"node": "E0_0", "step": 2} and model.keys() == ema.keys()
+    # images = the tree's samples seen (EMA half-life in images): 2 steps × batch 4
+    assert meta == {"node": "E0_0", "step": 2, "images": 8} and model.keys() == ema.keys()
     # the network reads embeddings of the shards' widths, and the weights load into it strictly
     assert ema["backbone.cond.t5_tok.0.weight"].shape[1] == dims["t5"]
     expert, denoiser = load_expert(ndir)

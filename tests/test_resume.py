@@ -69,9 +69,9 @@ def tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_sigkill_after_a_checkpoint_then_same_command_resumes_from_it(tmp: Path) -> None:
     """kill -9 (the whole process group) as soon as the first checkpoint exists; the same
     command then resumes from the newest checkpoint on disk, step k > 0, not from step 0: its
-    first optimiser step is k and it trains exactly the 30 − k steps left (a Probe records it)."""
+    first optimiser step is k and it trains exactly the 12 − k steps left (a Probe records it)."""
     dump = tmp / "K_probe.pt"
-    args = ["steps=30", "checkpoint_every=3", "logger=wandb", "run_dir=K",
+    args = ["steps=12", "checkpoint_every=3", "logger=wandb", "run_dir=K",
             "+callbacks.probe._target_=train_probes.Probe", "+callbacks.probe.key=k",
             f"+callbacks.probe.dump={dump}"]
     env = run_env(tmp)
@@ -88,13 +88,13 @@ def test_sigkill_after_a_checkpoint_then_same_command_resumes_from_it(tmp: Path)
     steps = [int(torch.load(c, map_location="cpu", weights_only=True)["global_step"])
              for c in (ndir / "checkpoints").glob("*.ckpt")]  # a .tmp of a later save: not one
     k = max(steps)
-    assert 3 <= k < 30 and k % 3 == 0, steps
+    assert 3 <= k < 12 and k % 3 == 0, steps
 
     finish(start(tmp, args, env))
     rec = torch.load(dump, weights_only=True)
-    assert rec["optimizer_steps"] == list(range(k, 30))  # from the checkpoint, to the target
-    assert json.loads((ndir / "node.json").read_text())["step"] == 30
-    assert all_checkpoints_load(ndir / "checkpoints") == [30]
+    assert rec["optimizer_steps"] == list(range(k, 12))  # from the checkpoint, to the target
+    assert json.loads((ndir / "node.json").read_text())["step"] == 12
+    assert all_checkpoints_load(ndir / "checkpoints") == [12]
     assert (ndir / "wandb_id").read_text().strip() == run_id
     runs = list((ndir / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)  # one W&B run resumed

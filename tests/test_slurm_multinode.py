@@ -17,6 +17,7 @@ from slurm_cluster import SlurmCluster, missing
 from test_slurm import FAST, job_ids, submit, wait_done, wait_for
 
 from ediff_train.checkpoints import load_weights
+from ediff_train.optim_state import read_state
 
 pytestmark = pytest.mark.skipif(missing() is not None, reason=str(missing()))
 
@@ -88,10 +89,12 @@ def test_two_node_job_splits_data_hands_off_once_and_requeues_on_both(
     assert len(resumed) == 1 and 0 < resumed.pop() < STEPS, [r["start_step"] for r in second]
     assert {r["end_step"] for r in second} == {STEPS}
 
-    # one set of hand-off weights, from the finished run
+    # one hand-off (weights and the optimiser state a child starts from), from the finished run
     weights = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.safetensors"))
-    assert weights == [Path("R/E0_0/weights.safetensors")], weights
+    assert weights == [Path("R/E0_0/optimizer.safetensors"),
+                       Path("R/E0_0/weights.safetensors")], weights
     _, _, meta = load_weights(ndir / "weights.safetensors")
     assert meta["step"] == STEPS
+    assert read_state(ndir / "optimizer.safetensors")[1] == STEPS
     assert json.loads((ndir / "node.json").read_text())["step"] == STEPS
     assert "restart 1" in log.read_text()

@@ -16,6 +16,14 @@ PY="$VENV/bin/python"
 export PIP_CONSTRAINT="$PWD/tools/constraints-cpu.txt"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 "$PY" -m pip install -q "torch==2.13.0" 2>&1 | grep -v "is ignored" || true
+# DeepSpeed (in [dev]) is built first, on its own: its setup.py imports torch, so build it
+# against the torch already here (no isolated build env, which would build it without torch)
+# and without compiling its CUDA ops (~15 s); `.[dev]` below then finds it installed.
+if [ "${1:-}" = "--dev" ]; then
+  "$PY" -m pip install -q setuptools wheel
+  DS_BUILD_OPS=0 "$PY" -m pip install -q --no-build-isolation "deepspeed>=0.14" 2>&1 \
+    | grep -v "is ignored" || true
+fi
 "$PY" -m pip install -q -e ".$extras" 2>&1 | grep -v "is ignored" || true
 "$PY" -c "import ediff_train, lightning, hydra, webdataset, open_clip, transformers" >/dev/null 2>&1 \
   || { "$PY" -m pip install -e ".$extras"; }
@@ -31,12 +39,7 @@ if ! "$PY" -c "import torchvision" >/dev/null 2>&1; then
   echo "installed the torchvision op-schema shim into $site"
 fi
 
-# DeepSpeed's setup.py imports torch: build it against the torch already here (no isolated
-# build env, which would fetch a CUDA torch) and without compiling its CUDA ops. ~15 s.
 if [ "${1:-}" = "--dev" ]; then
-  "$PY" -m pip install -q setuptools wheel
-  DS_BUILD_OPS=0 "$PY" -m pip install -q --no-build-isolation "deepspeed>=0.14" 2>&1 \
-    | grep -v "is ignored" || true
   "$PY" -c "import deepspeed" >/dev/null 2>&1 || { echo "DeepSpeed failed to install" >&2; exit 1; }
 fi
 

@@ -146,8 +146,10 @@ def read_state(path: Path) -> tuple[dict[str, Tensor], int]:
 
 
 def check_fits(model: nn.Module, tensors: dict[str, Tensor], path: Path) -> None:
-    """Every parameter has both moments of its own shape, and nothing else is stored."""
-    want = {f"{k}/{n}": tuple(p.shape) for n, p in model.named_parameters() for k in MOMENTS}
+    """Every parameter has both moments of its own shape, and nothing else is stored (under
+    ZeRO-3 a parameter's own tensor is an empty partition: its whole shape is `ds_shape`)."""
+    want = {f"{k}/{n}": tuple(getattr(p, "ds_shape", p.shape))
+            for n, p in model.named_parameters() for k in MOMENTS}
     have = {k: tuple(v.shape) for k, v in tensors.items()}
     missing = sorted(set(want) - set(have))
     extra = sorted(set(have) - set(want))

@@ -6,7 +6,8 @@ A[i, j] = strength of the phrase holding text token j where image token i lies i
 (the mask bilinearly resized to the layer's size, any size and aspect), and
 w = w′·log(1 + σ)·max(QKᵀ). Only the conditional branch of guidance is painted. It runs through
 the network's own attention (`nn.attention.AttentionHook`); with w′ = 0 no hook is installed and
-the sampler is the plain one, bit for bit.
+the sampler is the plain one, bit for bit (with a `record`, hooks that only record keep the fused
+attention output, so the images are still the plain ones).
 """
 
 from __future__ import annotations
