@@ -154,3 +154,11 @@ def test_gate_and_control_decide_the_verdict() -> None:
     loss["curves"]["b"] = [[0.99, 0.99]]
     passed = gate_table(spec, loss)
     assert passed["passed"] and verdict(spec, t, 1, passed).startswith("REPRODUCED")
+    assert "not specialisation's" not in verdict(spec, t, 1, passed)  # c beat k by 1.0 too
+    # the control beats the baseline as much as the claim: the win is not specialisation's
+    tie = image_table(spec, [_seed({"c": [(1, 0.9, 1.0)], "b": [(1, 0.9, 1.5)],
+                                    "k": [(1, 0.9, 1.0)]})])
+    assert tie["claim_minus_control"]["1"]["digits_fid"]["values"] == [0.0]
+    assert verdict(spec, tie, 1, passed).endswith(
+        "At 1 the claim did not beat the control (the same tree trained without specialising), "
+        "so that win is not specialisation's.")

@@ -57,6 +57,7 @@ def image_table(spec: dict[str, Any], per_seed: list[dict[str, Any]]) -> dict[st
            "claim_minus_baseline": paired(table, spec["claim"], spec["baseline"], q, a)}
     if spec.get("control") in table:
         out["control_minus_baseline"] = paired(table, spec["control"], spec["baseline"], q, a)
+        out["claim_minus_control"] = paired(table, spec["claim"], spec["control"], q, a)
     return out
 
 
@@ -145,14 +146,23 @@ def band_shares(spec: dict[str, Any], bands: list[dict[str, Any]]) -> dict[str, 
 def verdict(spec: dict[str, Any], images: dict[str, Any], n_seeds: int,
             gate: dict[str, Any] | None = None) -> str:
     """One plain sentence from the numbers: where the claim held, at this scale and seeds;
-    no verdict where the gate failed, and a warning where the control lost."""
+    no verdict where the gate failed, a warning where the control lost, and where the control
+    beat the baseline as well, that the claim's win is not specialisation's (the control is the
+    same tree without it)."""
     text = _verdict(spec, images, n_seeds)
     if "control_minus_baseline" in images:
-        lost = [g for g, x in images["control_minus_baseline"].items() if x["baseline_better"]]
+        ctrl = images["control_minus_baseline"]
+        lost = [g for g, x in ctrl.items() if x["baseline_better"]]
         how = (f"lost to the baseline at {', '.join(lost)}, so the pipeline is still unfair "
                "there" if lost else "did not lose to the baseline (the pipeline is fair)")
         text += (f" Control ({spec['control']}: the same pipeline, children on the full σ "
                  f"range): {how}.")
+        won = [g for g, x in images["claim_minus_baseline"].items() if x["claim_better"]]
+        shared = [g for g in won if ctrl[g]["claim_better"]
+                  or not images["claim_minus_control"][g]["claim_better"]]
+        if shared:
+            text += (f" At {', '.join(shared)} the claim did not beat the control (the same "
+                     "tree trained without specialising), so that win is not specialisation's.")
     if gate is not None and not gate["passed"]:
         text = (f"NO VERDICT: the root is not at its plateau (continuing it lowers held-out loss "
                 f"by {100 * gate['gain']['mean']:.1f} % > {100 * gate['max_gain']:.0f} %). "
@@ -268,6 +278,15 @@ def markdown(name: str, schedule: Schedule, spec: dict[str, Any], images: dict[s
         word = ("control better" if d["claim_better"] else
                 "baseline better" if d["baseline_better"] else "within spread")
         lines.append(f"| {g} | {_fmt(d[a])} | {_fmt(d[q])} | {word} |")
+    for g, d in images.get("claim_minus_control", {}).items():
+        if g == next(iter(images["claim_minus_control"])):
+            lines += ["", f"Specialisation: {spec['claim']} − {spec['control']} (same seed):", "",
+                      f"| guidance | Δ {a} | Δ {q} | seeds with lower {q} | verdict |",
+                      "|---|---|---|---|---|"]
+        word = ("claim better" if d["claim_better"] else
+                "control better" if d["baseline_better"] else "within spread")
+        lines.append(f"| {g} | {_fmt(d[a])} | {_fmt(d[q])} | "
+                     f"{d['seeds_claim_lower_' + q]}/{n_seeds} | {word} |")
     if gate is not None:
         lines += ["", "## Gate: is the root at its plateau?", "",
                   f"Held-out loss under the training law: {gate['root']} "
