@@ -55,8 +55,8 @@ from PIL import Image
 
 from ediff_train.data.batching import release_slab
 from ediff_train.data.datamodule import ShardDataModule
-from ediff_train.data.remote import filesystem
 from ediff_train.data.shards import ShardWriter, npy_bytes
+from ediff_train.io.remote import filesystem
 
 DIMS = {"real": {"t5": 4096, "clip_txt": 768, "clip_pool": 768, "clip_img": 768},
         "tiny": {"t5": 32, "clip_txt": 32, "clip_pool": 24, "clip_img": 24}}

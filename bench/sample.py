@@ -28,10 +28,14 @@ from hydra.utils import instantiate
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_step import model_config, random_cond  # noqa: E402
 
-from ediff_train.edm import EDMPrecond  # noqa: E402
-from ediff_train.experts import parse_node  # noqa: E402
-from ediff_train.sampling import Ensemble, guided, karras_sigmas  # noqa: E402
-from ediff_train.solvers import solve  # noqa: E402
+from ediff_train.core.edm import EDMPrecond  # noqa: E402
+from ediff_train.core.experts import parse_node  # noqa: E402
+from ediff_train.core.solvers import (
+    karras_sigmas,  # noqa: E402
+    solve,  # noqa: E402
+)
+from ediff_train.sampling.ensemble import Ensemble
+from ediff_train.sampling.guidance import guided
 
 NODES = ["E9_511", "E3_0", "not_E9_511_E3_0", "E1_0", "E1_1"]
 

@@ -41,10 +41,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
-from ediff_train.conditioning import Conditioning
-from ediff_train.edm import EDMPrecond, LogNormalSigma, edm_loss
-from ediff_train.perf import CompiledDenoiser, adamw, to_device
-from ediff_train.sr import NoiseAugment
+from ediff_train.core.conditioning import Conditioning
+from ediff_train.core.edm import EDMPrecond, LogNormalSigma, edm_loss
+from ediff_train.core.perf import CompiledDenoiser, adamw, to_device
+from ediff_train.core.sr import NoiseAugment
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 # Encoder dims used when conf/encoders/tiny.yaml is absent (the embedded digits encoders).

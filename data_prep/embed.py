@@ -1,67 +1,9 @@
 """Embed images + captions into a shard set: `python data_prep/embed.py input=DIR output=OUT`
-(OUT: a folder, or an object-store URL such as s3://bucket/set).
+(the same as `ediff-embed ...`; the code is in ediff_train/cli/embed.py)."""
 
-Thin Hydra app over ediff_train.data.prep (see there for units, restart and merging). The
-`encoders` group is conf/encoders/*.yaml, the trainer's own files, registered here so both
-programs read one definition of each encoder set.
-"""
+from ediff_train.cli.embed import main, run
 
-from __future__ import annotations
-
-import hydra
-from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
-
-from ediff_train.cli import CONF_DIR, reporting_errors
-
-
-def register_encoder_configs() -> None:
-    cs = ConfigStore.instance()
-    for path in sorted((CONF_DIR / "encoders").glob("*.yaml")):
-        cs.store(group="encoders", name=path.stem, node=OmegaConf.load(path))
-
-
-@hydra.main(config_path="conf", config_name="embed", version_base="1.3")
-@reporting_errors
-def main(cfg: DictConfig) -> None:
-    import torch  # heavy imports only once the command line is valid
-
-    from ediff_train.data.images import ImageSpec
-    from ediff_train.data.prep import EmbedJob, PrepConfig, resolve_task
-    from ediff_train.data.sources import list_input
-    from ediff_train.data.store import open_store
-    from ediff_train.encoders import build_encoders
-    from ediff_train.errors import EdiffError
-
-    missing = [k for k in ("input", "output") if OmegaConf.is_missing(cfg, k)]
-    if missing:
-        raise EdiffError(f"set {' and '.join(f'{k}=...' for k in missing)} (input: a folder "
-                         "with captions.jsonl or .tar files; output: the shard folder to write)")
-    task_id, num_tasks = resolve_task(cfg.task_id, cfg.num_tasks)
-    enc_cfg = OmegaConf.to_container(cfg.encoders, resolve=True)
-    if enc_cfg.get("device") is None:  # embedding wants the GPU whenever there is one
-        enc_cfg["device"] = "cuda" if torch.cuda.is_available() else "cpu"
-    if enc_cfg.get("dtype") is None:
-        enc_cfg["dtype"] = "bf16" if enc_cfg["device"].startswith("cuda") else "fp32"
-    stage = cfg.stage
-    prep = PrepConfig(
-        input=cfg.input, output=cfg.output,
-        image=ImageSpec(int(stage.size), int(stage.min_side), str(stage.format)),
-        unit_size=int(cfg.unit_size), batch_size=int(cfg.batch_size),
-        sort_window=int(cfg.sort_window), workers=int(cfg.workers),
-        clip_min_similarity=cfg.clip_min_similarity)
-    listing = list_input(prep.input, prep.unit_size)  # bad input fails before encoders load
-    open_store(prep.output).check()  # so does an output URL without backend, bucket or access
-    encoders = build_encoders(**enc_cfg)
-    print(f"encoders: {encoders.spec['t5']['name']} + {encoders.spec['clip']['name']} on "
-          f"{encoders.device} ({enc_cfg['dtype']}); stage {stage.size}px; task "
-          f"{task_id}/{num_tasks}", flush=True)
-    job = EmbedJob(prep, encoders, listing)
-    report = job.run(task_id, num_tasks, max_units=cfg.max_units, progress=bool(cfg.progress),
-                     finalize=bool(cfg.finalize), cpu_threads=cfg.cpu_threads)
-    print(report.summary(), flush=True)
-
+__all__ = ["main"]
 
 if __name__ == "__main__":
-    register_encoder_configs()
-    main()
+    run()

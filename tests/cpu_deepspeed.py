@@ -1,9 +1,9 @@
-"""Test-only glue to run DeepSpeed ZeRO on CPU processes with gloo (DESIGN §7).
+"""Test-only glue to run DeepSpeed ZeRO on CPU processes with gloo (docs/design.md §7).
 
 Lightning refuses DeepSpeed on a CPU accelerator; this subclass skips that check, gives the root
 device an index (DeepSpeed reads `device_rank` from it) and uses gloo. `RecordWeights` writes the
 full fp32 weights after every optimiser step through DeepSpeed's own `safe_get_full_fp32_param`
-(independent of ediff_train.ema), so a test can recompute the EMA without ZeRO.
+(independent of ediff_train.core.ema), so a test can recompute the EMA without ZeRO.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.strategies import DDPStrategy
 
-from ediff_train.strategies import DeepSpeed
+from ediff_train.training.strategies import DeepSpeed
 
 
 class CPUDeepSpeed(DeepSpeed):

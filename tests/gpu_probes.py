@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from ediff_train.perf import is_fused
+from ediff_train.core.perf import is_fused
 
 
 class RecordSetup(Callback):

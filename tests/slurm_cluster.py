@@ -1,4 +1,4 @@
-"""A real, hermetic SLURM cluster on localhost for tests (DESIGN §7): one node, or several.
+"""A real, hermetic SLURM cluster on localhost for tests (docs/design.md §7): one node, or several.
 
 Debian's slurmctld + slurmd + munge, run as root in the foreground as children of the test
 process: a private munged (own key and socket, `--force` so the test directory's ownership is

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from ediff_train.data.align import clip_text_short
 from ediff_train.data.digits import digit_captions
 from ediff_train.data.manifest import read_manifest
-from ediff_train.encoders import Encoders
+from ediff_train.nn.encoders import Encoders
 
 
 def test_short_text_pass_equals_open_clip_full_context() -> None:

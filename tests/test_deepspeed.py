@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import ROOT, run_env
 
-from ediff_train.checkpoints import load_expert, load_weights
+from ediff_train.run.weights import load_expert, load_weights
 
 pytest.importorskip("deepspeed")
 

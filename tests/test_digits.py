@@ -1,4 +1,4 @@
-"""ShardWriter writes exactly the DESIGN §4 members; the digits build is complete, shuffled,
+"""ShardWriter writes exactly the docs/design.md §4 members; the digits build is complete, shuffled,
 correctly captioned, embedded by the encoders saved next to it, cached and safe to race."""
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ def test_digits_build_is_complete_shuffled_and_captioned(digits: Path) -> None:
 
 
 def test_digits_embeddings_come_from_the_saved_encoders(digits: Path) -> None:
-    from ediff_train.encoders import Encoders
+    from ediff_train.nn.encoders import Encoders
 
     enc = Encoders.load(digits / "encoders")
     assert read_manifest(digits)["encoders"] == enc.manifest_entry()

@@ -20,9 +20,10 @@ import pytest
 import torch
 from conftest import ROOT, SHARED_CACHE, run_env
 
-from ediff_train.checkpoints import load_weights, save_weights, write_json
 from ediff_train.errors import DiskFull, run_reporting
-from ediff_train.resume import AtomicCheckpointIO
+from ediff_train.io.files import write_json
+from ediff_train.run.weights import load_weights, save_weights
+from ediff_train.training.resume import AtomicCheckpointIO
 
 # A tiny U-Net so a checkpoint is ~2 MB: the disk and the runs stay small and quick.
 FAST = ["data.num_workers=0", "sample.per_prompt=0", "data.batch_size=8", "logger=none",
@@ -117,7 +118,7 @@ def train_here(monkeypatch: pytest.MonkeyPatch, *args: str) -> None:
     from hydra import compose, initialize_config_dir
 
     from ediff_train.cli import register_nodes
-    from ediff_train.training import train_node
+    from ediff_train.training.loop import train_node
 
     for key in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS"):  # seed_everything's, restored afterwards
         monkeypatch.setenv(key, "0")

@@ -7,7 +7,13 @@ import math
 import torch
 from scipy import stats
 
-from ediff_train.edm import EDMPrecond, LogNormalSigma, edm_loss, loss_weight, precond_coefficients
+from ediff_train.core.edm import (
+    EDMPrecond,
+    LogNormalSigma,
+    edm_loss,
+    loss_weight,
+    precond_coefficients,
+)
 
 
 def test_precond_coefficients_closed_form() -> None:

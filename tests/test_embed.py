@@ -24,8 +24,8 @@ from ediff_train.data.images import ImageSpec, prepare_image
 from ediff_train.data.manifest import read_manifest
 from ediff_train.data.prep import EmbedJob, PrepConfig, resolve_task
 from ediff_train.data.sources import list_input
-from ediff_train.encoders import Encoders
 from ediff_train.errors import EdiffError
+from ediff_train.nn.encoders import Encoders
 
 SPEC = ImageSpec(size=16, min_side=16, format="jpg")
 WORDS = "cat dog red blue small large photo of a the on table street tree".split()

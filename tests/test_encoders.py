@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
-from ediff_train.encoders import TINY_CLIP, Encoders, build_encoders, tiny_clip, tiny_t5
 from ediff_train.errors import EdiffError
+from ediff_train.nn.encoders import TINY_CLIP, Encoders, build_encoders, tiny_clip, tiny_t5
 
 CAPTIONS = ["7", "a photo of the digit seven, drawn carefully by hand on paper", "the number 3"]
 TINY_DIMS = {"t5": 32, "clip_txt": 32, "clip_pool": 24, "clip_img": 24}

@@ -151,8 +151,8 @@ def test_sample_cli_two_experts_each_serve_their_own_sigmas(
     from hydra import compose, initialize_config_dir
     from PIL import Image
 
-    import ediff_train.pipeline as pipeline
-    from ediff_train.checkpoints import load_weights
+    import ediff_train.sampling.pipeline as pipeline
+    from ediff_train.run.weights import load_weights
 
     asked: dict[str, list[float]] = {}
     real = pipeline.load_ensemble

@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from ediff_train.conditioning import Conditioning
+from ediff_train.core.conditioning import Conditioning
+from ediff_train.core.experts import parse_node
 from ediff_train.data.heldout import in_holdout, read_records
 from ediff_train.errors import EdiffError
-from ediff_train.experts import parse_node
 from ediff_train.metrics.captions import Item, digits_items, file_items
 from ediff_train.metrics.digits import (
     accuracy,
@@ -25,7 +25,7 @@ from ediff_train.metrics.digits import (
 )
 from ediff_train.metrics.generation import generate_items, image_path, load_images
 from ediff_train.metrics.loss_by_sigma import band_means, loss_by_sigma, sigma_grid
-from ediff_train.sampling import Ensemble
+from ediff_train.sampling.ensemble import Ensemble
 
 
 def test_digit_classifier_scores_real_heldout_digits(digits_root: Path) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, run_env
 
-from ediff_train.experiment_report import image_table, verdict
+from ediff_train.experiments.report import image_table, verdict
 
 FAST = ["logger=csv", "data.num_workers=0", "sample.per_prompt=1", "sample.steps=2",
         "data.batch_size=16", "monitor.every=0", "probe.batches=1", "probe.batch_size=16"]
@@ -40,7 +40,7 @@ def run(tmp: Path, *args: str) -> subprocess.CompletedProcess:
 def done(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     tmp = tmp_path_factory.mktemp("experiment")
     (tmp / "t.yaml").write_text(json.dumps(TINY))
-    return tmp, run(tmp, "ediff_train.experiment", str(tmp / "t.yaml"),
+    return tmp, run(tmp, "ediff_train.experiments.experiment", str(tmp / "t.yaml"),
                     f"run_dir={tmp / 'R'}").stdout
 
 
@@ -83,7 +83,7 @@ def test_rerun_skips_finished_stages(done: tuple[Path, str]) -> None:
     tmp, _ = done
     weights = tmp / "R" / "seed1" / "more" / "weights.safetensors"
     before = weights.stat().st_mtime_ns
-    out = run(tmp, "ediff_train.schedule", "run", str(tmp / "t.yaml"),
+    out = run(tmp, "ediff_train.experiments.schedule_cli", "run", str(tmp / "t.yaml"),
               f"run_dir={tmp / 'R' / 'seed1'}", "seed=1").stdout
     assert out.count("skipped") == 2 and "training +" not in out
     assert "all 2 stages finished (0 trained now, 2 already done)" in out
@@ -116,7 +116,7 @@ def test_verdict_follows_the_paired_differences() -> None:
 
 def test_arguments_split_between_experiment_evaluation_and_training() -> None:
     from ediff_train.errors import EdiffError
-    from ediff_train.experiment import parse_args
+    from ediff_train.experiments.experiment import parse_args
 
     opts = parse_args(["seeds=2", "run_dir=R", "report_dir=R/rep", "eval.guidance=[1,2]",
                        "trainer=cpu", "module.lr=1e-3", "report_only=true"])
@@ -133,8 +133,8 @@ def test_gate_and_control_decide_the_verdict() -> None:
     """The gate is the training-law-weighted loss gain of the continued root over the root (a
     known answer on a two-point grid); a failed gate means no verdict, a control that loses is
     named."""
-    from ediff_train.edm import P_MEAN, P_STD
-    from ediff_train.experiment_report import gate_table, law_weighted
+    from ediff_train.core.edm import P_MEAN, P_STD
+    from ediff_train.experiments.report import gate_table, law_weighted
 
     sig = [math.exp(P_MEAN), math.exp(P_MEAN + P_STD)]  # weights 1 and e^-1/2
     w = math.exp(-0.5)

@@ -11,9 +11,8 @@ import pytest
 import torch
 from scipy import stats
 
-from ediff_train.edm import LogNormalSigma
-from ediff_train.errors import EdiffError
-from ediff_train.experts import (
+from ediff_train.core.edm import LogNormalSigma
+from ediff_train.core.experts import (
     ROOT,
     Node,
     Router,
@@ -22,6 +21,7 @@ from ediff_train.experts import (
     parse_node,
     tree_node,
 )
+from ediff_train.errors import EdiffError
 
 LAW = LogNormalSigma()
 
@@ -142,13 +142,13 @@ def test_router_refuses_overlap_and_gap() -> None:
 
 def test_cli_prints_intervals_and_parents() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "ediff_train.experts", "E9_511", "E3_0", "not_E9_511_E3_0"],
+        [sys.executable, "-m", "ediff_train.core.experts", "E9_511", "E3_0", "not_E9_511_E3_0"],
         capture_output=True, text=True, check=True,
     ).stdout.splitlines()
     assert len(out) == 3
     assert "9.61" in out[0] and "E8_255" in out[0]
     assert "0.07574" in out[1] and "E2_0" in out[1]
     assert "0.125" in out[2] and "E0_0" in out[2]
-    bad = subprocess.run([sys.executable, "-m", "ediff_train.experts", "E9_600"],
+    bad = subprocess.run([sys.executable, "-m", "ediff_train.core.experts", "E9_600"],
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "0–511" in bad.stderr

@@ -83,7 +83,7 @@ def zero2(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_zero2_one_gpu_handoff_resume_and_ema(zero2: Path) -> None:
-    from ediff_train.checkpoints import load_weights
+    from ediff_train.run.weights import load_weights
 
     ndir = zero2 / "R" / "E0_0"
     a = torch.load(zero2 / "a.pt", weights_only=True)
@@ -102,7 +102,7 @@ def test_zero2_one_gpu_handoff_resume_and_ema(zero2: Path) -> None:
 
 
 def test_zero2_child_loads_parent_weights(zero2: Path) -> None:
-    from ediff_train.checkpoints import load_expert, load_weights
+    from ediff_train.run.weights import load_expert, load_weights
 
     train(zero2, *ZERO2, "expert=E1_1", "steps=2", "checkpoint_every=10",
           *record(zero2, "child"))
@@ -143,7 +143,7 @@ def test_compiled_channels_last_run(tmp_path: Path) -> None:
     loads into a plain network."""
     import csv
 
-    from ediff_train.checkpoints import load_expert
+    from ediff_train.run.weights import load_expert
 
     setup = tmp_path / "setup.json"
     err = train(tmp_path, "run_dir=R", "steps=6", "checkpoint_every=3", "module.compile=true",
@@ -173,9 +173,9 @@ def test_training_step_never_waits_for_the_gpu(tmp_path: Path) -> None:
     from hydra import compose, initialize_config_dir
 
     from ediff_train.cli import register_nodes
-    from ediff_train.experts import parse_node
-    from ediff_train.perf import adamw, clip_gradients, is_fused
-    from ediff_train.training import build_module
+    from ediff_train.core.experts import parse_node
+    from ediff_train.core.perf import adamw, clip_gradients, is_fused
+    from ediff_train.training.loop import build_module
 
     register_nodes(["E0_0"])
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):

@@ -18,9 +18,9 @@ import pytest
 import torch
 from conftest import ROOT, run_env
 
-from ediff_train.checkpoints import load_expert, load_weights
-from ediff_train.lr_schedule import LRSchedule
-from ediff_train.optim_state import MOMENTS, OPTIMIZER, read_state
+from ediff_train.core.lr_schedule import LRSchedule
+from ediff_train.run.optim_state import MOMENTS, OPTIMIZER, read_state
+from ediff_train.run.weights import load_expert, load_weights
 
 LR, BETAS, WD, EPS = 3e-3, (0.9, 0.999), 0.01, 1e-8
 FAST = ["logger=none", "data.num_workers=0", "sample.per_prompt=0", "data.batch_size=8",
@@ -227,7 +227,7 @@ def test_warmup_after_handoff_scales_the_first_update(parent: Path) -> None:
 def test_optimizer_state_of_another_shape_is_refused(parent: Path) -> None:
     """A stored state whose tensors do not fit the model is one line naming the tensor."""
     from ediff_train.errors import EdiffError
-    from ediff_train.optim_state import check_fits
+    from ediff_train.run.optim_state import check_fits
 
     ndir = parent / "R" / "E0_0"
     _, model = load_expert(ndir)

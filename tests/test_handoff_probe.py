@@ -22,11 +22,10 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from ediff_train.checkpoints import load_weights
 from ediff_train.cli import register_nodes
-from ediff_train.edm import EDMPrecond
+from ediff_train.core.edm import EDMPrecond
+from ediff_train.core.experts import parse_node
 from ediff_train.errors import EdiffError
-from ediff_train.experts import parse_node
 from ediff_train.metrics.handoff_probe import (
     PROBE_JSON,
     HandoffProbe,
@@ -35,6 +34,7 @@ from ediff_train.metrics.handoff_probe import (
     read_probe,
 )
 from ediff_train.metrics.loss_by_sigma import StepCadence, edm_loss, monitor_steps
+from ediff_train.run.weights import load_weights
 
 ROOT_STEPS, CHILD_STEPS = 4, 12
 SMALL = ["model.model_channels=8", "model.head_channels=8", "model.context_dim=16"]
@@ -65,7 +65,7 @@ def test_probe_steps_known_answers() -> None:
 
 
 def test_validation_accepts_auto_and_refuses_words() -> None:
-    from ediff_train.validate import validate_train_config
+    from ediff_train.training.validate import validate_train_config
 
     register_nodes()
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
@@ -225,7 +225,7 @@ def test_probe_step0_is_the_parents_in_band_loss(tree: tuple[Path, Any],
     x = batch["image"].float()
     sigma = parse_node("E1_1").sample_sigma(16, torch.Generator().manual_seed(999_983))
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(7919))
-    from ediff_train.conditioning import Conditioning
+    from ediff_train.core.conditioning import Conditioning
 
     with torch.no_grad():
         want = float(edm_loss(denoiser, x, sigma.float(), Conditioning.from_batch(batch).to(

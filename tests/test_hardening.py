@@ -21,10 +21,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 import ediff_train
-from ediff_train.checkpoints import load_weights, save_weights
 from ediff_train.cli import register_nodes
 from ediff_train.errors import EdiffError
-from ediff_train.validate import validate_train_config
+from ediff_train.run.weights import load_weights, save_weights
+from ediff_train.training.validate import validate_train_config
 
 
 def script(name: str) -> ModuleType:
@@ -77,7 +77,7 @@ def test_corrupt_weights_are_one_error(tmp_path: Path, how: str, reason: str) ->
 
 def test_sampler_and_evaluate_loading_refuse_corrupt_weights(tmp_path: Path,
                                                             train_cfg: DictConfig) -> None:
-    from ediff_train.sampling import load_ensemble  # sample.py's and evaluate.py's one way in
+    from ediff_train.sampling.ensemble import load_ensemble  # sample.py's and evaluate.py's way in
 
     ndir = tmp_path / "E0_0"
     corrupt(ndir / "weights.safetensors", "half")
@@ -176,7 +176,7 @@ def test_sample_refuses_no_images_or_no_steps(tmp_path: Path, overrides: list[st
 
 @pytest.mark.parametrize("steps", [0, -2, 2.5])
 def test_cascade_stage_steps_checked_when_read(steps: Any) -> None:
-    from ediff_train.cascade import Stage
+    from ediff_train.sampling.cascade import Stage
 
     with pytest.raises(EdiffError) as e:
         Stage.from_config({"run_dir": "r", "experts": ["E0_0"], "steps": steps}, 1)

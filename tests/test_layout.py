@@ -15,12 +15,7 @@ from conftest import ROOT, run_env
 from ediff_train.data.heldout import read_records
 from ediff_train.data.layout import build_layout, layout_sample
 from ediff_train.data.manifest import read_manifest
-from ediff_train.metrics.paint_eval import (
-    halves,
-    placement_counts,
-    placement_scores,
-    read_halves,
-)
+from ediff_train.evaluation.paint import halves, placement_counts, placement_scores, read_halves
 
 
 def test_layout_samples_hold_their_caption() -> None:

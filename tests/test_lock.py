@@ -13,10 +13,10 @@ import pytest
 from conftest import ROOT, run_env
 
 from ediff_train.errors import EdiffError
-from ediff_train.lock import LOCK, launch_rank_is_zero, node_lock, training_lock
+from ediff_train.io.lock import LOCK, launch_rank_is_zero, node_lock, training_lock
 
 HOLD = ("import sys, time\n"
-        "from ediff_train.lock import node_lock\n"
+        "from ediff_train.io.lock import node_lock\n"
         "held = node_lock(sys.argv[1])\n"
         "held.__enter__()  # kept referenced: a collected generator would release the lock\n"
         "print('locked', flush=True)\n"
@@ -63,7 +63,7 @@ def test_file_system_without_flock_warns_and_trains(tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     import errno
 
-    import ediff_train.lock as lock_mod
+    import ediff_train.io.lock as lock_mod
 
     def no_flock(fd: int, op: int) -> None:
         raise OSError(errno.ENOSYS, "Function not implemented")

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 
 from ediff_train.data.digits import one_thread
-from ediff_train.encoders import clip_pixels
 from ediff_train.errors import EdiffError
 from ediff_train.metrics.fid import (
     FeatureStats,
@@ -20,6 +19,7 @@ from ediff_train.metrics.fid import (
     frechet_distance,
     stats_key,
 )
+from ediff_train.nn.encoders import clip_pixels
 
 
 def _features(n: int = 500, d: int = 16, seed: int = 0) -> np.ndarray:

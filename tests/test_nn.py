@@ -13,8 +13,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from ediff_train.conditioning import Conditioning
-from ediff_train.edm import EDMPrecond
+from ediff_train.core.conditioning import Conditioning
+from ediff_train.core.edm import EDMPrecond
 from ediff_train.errors import EdiffError
 from ediff_train.nn.attention import CrossAttention
 from ediff_train.nn.unet import TextUNet

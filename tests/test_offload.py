@@ -14,9 +14,11 @@ import torch
 from conftest import ROOT
 from test_sampling import _cond
 
-from ediff_train.experts import parse_node
-from ediff_train.offload import Offloader
-from ediff_train.sampling import Ensemble, generate, karras_sigmas
+from ediff_train.core.experts import parse_node
+from ediff_train.core.solvers import karras_sigmas
+from ediff_train.sampling.ensemble import Ensemble
+from ediff_train.sampling.generation import generate
+from ediff_train.sampling.offload import Offloader
 
 NODES = ["E9_511", "E3_0", "not_E9_511_E3_0"]  # Config-D: high σ, low σ, the middle
 

@@ -10,13 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from ediff_train.edm import EDMPrecond
-from ediff_train.encoders import Encoders
+from ediff_train.core.edm import EDMPrecond
 from ediff_train.errors import EdiffError
 from ediff_train.nn.attention import AttentionHook, CrossAttention
+from ediff_train.nn.encoders import Encoders
+from ediff_train.nn.paint import Painter, Region, regions_from_colour_map, token_positions
 from ediff_train.nn.unet import TextUNet
-from ediff_train.paint import Painter, Region, regions_from_colour_map, token_positions
-from ediff_train.sampling import embed_prompts, generate
+from ediff_train.sampling.generation import embed_prompts, generate
 
 
 @pytest.fixture(scope="module")
@@ -148,9 +148,9 @@ def test_conditional_rows_only(enc: Encoders) -> None:
 
 
 def test_attention_recorder_shares_per_call(enc: Encoders) -> None:
-    from ediff_train.experts import parse_node
-    from ediff_train.metrics.attention import AttentionRecorder
-    from ediff_train.sampling import Ensemble
+    from ediff_train.core.experts import parse_node
+    from ediff_train.evaluation.attention import AttentionRecorder
+    from ediff_train.sampling.ensemble import Ensemble
 
     ens = Ensemble([parse_node("E1_0"), parse_node("E1_1")], [_net(enc), _net(enc)])
     cond = embed_prompts(enc, ["the number 3", "seven"])

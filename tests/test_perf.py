@@ -23,12 +23,12 @@ from test_training_loop import same, train
 from torch import nn
 from train_probes import RECORDS
 
-from ediff_train.checkpoints import load_expert
-from ediff_train.ema import full_fp32_state
+from ediff_train.core.ema import full_fp32_state
+from ediff_train.core.experts import parse_node
+from ediff_train.core.perf import CompiledDenoiser, adamw, is_fused
 from ediff_train.errors import EdiffError
-from ediff_train.experts import parse_node
-from ediff_train.module import ExpertModule
-from ediff_train.perf import CompiledDenoiser, adamw, is_fused
+from ediff_train.run.weights import load_expert
+from ediff_train.training.module import ExpertModule
 
 BACKEND = "aot_eager"
 KEYS = ("perf_eager", "perf_compiled", "perf_fallback", "perf_nan", "perf_fused")
@@ -178,8 +178,8 @@ def test_fused_adamw_trains_under_lightning_clipping(tmp_path: Path, digits_root
     """Through a real Trainer, with fusing forced on CPU: bf16-mixed brings Lightning's
     MixedPrecision plugin, whose own clipping refuses a fused optimiser; the run trains and
     clips through the module's hook instead, at every step."""
-    import ediff_train.module as module_py
-    from ediff_train import perf
+    import ediff_train.training.module as module_py
+    from ediff_train.core import perf
 
     def fused_adamw(params: list, lr: float, betas: tuple, weight_decay: float,
                     fusable: bool) -> torch.optim.AdamW:

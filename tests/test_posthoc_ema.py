@@ -1,4 +1,4 @@
-"""EDM2's post-hoc EMA (posthoc_ema.py, posthoc_callback.py): the σ_rel ↔ γ map, the power EMA
+"""EDM2's post-hoc EMA (posthoc_ema.py, training/posthoc.py): the σ_rel ↔ γ map, the power EMA
 against its closed form, a reconstruction on a synthetic trajectory against a directly tracked
 EMA, and the real training path: a root and a child whose trackers continue the root's, resumed
 runs that continue them exactly, the reconstruction command and the evaluate.py sweep."""
@@ -23,11 +23,9 @@ from safetensors.torch import load_file
 from scipy.optimize import brentq
 from torch import nn
 
-from ediff_train.checkpoints import load_weights
 from ediff_train.cli import register_nodes
 from ediff_train.errors import EdiffError
-from ediff_train.posthoc_ema import (
-    PostHocEMA,
+from ediff_train.run.posthoc_ema import (
     gamma_to_sigma_rel,
     main,
     node_snapshots,
@@ -37,6 +35,8 @@ from ediff_train.posthoc_ema import (
     snapshot_path,
     solve_coefficients,
 )
+from ediff_train.run.weights import load_weights
+from ediff_train.training.posthoc import PostHocEMA
 
 
 # ---- (a) σ_rel ↔ γ -----------------------------------------------------------------------------
@@ -266,7 +266,7 @@ def test_command_writes_weights_format_from_the_lineage(runs: Path,
 
 # ---- (e) bad input: one line, non-zero exit, nothing written -----------------------------------
 def test_command_refuses_out_of_range(runs: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "ediff_train.posthoc_ema",
+    proc = subprocess.run([sys.executable, "-m", "ediff_train.run.posthoc_ema",
                            f"run_dir={runs / 'R'}", "node=E1_0", "sigma_rel=0.2"],
                           env=run_env(runs), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
@@ -283,7 +283,7 @@ def test_evaluate_ema_sweep(runs: Path) -> None:
     more than the sweep): the stored EMA and each σ_rel, in json and csv."""
     from omegaconf import OmegaConf
 
-    from ediff_train.metrics.ema_sweep import evaluate_ema_sweep
+    from ediff_train.evaluation.ema_sweep import evaluate_ema_sweep
 
     cfg = OmegaConf.load(ROOT / "conf" / "evaluate" / "config.yaml")
     cfg.pop("hydra")

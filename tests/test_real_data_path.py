@@ -19,10 +19,10 @@ from omegaconf import OmegaConf
 from PIL import Image
 from test_embed import make_jsonl
 
-from ediff_train.checkpoints import load_expert, load_weights
 from ediff_train.data.manifest import read_manifest
 from ediff_train.errors import EdiffError
-from ediff_train.pipeline import Sampler
+from ediff_train.run.weights import load_expert, load_weights
+from ediff_train.sampling.pipeline import Sampler
 
 SHARDS = "shards/coco16_tiny"
 PROMPT = "a red cat on the table"

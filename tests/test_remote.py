@@ -23,11 +23,11 @@ from ediff_train.data.images import ImageSpec
 from ediff_train.data.manifest import read_manifest
 from ediff_train.data.prep import EmbedJob, PrepConfig
 from ediff_train.data.readahead import fetch
-from ediff_train.data.remote import Retry, filesystem, listing, read_bytes
 from ediff_train.data.store import open_store
-from ediff_train.encoders import Encoders
 from ediff_train.errors import EdiffError
-from ediff_train.pipeline import Sampler
+from ediff_train.io.remote import Retry, filesystem, listing, read_bytes
+from ediff_train.nn.encoders import Encoders
+from ediff_train.sampling.pipeline import Sampler
 
 BUCKET = "ediff-test"
 AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",

@@ -15,13 +15,13 @@ import pytest
 import torch
 from conftest import ROOT, run_env
 
-from ediff_train.resume import (
+from ediff_train.training.resume import (
     AtomicCheckpointIO,
     checkpoint_step,
     persistent_run_id,
     resume_checkpoint,
 )
-from ediff_train.strategies import MARKER
+from ediff_train.training.strategies import MARKER
 
 FAST = ["data.num_workers=0", "sample.per_prompt=0", "data.batch_size=8", "run_dir=R",
         "monitor.every=0", "probe.batches=1", "probe.batch_size=8"]  # instruments: cheap here

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from ediff_train.conditioning import Conditioning, drop_embeddings
-from ediff_train.experts import parse_node
-from ediff_train.sampling import Ensemble, guided, heun_sample, karras_sigmas
+from ediff_train.core.conditioning import Conditioning, drop_embeddings
+from ediff_train.core.experts import parse_node
+from ediff_train.core.solvers import heun, karras_sigmas
+from ediff_train.sampling.ensemble import Ensemble
+from ediff_train.sampling.guidance import guided
 
 
 def test_karras_grid() -> None:
@@ -23,7 +25,7 @@ def test_heun_on_gaussian_data_reaches_the_data_law() -> None:
     den = lambda x, s: x * sd**2 / (s**2 + sd**2)  # noqa: E731
     g = torch.Generator().manual_seed(0)
     x = torch.randn(20000, 1, generator=g, dtype=torch.float64) * (80.0**2 + sd**2) ** 0.5
-    out = heun_sample(den, x, karras_sigmas(32).double())
+    out = heun(den, x, karras_sigmas(32).double())
     assert abs(out.std().item() - sd) < 0.02
 
 
@@ -65,7 +67,7 @@ def test_ensemble_routes_each_step_to_the_owner() -> None:
     assert mixed[0].unique().item() == 1.0 and mixed[1].unique().item() == 2.0
     # a full Heun run from σmax = 80 visits all three experts
     ens.calls = [0, 0, 0]
-    heun_sample(lambda x, s: ens(x, s, c), torch.zeros(2, 1, 2, 2), karras_sigmas(24))
+    heun(lambda x, s: ens(x, s, c), torch.zeros(2, 1, 2, 2), karras_sigmas(24))
     assert all(n > 0 for n in ens.calls)
 
 

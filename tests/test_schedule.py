@@ -3,7 +3,6 @@ dry run and sbatch rendering, without a cluster."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import subprocess
@@ -15,9 +14,9 @@ from conftest import ROOT, run_env
 from hydra import compose, initialize_config_dir
 
 from ediff_train.cli import register_nodes
+from ediff_train.core.experts import Router, node_from_config, parse_node
 from ediff_train.errors import EdiffError
-from ediff_train.experts import Router, node_from_config, parse_node
-from ediff_train.schedule import available, load_schedule, schedule_from_config
+from ediff_train.experiments.schedule import available, load_schedule, schedule_from_config
 
 FIG7 = {"E0_0": 500_000, "E1_0": 550_000, "E1_1": 550_000, "E2_0": 600_000, "E2_1": 600_000,
         "E2_2": 600_000, "E2_3": 600_000, "E0_0_cont": 800_000}
@@ -35,11 +34,9 @@ def sched(*stages: dict) -> object:
 
 
 def load_submit():  # noqa: ANN201
-    spec = importlib.util.spec_from_file_location("ediff_submit", ROOT / "slurm" / "submit.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(mod)
-    return mod
+    from ediff_train.cli import submit
+
+    return submit
 
 
 def test_fig7_is_the_papers_text() -> None:
@@ -153,7 +150,7 @@ def test_stage_train_args_compose_into_the_right_node(tmp_path: Path) -> None:
 
 
 def test_tree_printout() -> None:
-    proc = subprocess.run([sys.executable, "-m", "ediff_train.schedule", "fig7", "--scale",
+    proc = subprocess.run([sys.executable, "-m", "ediff_train.experiments.schedule_cli", "fig7", "--scale",
                            "0.0001"], capture_output=True, text=True, env=run_env(Path("/tmp")))
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
@@ -167,7 +164,7 @@ def test_tree_printout() -> None:
     assert row["E2_3"].startswith("│   └── E2_3") and "[0.6766, ∞)" in row["E2_3"]
     assert "[0.3012, ∞)" in row["E1_1"] and "[0, 0.1341)" in row["E2_0"]
     assert re.search(r"\s5\s+60\s", row["E2_3"]) and re.search(r"\s30\s+80\s", row["E0_0_cont"])
-    bad = subprocess.run([sys.executable, "-m", "ediff_train.schedule", "nope"],
+    bad = subprocess.run([sys.executable, "-m", "ediff_train.experiments.schedule_cli", "nope"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
     assert "unknown schedule 'nope'" in bad.stderr and "fig7" in bad.stderr

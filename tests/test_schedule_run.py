@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
+from ediff_train.core.experts import Router
 from ediff_train.errors import EdiffError
-from ediff_train.experiment import experiment_spec
-from ediff_train.experts import Router
-from ediff_train.schedule import load_schedule, schedule_from_config
-from ediff_train.schedule_run import run_main, run_schedule
+from ediff_train.experiments.experiment import experiment_spec
+from ediff_train.experiments.runner import run_main, run_schedule
+from ediff_train.experiments.schedule import load_schedule, schedule_from_config
 
 # Stands in for `python train.py ...`: records its call, then writes node.json at the stage's
 # target step (parent's step + steps), or fails / hangs when the environment says so.
@@ -130,7 +130,7 @@ def test_run_main_exit_codes_and_bad_arguments(tmp_path: Path, fake: Path,
 
 
 def test_cli_errors_are_one_line(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "ediff_train.schedule", "run", "nope"],
+    proc = subprocess.run([sys.executable, "-m", "ediff_train.experiments.schedule_cli", "run", "nope"],
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: unknown schedule 'nope'")
@@ -141,7 +141,7 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
 def test_killing_the_runner_stops_the_stage_it_runs(tmp_path: Path, fake: Path) -> None:
     path = tmp_path / "toy.yaml"
     path.write_text(json.dumps(TOY))
-    code = ("import sys; from ediff_train.schedule_run import run_main; "
+    code = ("import sys; from ediff_train.experiments.runner import run_main; "
             f"sys.executable = {str(fake)!r}; "
             f"sys.exit(run_main({str(path)!r}, ['run_dir={tmp_path / 'R'}']))")
     env = {**os.environ, "FAKE_HANG": "E1_1"}

@@ -16,8 +16,8 @@ from conftest import ROOT, SHARED_CACHE
 from slurm_cluster import SlurmCluster, missing
 from test_slurm import FAST, job_ids, submit, wait_done, wait_for
 
-from ediff_train.checkpoints import load_weights
-from ediff_train.optim_state import read_state
+from ediff_train.run.optim_state import read_state
+from ediff_train.run.weights import load_weights
 
 pytestmark = pytest.mark.skipif(missing() is not None, reason=str(missing()))
 

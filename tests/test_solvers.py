@@ -12,11 +12,12 @@ import pytest
 import torch
 from conftest import ROOT, run_env
 
-from ediff_train.conditioning import Conditioning
+from ediff_train.core.conditioning import Conditioning
+from ediff_train.core.experts import parse_node
+from ediff_train.core.solvers import SOLVERS, karras_sigmas, solve
 from ediff_train.errors import EdiffError
-from ediff_train.experts import parse_node
-from ediff_train.sampling import Ensemble, Guidance, guided, karras_sigmas, text_only
-from ediff_train.solvers import SOLVERS, solve
+from ediff_train.sampling.ensemble import Ensemble
+from ediff_train.sampling.guidance import Guidance, guided, text_only
 
 SD = 0.5  # data N(0, SD²): D(x, σ) = x·SD²/(σ²+SD²) exactly
 
@@ -190,7 +191,7 @@ class _ImageAware(torch.nn.Module):
 
 
 def test_style_guidance_weighs_the_image_on_its_own(tmp_path: Path) -> None:
-    from ediff_train.sampling import style_embedding, style_guided
+    from ediff_train.sampling.guidance import style_embedding, style_guided
 
     c = _cond(2)
     styled = Conditioning(**{**vars(c), "clip_img": torch.ones(2, 2)})
@@ -206,7 +207,7 @@ def test_style_guidance_weighs_the_image_on_its_own(tmp_path: Path) -> None:
 
 
 def test_prompt_switch_uses_a_then_b() -> None:
-    from ediff_train.metrics.switch import switch_sigma, switched
+    from ediff_train.evaluation.switch import switch_sigma, switched
 
     sig = karras_sigmas(10)
     assert switch_sigma(sig, 0.0) == float("inf") and switch_sigma(sig, 1.0) == 0.0

@@ -9,16 +9,16 @@ import math
 import pytest
 import torch
 
-from ediff_train.conditioning import Conditioning, drop_embeddings
-from ediff_train.edm import EDMPrecond
+from ediff_train.core.conditioning import Conditioning, drop_embeddings
+from ediff_train.core.edm import EDMPrecond
+from ediff_train.core.experts import parse_node
+from ediff_train.core.sr import NoiseAugment, SRConditioner, corrupt, sampling_condition
 from ediff_train.errors import EdiffError
-from ediff_train.experts import parse_node
-from ediff_train.module import ExpertModule
 from ediff_train.nn.attention import CrossAttention, SelfAttention
 from ediff_train.nn.blocks import ResBlock
 from ediff_train.nn.efficient_unet import EfficientUNet
-from ediff_train.sampling import generate
-from ediff_train.sr import NoiseAugment, SRConditioner, corrupt, sampling_condition
+from ediff_train.sampling.generation import generate
+from ediff_train.training.module import ExpertModule
 
 D = 8  # embedding widths of the toy conditioning
 

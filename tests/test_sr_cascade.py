@@ -70,7 +70,7 @@ def test_config_b_style_cascade_routes_sr_steps_to_sr_experts(runs: Path) -> Non
 
 
 def test_crop_trained_stage_samples_whole_images_four_times_the_crop(runs: Path) -> None:
-    from ediff_train.cascade import Stage, load_stages, run_cascade
+    from ediff_train.sampling.cascade import Stage, load_stages, run_cascade
 
     stages = load_stages([Stage(str(runs / "base"), ["E0_0"], steps=2, name="base"),
                           Stage(str(runs / "crops"), ["E0_0"], steps=2, sigma_aug=0.0, size=64,
@@ -130,7 +130,7 @@ def test_evaluate_sr_reports_sr_beside_bicubic(runs: Path) -> None:
 def test_sampler_api_and_sample_cli_for_real_use(runs: Path) -> None:
     import json
 
-    from ediff_train.pipeline import Sampler
+    from ediff_train.sampling.pipeline import Sampler
 
     s = Sampler.from_run(runs / "base", ["E0_0"])
     prompts = ["the number 1", "seven", "the digit 4"]

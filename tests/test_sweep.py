@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 
 from ediff_train.cli import register_nodes
 from ediff_train.errors import EdiffError
-from ediff_train.strategies import slurm_layout
+from ediff_train.training.strategies import slurm_layout
 
 FAST = ["logger=csv", "data.num_workers=0", "sample.per_prompt=0", "data.batch_size=8",
         "run_dir=R", "steps=2", "monitor.every=0", "probe.batches=1", "probe.batch_size=8"]
@@ -105,7 +105,7 @@ def test_cpu_ranks_share_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
     rank, or a GPU run keep torch's own setting."""
     import torch
 
-    from ediff_train.strategies import share_cpu_threads
+    from ediff_train.training.strategies import share_cpu_threads
 
     before = torch.get_num_threads()
     cores = len(os.sched_getaffinity(0))

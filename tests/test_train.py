@@ -14,10 +14,10 @@ import torch
 from conftest import ROOT, run_env
 from hydra import compose, initialize_config_dir
 
-from ediff_train.checkpoints import load_weights
 from ediff_train.cli import register_nodes
+from ediff_train.core.experts import parse_node
 from ediff_train.errors import EdiffError
-from ediff_train.experts import parse_node
+from ediff_train.run.weights import load_weights
 
 FAST = ["logger=csv", "data.num_workers=0", "sample.per_prompt=1", "sample.steps=3",
         "checkpoint_every=5", "data.batch_size=16",
@@ -81,7 +81,7 @@ def test_child_continues_from_parent(child_run: Path) -> None:
 
 
 def test_child_weights_equal_parent_before_first_step(root_run: Path) -> None:
-    from ediff_train.training import build_module
+    from ediff_train.training.loop import build_module
 
     register_nodes(["E1_0"])
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
@@ -130,7 +130,7 @@ def test_nan_loss_stops_with_clear_error(tmp_path: Path) -> None:
 
 def test_manifest_expectations_name_the_configured_encoders() -> None:
     from ediff_train.data.manifest import check_manifest
-    from ediff_train.training import manifest_expectations
+    from ediff_train.training.loop import manifest_expectations
 
     register_nodes(["E0_0"])
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
@@ -212,8 +212,8 @@ def test_sample_cli_guidance_per_expert_as_documented(pair_run: Path) -> None:
     import numpy as np
     from PIL import Image
 
-    from ediff_train.pipeline import Sampler
-    from ediff_train.sampling import Guidance
+    from ediff_train.sampling.guidance import Guidance
+    from ediff_train.sampling.pipeline import Sampler
 
     run, out = pair_run / "R", pair_run / "guided"
     proc = subprocess.run(

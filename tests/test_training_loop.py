@@ -17,8 +17,8 @@ from conftest import ROOT
 from hydra import compose, initialize_config_dir
 from train_probes import RECORDS
 
-from ediff_train.checkpoints import load_weights
 from ediff_train.cli import register_nodes
+from ediff_train.run.weights import load_weights
 
 FAST = ["logger=none", "data.num_workers=0", "sample.per_prompt=0", "data.batch_size=4",
         "monitor.every=0", "module.lr=3e-3",  # lr: EMA and raw weights visibly apart in 4 steps

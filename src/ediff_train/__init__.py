@@ -9,13 +9,16 @@ import re
 from importlib import metadata
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[2]  # the source checkout: conf/, train.py, pyproject.toml
+CONF_DIR = REPO / "conf"
+
 
 def _version() -> str:
     """The installed distribution's version; from a source tree, pyproject.toml's."""
     try:
         return metadata.version("ediff-train")
     except metadata.PackageNotFoundError:
-        pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+        pyproject = REPO / "pyproject.toml"
         try:
             found = re.search(r'^version\s*=\s*"([^"]+)"', pyproject.read_text(), re.MULTILINE)
         except OSError:
@@ -24,3 +27,7 @@ def _version() -> str:
 
 
 __version__ = _version()
+
+from ediff_train import legacy  # noqa: E402  (old module paths name their new home)
+
+legacy.install()

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ediff_train.encoders import Encoders, clip_pixels
+from ediff_train.nn.encoders import Encoders, clip_pixels
 
 
 def _info_nce(a: Tensor, b: Tensor, scale: Tensor, groups: int) -> Tensor:

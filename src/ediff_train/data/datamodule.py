@@ -27,9 +27,9 @@ from ediff_train.data.loader import (
 )
 from ediff_train.data.manifest import check_manifest, read_manifest
 from ediff_train.data.position import POSITION, StreamPosition
-from ediff_train.data.remote import Retry, is_remote, join, listing, normalize
 from ediff_train.data.samples import check_sizes
 from ediff_train.errors import EdiffError
+from ediff_train.io.remote import Retry, is_remote, join, listing, normalize
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Why: an SR stage trained on clean bicubic down-samples learns to sharpen only that one kernel, and
 at sampling time its input is the previous stage's output, which is blurrier, noisier and
 differently resampled. eDiff-I therefore corrupts the low-res input, beyond the noise
-augmentation Imagen and DeepFloyd IF use, with Real-ESRGAN's second-order chain (DESIGN §8):
+augmentation Imagen and DeepFloyd IF use, with Real-ESRGAN's second-order chain (docs/design.md §8):
 blur with random kernels → resize with a random mode → Gaussian or Poisson noise → JPEG → a
 second, milder pass → final resize (+ sinc) and JPEG in random order.
 

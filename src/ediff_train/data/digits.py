@@ -29,9 +29,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ediff_train.data.align import align_encoders
 from ediff_train.data.manifest import MANIFEST, read_manifest
 from ediff_train.data.shards import ShardWriter
 from ediff_train.errors import EdiffError
+from ediff_train.nn.encoders import Encoders
 
 DIGITS_VERSION = 2  # bump when images, captions or embeddings change, so caches rebuild
 SOURCE = "sklearn.datasets.load_digits"
@@ -159,8 +161,6 @@ def lock(path: Path) -> Iterator[None]:
 
 def _write(out: Path, params: dict[str, int]) -> None:
     """Build the whole shard set into `out` (a fresh private folder)."""
-    from ediff_train.data.align import align_encoders
-    from ediff_train.encoders import Encoders
 
     size, seed = params["image_size"], params["seed"]
     images, labels = digit_images(size, float(params.get("stroke", 0.0)))

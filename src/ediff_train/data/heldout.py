@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from ediff_train.data.manifest import read_manifest
-from ediff_train.data.remote import is_remote, join, normalize, read_bytes
+from ediff_train.data.tario import split_key, tar_members
 from ediff_train.errors import EdiffError
+from ediff_train.io.remote import is_remote, join, normalize, read_bytes
 
 _BUCKETS = 1_000_000
 
@@ -59,9 +61,7 @@ def read_records(root: str | os.PathLike, fraction: float = 0.0,
                  limit: int | None = None) -> list[dict[str, Any]]:
     """Samples of a shard set as {key, image (uint8 HxWx3 as stored), caption, meta}, in
     shard order; with `fraction` > 0 only the key-hash held-out ones."""
-    from PIL import Image
 
-    from ediff_train.data.tario import split_key, tar_members
 
     out: list[dict[str, Any]] = []
 

@@ -28,6 +28,7 @@ from ediff_train.data.digits import (
     split_indices,
     write_split,
 )
+from ediff_train.nn.encoders import Encoders
 
 LAYOUT_VERSION = 1
 SIZE = 16
@@ -55,7 +56,6 @@ def build_layout(root: str | os.PathLike, samples: int = 4000, seed: int = 0,
     whose trained encoders embed the captions (default: the digits16 build next to `root`)."""
     from sklearn.datasets import load_digits
 
-    from ediff_train.encoders import Encoders
 
     root = Path(root).absolute()
     params = {"image_size": SIZE, "seed": int(seed), "samples": int(samples),

@@ -28,7 +28,6 @@ from ediff_train.data.batching import NonFiniteRows, SlabPool, collate, new_slab
 from ediff_train.data.heldout import in_holdout
 from ediff_train.data.position import POSITION, ResumePoint, shards_digest, share
 from ediff_train.data.readahead import prefetch
-from ediff_train.data.remote import Retry, is_remote, shard_name
 from ediff_train.data.samples import (
     EmbedDims,
     _Skip,
@@ -39,6 +38,7 @@ from ediff_train.data.samples import (
 )
 from ediff_train.data.tario import split_key, tar_members
 from ediff_train.errors import EdiffError
+from ediff_train.io.remote import Retry, is_remote, shard_name
 
 log = logging.getLogger(__name__)
 

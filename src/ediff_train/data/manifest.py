@@ -1,4 +1,4 @@
-"""manifest.json of a shard set (DESIGN §4): read, write, merge, and check against a model.
+"""manifest.json of a shard set (docs/design.md §4): read, write, merge, and check against a model.
 
 Checking happens before the first step so a shard set made with other encoders, dims or
 dtypes is refused with one line instead of training on the wrong embeddings.
@@ -11,8 +11,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ediff_train.data.remote import RETRY, Retry, brief, is_remote, join, normalize, read_text
 from ediff_train.errors import EdiffError
+from ediff_train.io.remote import RETRY, Retry, brief, is_remote, join, normalize, read_text
 
 FORMAT = "ediff-shards/1"
 MANIFEST = "manifest.json"

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ediff_train.data.images import ImageSkip, ImageSpec, prepare_image, read_source
 from ediff_train.data.manifest import MANIFEST, merge_manifests
@@ -189,7 +190,6 @@ class EmbedJob:
             progress: bool = True, finalize: bool = True,
             cpu_threads: int | None = None) -> TaskReport:
         """Embed this task's units that are not done yet; then finish the job if complete."""
-        from tqdm.auto import tqdm
 
         mine = [u for u in self.listing.units if u.index % num_tasks == task_id]
         report = TaskReport(task_id, num_tasks, len(self.listing.units), len(mine))

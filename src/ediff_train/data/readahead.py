@@ -19,15 +19,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from ediff_train.data.remote import (
-    PIPE,
-    RETRY,
-    Retry,
-    filesystem,
-    protocols,
-    read_bytes,
-    transient,
-)
+from ediff_train.io.remote import PIPE, RETRY, Retry, filesystem, protocols, read_bytes, transient
 
 CHUNK = 16 * 2**20
 

@@ -1,4 +1,4 @@
-"""Writing shard sets in the DESIGN §4 format: `NNNNNN.tar` files + `manifest.json`.
+"""Writing shard sets in the docs/design.md §4 format: `NNNNNN.tar` files + `manifest.json`.
 
 Each tar is written under a temporary name and renamed when complete, so a reader (or a job
 that resumes after a crash) never sees half a shard. Embeddings are stored as float16 .npy, T5

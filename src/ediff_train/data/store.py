@@ -19,7 +19,8 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ediff_train.data.remote import (
+from ediff_train.errors import EdiffError
+from ediff_train.io.remote import (
     describe,
     is_remote,
     join,
@@ -30,7 +31,6 @@ from ediff_train.data.remote import (
     upload,
     writable,
 )
-from ediff_train.errors import EdiffError
 
 
 class LocalStore:

@@ -12,6 +12,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from ediff_train.data.digits import TEMPLATES, WORDS
 from ediff_train.errors import EdiffError
 
 
@@ -27,7 +28,6 @@ def digits_items(per_caption: int = 2, templates: str = "all") -> list[Item]:
     """Every digit × wording ("the number 3", "a handwritten three", ...), `per_caption` each.
 
     templates="plain" keeps only "the number {n}" (the README's prompts)."""
-    from ediff_train.data.digits import TEMPLATES, WORDS
 
     if per_caption < 1:
         raise EdiffError(f"captions.per_caption must be ≥ 1, got {per_caption}")

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ediff_train.encoders import clip_pixels, load_clip
 from ediff_train.errors import EdiffError
+from ediff_train.nn.encoders import clip_pixels, load_clip
 
 
 def _check_checkpoint(checkpoint: str | os.PathLike | None) -> Path:

@@ -20,9 +20,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from ediff_train.data.heldout import read_records, stack_images, validation_source
+from ediff_train.data.manifest import read_manifest
 from ediff_train.errors import EdiffError
+from ediff_train.io.files import save_safetensors
 
 CLASSIFIER_VERSION = 2
 FEATURES = 64
@@ -106,7 +110,6 @@ def accuracy(model: DigitClassifier, images: Tensor, labels: Tensor) -> float:
 
 
 def records_tensor(records: list[dict[str, Any]]) -> tuple[Tensor, Tensor]:
-    from ediff_train.data.heldout import stack_images
 
     x = torch.from_numpy(stack_images(records)).permute(0, 3, 1, 2).float() / 255.0
     labels = [r["meta"].get("label", prompt_digit(r["caption"])) for r in records]
@@ -121,10 +124,7 @@ def load_or_train(data_root: str | os.PathLike, val_root: str | os.PathLike,
     """The cached classifier of a digits build (trained on first use), and its report.
     `size`: the resolution it looks at (images are resized to it); the SR evaluation uses the
     stage's own size, so sharpness a 16 px view would average away counts."""
-    from safetensors.torch import load_file
 
-    from ediff_train.checkpoints import save_safetensors
-    from ediff_train.data.heldout import read_records
 
     folder = Path(data_root) / ("classifier" if size == 16 else f"classifier{size}")
     info_path, weights = folder / "classifier.json", folder / "classifier.safetensors"
@@ -164,8 +164,6 @@ def digit_pairs(n: int, generator: torch.Generator) -> list[tuple[int, int]]:
 def classifier_for(train_cfg: Any, size: int, steps: int) -> DigitClassifier | None:
     """The cached classifier of the digits build a run trained on, looking at `size` px; None
     for other data (or a build without held-out digits)."""
-    from ediff_train.data.heldout import validation_source
-    from ediff_train.data.manifest import read_manifest
 
     root = Path(str(train_cfg.data.root))
     if read_manifest(root).get("dataset") != "digits":

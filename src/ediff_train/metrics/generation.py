@@ -9,6 +9,7 @@ whichever rank or batch draws it.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -17,11 +18,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
+from tqdm import tqdm
 
+from ediff_train.data.images import resize_crop
 from ediff_train.errors import EdiffError
 from ediff_train.metrics.captions import Item
-from ediff_train.sampling import image_noise
+from ediff_train.sampling.generation import image_noise
 
 
 def rank_world() -> tuple[int, int]:
@@ -45,7 +49,6 @@ def item_noise(seed: int, item: Item, shape: Sequence[int]) -> Tensor:
 
 def save_png(image: Tensor, path: Path) -> None:
     """[3,H,W] in [0,1] → PNG, atomically."""
-    from PIL import Image
 
     arr = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -56,7 +59,6 @@ def save_png(image: Tensor, path: Path) -> None:
 def claim_folder(folder: str | os.PathLike, settings: dict[str, Any]) -> None:
     """Record what a folder's images are made with; refuse to resume into a folder made with
     other settings (its images would silently be mixed with the new ones)."""
-    import json
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -79,7 +81,6 @@ def generate_items(sample: Callable[[list[str], Tensor], Tensor], items: Sequenc
                    batch_size: int = 64, rank: int = 0, world: int = 1,
                    progress: bool = True) -> dict[str, Any]:
     """Generate this rank's missing images. `sample(captions, noise)` → images in [0, 1]."""
-    from tqdm import tqdm
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -119,9 +120,7 @@ def wait_for_images(folder: str | os.PathLike, items: Sequence[Item], timeout: f
 def load_images(paths: Sequence[str | os.PathLike], size: int | None = None) -> Tensor:
     """[N,3,H,W] in [0,1]; with `size`, shorter side resized and centre-cropped to it (reference
     photos), else every image must already share one size."""
-    from PIL import Image
 
-    from ediff_train.data.images import resize_crop
 
     arrays = []
     for p in paths:

@@ -22,9 +22,9 @@ from typing import Any, TextIO
 import torch
 from torch import Tensor, nn
 
-from ediff_train.checkpoints import write_json
-from ediff_train.edm import edm_loss
-from ediff_train.experts import Node
+from ediff_train.core.edm import edm_loss
+from ediff_train.core.experts import Node
+from ediff_train.io.files import write_json
 from ediff_train.metrics.loss_by_sigma import StepCadence, heldout_inputs, noise_seed
 
 PROBE_JSON = "handoff_probe.json"

@@ -22,9 +22,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from ediff_train.conditioning import Conditioning
-from ediff_train.edm import edm_loss
-from ediff_train.sr import SIGMA_AUG_FLOOR
+from ediff_train.core.conditioning import Conditioning
+from ediff_train.core.edm import edm_loss
+from ediff_train.core.sr import SIGMA_AUG_FLOOR
 
 
 def sigma_grid(n: int = 40, lo: float = 0.002, hi: float = 80.0) -> list[float]:

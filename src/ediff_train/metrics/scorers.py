@@ -18,10 +18,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ediff_train.data.heldout import read_records
 from ediff_train.errors import EdiffError
 from ediff_train.metrics.captions import Item
+from ediff_train.metrics.clip_score import CLIPScorer
+from ediff_train.metrics.digits import caption_wording, load_or_train, records_tensor
 from ediff_train.metrics.fid import FeatureStats, cached_stats, fid_from_stats, stats_key
 from ediff_train.metrics.generation import image_path, load_images
+from ediff_train.metrics.inception import InceptionFeatures
 
 CHUNK = 256
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -45,8 +49,6 @@ class DigitsScorer:
 
     def __init__(self, data_root: str | os.PathLike, val_root: str | os.PathLike,
                  classifier_steps: int = 400, seed: int = 0) -> None:
-        from ediff_train.data.heldout import read_records
-        from ediff_train.metrics.digits import load_or_train, records_tensor
 
         self.model, self.info = load_or_train(data_root, val_root, classifier_steps, seed)
         real, _ = records_tensor(read_records(val_root))
@@ -65,7 +67,6 @@ class DigitsScorer:
 
     @torch.no_grad()
     def score(self, folder: str | os.PathLike, items: Sequence[Item]) -> dict[str, Any]:
-        from ediff_train.metrics.digits import caption_wording
 
         stats = FeatureStats()
         right = torch.zeros(10)
@@ -103,8 +104,6 @@ class RealScorer:
                  clip_checkpoint: str | None, reference: Sequence[str | os.PathLike],
                  reference_size: int, cache_dir: str | os.PathLike,
                  device: str | torch.device = "cpu") -> None:
-        from ediff_train.metrics.clip_score import CLIPScorer
-        from ediff_train.metrics.inception import InceptionFeatures
 
         self.device = torch.device(device)
         self.inception = InceptionFeatures(inception_weights).to(self.device).eval()

@@ -23,13 +23,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ediff_train.conditioning import Conditioning
+from ediff_train.core.conditioning import Conditioning
+from ediff_train.core.sr import aug_noise_feature, lowres_input
 from ediff_train.errors import EdiffError
 from ediff_train.nn.attention import CrossAttention, SelfAttention, group_norm
 from ediff_train.nn.blocks import Downsample, ResBlock, Upsample
 from ediff_train.nn.embed import ConditionEmbedder, NoiseEmbedding
 from ediff_train.nn.unet import BiasFn, TextBackbone, run_layer
-from ediff_train.sr import aug_noise_feature, lowres_input
 
 SKIP_SCALE = 2**-0.5
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ediff_train.conditioning import Conditioning
+from ediff_train.core.conditioning import Conditioning
 from ediff_train.errors import EdiffError
 
 # Context layout order; `ConditionEmbedder.slices` turns it into index ranges.

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ediff_train.conditioning import Conditioning
+from ediff_train.core.conditioning import Conditioning
 from ediff_train.errors import EdiffError
 from ediff_train.nn.attention import AttentionHook, CrossAttention, SelfAttention, group_norm
 from ediff_train.nn.blocks import Downsample, ResBlock, Upsample

@@ -1,0 +1,10 @@
+"""Sampling with an ensemble of experts: guidance, routing, image grids, offload, the cascade."""
+
+from typing import Any as _Any
+
+from ediff_train.legacy import old_name as _old_name
+
+
+def __getattr__(name: str) -> _Any:
+    """Names the old `ediff_train.sampling` module exported say where they live now."""
+    raise _old_name(__name__, name)
