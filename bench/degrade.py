@@ -51,23 +51,29 @@ def hires_batch(batch: int, size: int, seed: int = 0) -> torch.Tensor:
     from sklearn.datasets import load_sample_images
 
     rng = np.random.default_rng(seed)
-    photos = [torch.from_numpy(np.array(p)).permute(2, 0, 1).float() / 127.5 - 1
-              for p in load_sample_images().images]
+    photos = [
+        torch.from_numpy(np.array(p)).permute(2, 0, 1).float() / 127.5 - 1
+        for p in load_sample_images().images
+    ]
     out = []
     for i in range(batch):
         p = photos[i % len(photos)]
         side = int(rng.integers(size, min(p.shape[1:]) + 1))
         y, x = (int(rng.integers(0, d - side + 1)) for d in p.shape[1:])
-        crop = p[None, :, y:y + side, x:x + side]
-        out.append(torch.nn.functional.interpolate(crop, size=size, mode="bicubic",
-                                                   antialias=True).clamp(-1, 1))
+        crop = p[None, :, y : y + side, x : x + side]
+        out.append(
+            torch.nn.functional.interpolate(crop, size=size, mode="bicubic", antialias=True).clamp(
+                -1, 1
+            )
+        )
     return torch.cat(out)
 
 
 def label(op: Any) -> str:
     if isinstance(op, OneOf):
-        return "OneOf(" + " | ".join("+".join(type(o).__name__ for o in b)
-                                     for b in op.branches) + ")"
+        return (
+            "OneOf(" + " | ".join("+".join(type(o).__name__ for o in b) for b in op.branches) + ")"
+        )
     return type(op).__name__
 
 
@@ -86,8 +92,9 @@ class Timed:
         return y
 
 
-def measure(device: str, batch: int, size: int, out_size: int, batches: int,
-            warmup: int) -> dict[str, Any]:
+def measure(
+    device: str, batch: int, size: int, out_size: int, batches: int, warmup: int
+) -> dict[str, Any]:
     dev = torch.device(device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     hires = hires_batch(batch, size).to(dev)
@@ -111,13 +118,21 @@ def measure(device: str, batch: int, size: int, out_size: int, batches: int,
     ops = [{"op": f"{k + 1} {label(w.op)}", "share": w.total / whole} for k, w in enumerate(timed)]
     ops.append({"op": "final clamp/round/rescale", "share": 1 - sum(o["share"] for o in ops)})
     med, total = statistics.median(times), sum(times)
-    return {"device": device, "name": (torch.cuda.get_device_name(dev) if dev.type == "cuda"
-                                       else cpu_model()),
-            "threads": torch.get_num_threads() if dev.type == "cpu" else None,
-            "batch": batch, "size": size, "out_size": out_size, "batches": batches,
-            "s_per_batch_median": med, "s_per_batch_all": times,
-            "samples_per_s": batch * batches / total, "ms_per_sample": 1000 * total / batch
-            / batches, "samples_per_s_median_batch": batch / med, "ops": ops}
+    return {
+        "device": device,
+        "name": (torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_model()),
+        "threads": torch.get_num_threads() if dev.type == "cpu" else None,
+        "batch": batch,
+        "size": size,
+        "out_size": out_size,
+        "batches": batches,
+        "s_per_batch_median": med,
+        "s_per_batch_all": times,
+        "samples_per_s": batch * batches / total,
+        "ms_per_sample": 1000 * total / batch / batches,
+        "samples_per_s_median_batch": batch / med,
+        "ops": ops,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,27 +155,44 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(a.threads)
         n = a.batches or (50 if device.startswith("cuda") else 10)
         rows.append(measure(device, a.batch, a.size, a.out_size, n, a.warmup))
-    machine = {"cpu": cpu_model(), "torch": torch.__version__, "kornia": kornia.__version__,
-               "python": platform.python_version(), "platform": platform.platform()}
-    print(f"degradation chain (conf/degrade/realesrgan.yaml) {a.size} -> {a.out_size}, batch "
-          f"{a.batch}; torch {torch.__version__}, kornia {kornia.__version__}")
-    print(f"{'device':<40} {'threads':>7} {'samples/s':>10} {'ms/sample':>10} "
-          f"{'median batch':>13}  all batches (s)")
+    machine = {
+        "cpu": cpu_model(),
+        "torch": torch.__version__,
+        "kornia": kornia.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    print(
+        f"degradation chain (conf/degrade/realesrgan.yaml) {a.size} -> {a.out_size}, batch "
+        f"{a.batch}; torch {torch.__version__}, kornia {kornia.__version__}"
+    )
+    print(
+        f"{'device':<40} {'threads':>7} {'samples/s':>10} {'ms/sample':>10} "
+        f"{'median batch':>13}  all batches (s)"
+    )
     for r in rows:
         th = "-" if r["threads"] is None else str(r["threads"])
         spread = ", ".join(f"{t:.3f}" for t in r["s_per_batch_all"])
-        print(f"{r['device'] + ': ' + r['name']:<40.40} {th:>7} {r['samples_per_s']:>10,.1f} "
-              f"{r['ms_per_sample']:>10.2f} {r['samples_per_s_median_batch']:>9,.1f}/s  "
-              f"{spread}")
+        print(
+            f"{r['device'] + ': ' + r['name']:<40.40} {th:>7} {r['samples_per_s']:>10,.1f} "
+            f"{r['ms_per_sample']:>10.2f} {r['samples_per_s_median_batch']:>9,.1f}/s  "
+            f"{spread}"
+        )
     for r in rows:
         print(f"share of the time per op, {r['device']}:")
         for o in r["ops"]:
             print(f"  {o['op']:<62} {100 * o['share']:5.1f} %")
-    print(f"target: ≥ {TARGET_PER_CORE} samples/s per core in loader workers, or keep up with "
-          "SR256 training on the device")
+    print(
+        f"target: ≥ {TARGET_PER_CORE} samples/s per core in loader workers, or keep up with "
+        "SR256 training on the device"
+    )
     if a.out is not None:
-        a.out.write_text(json.dumps({"machine": machine, "rows": rows,
-                                     "target_samples_per_core": TARGET_PER_CORE}, indent=1))
+        a.out.write_text(
+            json.dumps(
+                {"machine": machine, "rows": rows, "target_samples_per_core": TARGET_PER_CORE},
+                indent=1,
+            )
+        )
         print(f"wrote {a.out}")
     return 0
 

@@ -27,9 +27,12 @@ ROOT = Path(__file__).resolve().parents[1]
 FAST = ["logger=none", "sample.per_prompt=0", "checkpoint_every=1000"]
 
 
-MODES = {"keep": ["handoff.optimizer=keep"], "reset": ["handoff.optimizer=reset"],
-         "keep+warmup": ["handoff.optimizer=keep", "module.lr_schedule.warmup_handoff={warmup}"],
-         "full-law": ["handoff.optimizer=keep", "sigma_from=root"]}
+MODES = {
+    "keep": ["handoff.optimizer=keep"],
+    "reset": ["handoff.optimizer=reset"],
+    "keep+warmup": ["handoff.optimizer=keep", "module.lr_schedule.warmup_handoff={warmup}"],
+    "full-law": ["handoff.optimizer=keep", "sigma_from=root"],
+}
 
 
 def train(*args: str) -> None:
@@ -40,8 +43,14 @@ def train(*args: str) -> None:
 
 
 def main(argv: list[str]) -> int:
-    opts = {"root_steps": "400", "child_steps": "20", "children": "E1_0,E1_1",
-            "run_dir": "runs/bench_handoff", "seed": "0", "warmup": "10"}
+    opts = {
+        "root_steps": "400",
+        "child_steps": "20",
+        "children": "E1_0,E1_1",
+        "run_dir": "runs/bench_handoff",
+        "seed": "0",
+        "warmup": "10",
+    }
     for arg in argv:
         key, _, value = arg.partition("=")
         if key not in opts:
@@ -54,22 +63,34 @@ def main(argv: list[str]) -> int:
     for child in opts["children"].split(","):
         for mode, extra in MODES.items():
             run = base / mode
-            train(f"run_dir={run}", f"parent_dir={base / 'E0_0'}", f"expert={child}",
-                  f"steps={opts['child_steps']}", seed,
-                  *(x.format(warmup=opts["warmup"]) for x in extra))
+            train(
+                f"run_dir={run}",
+                f"parent_dir={base / 'E0_0'}",
+                f"expert={child}",
+                f"steps={opts['child_steps']}",
+                seed,
+                *(x.format(warmup=opts["warmup"]) for x in extra),
+            )
             probe = json.loads((run / child / "handoff_probe.json").read_text())
             first = probe["in_band_loss"][0]
-            rows.append({"child": child, "optimizer": mode, "steps": probe["steps"],
-                         "loss": probe["in_band_loss"],
-                         "ratio": [x / first for x in probe["in_band_loss"]]})
+            rows.append(
+                {
+                    "child": child,
+                    "optimizer": mode,
+                    "steps": probe["steps"],
+                    "loss": probe["in_band_loss"],
+                    "ratio": [x / first for x in probe["in_band_loss"]],
+                }
+            )
     steps = rows[0]["steps"]
-    print(f"in-band held-out loss / loss at the hand-off (root {opts['root_steps']} steps; "
-          f"raw weights)")
+    print(
+        f"in-band held-out loss / loss at the hand-off (root {opts['root_steps']} steps; "
+        f"raw weights)"
+    )
     print("child  hand-off    " + " ".join(f"{s:>6}" for s in steps))
     for r in rows:
         print(f"{r['child']:<6} {r['optimizer']:<11} " + " ".join(f"{x:6.3f}" for x in r["ratio"]))
-    (base / "handoff_bench.json").write_text(json.dumps({"options": opts, "rows": rows},
-                                                        indent=1))
+    (base / "handoff_bench.json").write_text(json.dumps({"options": opts, "rows": rows}, indent=1))
     print(f"wrote {base / 'handoff_bench.json'}")
     return 0
 

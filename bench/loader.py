@@ -58,19 +58,38 @@ from ediff_train.data.datamodule import ShardDataModule
 from ediff_train.data.shards import ShardWriter, npy_bytes
 from ediff_train.io.remote import filesystem
 
-DIMS = {"real": {"t5": 4096, "clip_txt": 768, "clip_pool": 768, "clip_img": 768},
-        "tiny": {"t5": 32, "clip_txt": 32, "clip_pool": 24, "clip_img": 24}}
+DIMS = {
+    "real": {"t5": 4096, "clip_txt": 768, "clip_pool": 768, "clip_img": 768},
+    "tiny": {"t5": 32, "clip_txt": 32, "clip_pool": 24, "clip_img": 24},
+}
 FIXED_T5 = 113
-WORDS = ("a man woman dog cat plate of food sitting on top table next to street with red large "
-         "small white black two people standing in front building bus train kitchen").split()
+WORDS = (
+    "a man woman dog cat plate of food sitting on top table next to street with red large "
+    "small white black two people standing in front building bus train kitchen"
+).split()
 
 
 def encoder_entry(d: dict[str, int]) -> dict[str, dict[str, Any]]:
-    return {"t5": {"name": "bench-t5", "version": "1", "dim": d["t5"], "max_length": FIXED_T5,
-                   "dtype": "float16", "fingerprint": "bench"},
-            "clip": {"name": "bench-clip", "version": "1", "text_dim": d["clip_txt"],
-                     "pool_dim": d["clip_pool"], "image_dim": d["clip_img"],
-                     "context_length": 77, "dtype": "float16", "fingerprint": "bench"}}
+    return {
+        "t5": {
+            "name": "bench-t5",
+            "version": "1",
+            "dim": d["t5"],
+            "max_length": FIXED_T5,
+            "dtype": "float16",
+            "fingerprint": "bench",
+        },
+        "clip": {
+            "name": "bench-clip",
+            "version": "1",
+            "text_dim": d["clip_txt"],
+            "pool_dim": d["clip_pool"],
+            "image_dim": d["clip_img"],
+            "context_length": 77,
+            "dtype": "float16",
+            "fingerprint": "bench",
+        },
+    }
 
 
 def make_samples(n: int, size: int, dims: dict[str, int], seed: int = 0):  # noqa: ANN201
@@ -84,16 +103,21 @@ def make_samples(n: int, size: int, dims: dict[str, int], seed: int = 0):  # noq
         side = int(rng.integers(size, min(photo.shape[:2])))
         y = int(rng.integers(0, photo.shape[0] - side + 1))
         x = int(rng.integers(0, photo.shape[1] - side + 1))
-        crop = Image.fromarray(photo[y:y + side, x:x + side]).resize((size, size),
-                                                                      Image.Resampling.BICUBIC)
+        crop = Image.fromarray(photo[y : y + side, x : x + side]).resize(
+            (size, size), Image.Resampling.BICUBIC
+        )
         length = int(np.clip(round(rng.normal(15, 3)), 8, 30))
         caption = " ".join(rng.choice(WORDS, size=max(1, round(length / 1.3))))
         f16 = np.float16
-        yield (f"s{i:07d}", np.asarray(crop), caption,
-               rng.standard_normal((length, dims["t5"]), dtype=np.float32).astype(f16),
-               rng.standard_normal((77, dims["clip_txt"]), dtype=np.float32).astype(f16),
-               rng.standard_normal(dims["clip_pool"], dtype=np.float32).astype(f16),
-               rng.standard_normal(dims["clip_img"], dtype=np.float32).astype(f16))
+        yield (
+            f"s{i:07d}",
+            np.asarray(crop),
+            caption,
+            rng.standard_normal((length, dims["t5"]), dtype=np.float32).astype(f16),
+            rng.standard_normal((77, dims["clip_txt"]), dtype=np.float32).astype(f16),
+            rng.standard_normal(dims["clip_pool"], dtype=np.float32).astype(f16),
+            rng.standard_normal(dims["clip_img"], dtype=np.float32).astype(f16),
+        )
 
 
 def write_fixed(path: Path, samples: list[tuple], image_format: str) -> None:
@@ -103,16 +127,19 @@ def write_fixed(path: Path, samples: list[tuple], image_format: str) -> None:
     with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
         for key, image, caption, t5, clip_txt, clip_pool, clip_img in samples:
             padded = np.zeros((FIXED_T5, t5.shape[1]), np.float32)
-            padded[:len(t5)] = t5
-            members = {image_format: encode_image(image, image_format)[0],
-                       "txt": caption.encode(),
-                       "t5.npy": npy_bytes(padded),
-                       "t5_mask.npy": npy_bytes(np.arange(FIXED_T5) < len(t5)),
-                       "clip_txt.npy": npy_bytes(clip_txt.astype(np.float32)),
-                       "clip_pool.npy": npy_bytes(clip_pool.astype(np.float32)),
-                       "clip_img.npy": npy_bytes(clip_img.astype(np.float32)),
-                       "json": json.dumps({"height": len(image), "source": "",
-                                           "width": len(image[0])}).encode()}
+            padded[: len(t5)] = t5
+            members = {
+                image_format: encode_image(image, image_format)[0],
+                "txt": caption.encode(),
+                "t5.npy": npy_bytes(padded),
+                "t5_mask.npy": npy_bytes(np.arange(FIXED_T5) < len(t5)),
+                "clip_txt.npy": npy_bytes(clip_txt.astype(np.float32)),
+                "clip_pool.npy": npy_bytes(clip_pool.astype(np.float32)),
+                "clip_img.npy": npy_bytes(clip_img.astype(np.float32)),
+                "json": json.dumps(
+                    {"height": len(image), "source": "", "width": len(image[0])}
+                ).encode(),
+            }
             for ext, data in members.items():
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size = len(data)
@@ -128,8 +155,16 @@ def cpu_seconds(pid: int) -> float:
         return 0.0
 
 
-def measure(root: str, workers: int, batch_size: int, image_size: int, batches: int,
-            consumer: str, readahead: int = 2, server: int | None = None) -> dict[str, Any]:
+def measure(
+    root: str,
+    workers: int,
+    batch_size: int,
+    image_size: int,
+    batches: int,
+    consumer: str,
+    readahead: int = 2,
+    server: int | None = None,
+) -> dict[str, Any]:
     """One timed pass: wall rate, and CPU-seconds of the workers and of the main process.
 
     consumer "float32": the main process expands batches to float32 (CPU training).
@@ -137,10 +172,18 @@ def measure(root: str, workers: int, batch_size: int, image_size: int, batches: 
     copied once to the GPU, which casts it; without a GPU a host copy stands in for the
     transfer, then the slab goes back to its worker. `server`: pid of the S3 server, whose
     CPU-seconds are counted apart."""
-    dm = ShardDataModule(root, batch_size=batch_size, image_size=image_size,
-                         num_workers=workers, shuffle_buffer=1000, batches_per_epoch=batches + 1,
-                         cast_on_device=consumer == "compact", rank=0, world_size=1,
-                         readahead=readahead)
+    dm = ShardDataModule(
+        root,
+        batch_size=batch_size,
+        image_size=image_size,
+        num_workers=workers,
+        shuffle_buffer=1000,
+        batches_per_epoch=batches + 1,
+        cast_on_device=consumer == "compact",
+        rank=0,
+        world_size=1,
+        readahead=readahead,
+    )
     dm.setup("fit")
     loader = dm.train_dataloader()
     cuda = torch.cuda.is_available()
@@ -151,8 +194,10 @@ def measure(root: str, workers: int, batch_size: int, image_size: int, batches: 
         nonlocal staging
         if consumer == "compact" and batch.get("compact"):
             if cuda:
-                moved = {k: v.to("cuda", non_blocking=True) if torch.is_tensor(v) else v
-                         for k, v in batch.items()}
+                moved = {
+                    k: v.to("cuda", non_blocking=True) if torch.is_tensor(v) else v
+                    for k, v in batch.items()
+                }
                 dm.on_after_batch_transfer(moved, 0)
             else:  # one thread, like a DMA engine: torch's pool would fight the workers
                 tensors = [v for v in batch.values() if torch.is_tensor(v)]
@@ -163,7 +208,7 @@ def measure(root: str, workers: int, batch_size: int, image_size: int, batches: 
                 torch.set_num_threads(1)
                 off = 0
                 for v in tensors:
-                    staging[off:off + v.nbytes].view(v.dtype).view(v.shape).copy_(v)
+                    staging[off : off + v.nbytes].view(v.dtype).view(v.shape).copy_(v)
                     off += v.nbytes
                 torch.set_num_threads(threads)
                 release_slab(batch.get("slab"), loader.dataset.slab_flags)
@@ -185,17 +230,20 @@ def measure(root: str, workers: int, batch_size: int, image_size: int, batches: 
     server_cpu = cpu_seconds(server) - s0 if server else None
     del it
     rate = n / wall
-    return {"consumer": consumer, "workers": workers, "readahead": readahead if server else None,
-            "samples": n, "seconds": round(wall, 3),
-            "samples_per_s": round(rate, 1),
-            "samples_per_s_per_worker": round(rate / max(workers, 1), 1),
-            "worker_cpu_s": round(cpu, 3),
-            "samples_per_worker_cpu_s": round(n / cpu, 1) if cpu > 0 else None,
-            "main_cpu_us_per_sample": round(main_cpu / n * 1e6, 1) if workers else None,
-            "samples_per_cpu_s_all": round(n / (cpu + main_cpu), 1) if cpu + main_cpu > 0
-            else None,
-            "server_cpu_us_per_sample": None if server_cpu is None
-            else round(server_cpu / n * 1e6, 1)}
+    return {
+        "consumer": consumer,
+        "workers": workers,
+        "readahead": readahead if server else None,
+        "samples": n,
+        "seconds": round(wall, 3),
+        "samples_per_s": round(rate, 1),
+        "samples_per_s_per_worker": round(rate / max(workers, 1), 1),
+        "worker_cpu_s": round(cpu, 3),
+        "samples_per_worker_cpu_s": round(n / cpu, 1) if cpu > 0 else None,
+        "main_cpu_us_per_sample": round(main_cpu / n * 1e6, 1) if workers else None,
+        "samples_per_cpu_s_all": round(n / (cpu + main_cpu), 1) if cpu + main_cpu > 0 else None,
+        "server_cpu_us_per_sample": None if server_cpu is None else round(server_cpu / n * 1e6, 1),
+    }
 
 
 def median_run(runs: list[dict[str, float]]) -> dict[str, float]:
@@ -208,8 +256,12 @@ def median_run(runs: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-AWS_ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "bench",
+    "AWS_SECRET_ACCESS_KEY": "bench",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
 
 
 # The server process runs this (what `python -m moto.server` runs, plus the delay), so it loads
@@ -236,13 +288,16 @@ server.serve_forever()
 def start_s3(latency_ms: float) -> subprocess.Popen:
     """moto's S3 server in its own process on 127.0.0.1 (a free port), with this process's AWS
     variables pointed at it (loader workers inherit them)."""
-    proc = subprocess.Popen([sys.executable, "-c", SERVE_S3, str(latency_ms)],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SERVE_S3, str(latency_ms)], stdout=subprocess.PIPE, text=True
+    )
     port = proc.stdout.readline().strip() if proc.stdout else ""
     if not port.isdigit():
         proc.kill()
-        sys.exit("the S3 server did not start (see above); --remote s3 needs moto's server "
-                 "and s3fs: pip install 'moto[server]' s3fs")
+        sys.exit(
+            "the S3 server did not start (see above); --remote s3 needs moto's server "
+            "and s3fs: pip install 'moto[server]' s3fs"
+        )
     os.environ.update(AWS_ENV, AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}")
     import s3fs
 
@@ -257,8 +312,9 @@ def upload_set(local: Path, url: str) -> None:
         fs.put_file(str(f), f"{path}/{f.name}")
 
 
-def write_sets(tmp: Path, samples: list[tuple], dims: dict[str, int], a: argparse.Namespace
-               ) -> tuple[Path, dict[str, float]]:
+def write_sets(
+    tmp: Path, samples: list[tuple], dims: dict[str, int], a: argparse.Namespace
+) -> tuple[Path, dict[str, float]]:
     """Our shards for the loader, and bytes per sample of both layouts on the same samples."""
     root = tmp / "ours"
     per_shard = -(-a.samples // a.shards)
@@ -279,9 +335,13 @@ def write_sets(tmp: Path, samples: list[tuple], dims: dict[str, int], a: argpars
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="smallest useful run (tests, a first "
-                   "look): tiny dims, 256 samples, 4 timed batches, 1 worker, 1 trial; any "
-                   "option given as well still applies")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smallest useful run (tests, a first "
+        "look): tiny dims, 256 samples, 4 timed batches, 1 worker, 1 trial; any "
+        "option given as well still applies",
+    )
     p.add_argument("--dims", choices=sorted(DIMS), default="real")
     p.add_argument("--samples", type=int, default=2048)
     p.add_argument("--shards", type=int, default=8)
@@ -291,21 +351,50 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batches", type=int, default=40, help="timed batches per measurement")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--repeat", type=int, default=3, help="trials per row (median shown)")
-    p.add_argument("--consumers", nargs="+", choices=("float32", "compact"),
-                   default=["float32", "compact"], help="what the training process does "
-                   "with a batch: expand it on the CPU, or ship it compact to the GPU")
+    p.add_argument(
+        "--consumers",
+        nargs="+",
+        choices=("float32", "compact"),
+        default=["float32", "compact"],
+        help="what the training process does "
+        "with a batch: expand it on the CPU, or ship it compact to the GPU",
+    )
     p.add_argument("--fixed-samples", type=int, default=128)
-    p.add_argument("--remote", choices=("none", "s3"), default="none", help="also read the "
-                   "shards from a local S3 server (moto, started here) next to the local figures")
-    p.add_argument("--readahead", type=int, nargs="+", default=[0, 2], help="remote rows: "
-                   "shards each worker fetches ahead (0 = off; training's default is 2)")
-    p.add_argument("--s3-latency-ms", type=float, default=0.0,
-                   help="delay added to every S3 request (0: loopback as it is)")
+    p.add_argument(
+        "--remote",
+        choices=("none", "s3"),
+        default="none",
+        help="also read the "
+        "shards from a local S3 server (moto, started here) next to the local figures",
+    )
+    p.add_argument(
+        "--readahead",
+        type=int,
+        nargs="+",
+        default=[0, 2],
+        help="remote rows: shards each worker fetches ahead (0 = off; training's default is 2)",
+    )
+    p.add_argument(
+        "--s3-latency-ms",
+        type=float,
+        default=0.0,
+        help="delay added to every S3 request (0: loopback as it is)",
+    )
     p.add_argument("--root", type=Path, default=None, help="where to write (default: a temp dir)")
     p.add_argument("--json", type=Path, default=None, help="write the figures here")
     if "--quick" in (sys.argv[1:] if argv is None else argv):
-        p.set_defaults(dims="tiny", samples=256, shards=4, batch_size=32, batches=4, workers=[1],
-                       repeat=1, consumers=["float32"], fixed_samples=32, readahead=[0, 1])
+        p.set_defaults(
+            dims="tiny",
+            samples=256,
+            shards=4,
+            batch_size=32,
+            batches=4,
+            workers=[1],
+            repeat=1,
+            consumers=["float32"],
+            fixed_samples=32,
+            readahead=[0, 1],
+        )
     return p.parse_args(argv)
 
 
@@ -314,16 +403,20 @@ def num(x: float | None) -> str:
 
 
 def print_table(runs: list[dict[str, Any]]) -> None:
-    print(f"{'source':>10} {'consumer':>8} {'workers':>7} {'samples/s':>10} {'per worker':>11} "
-          f"{'per worker-CPU-s':>17} {'main µs/sample':>15} {'per all CPU-s':>14} "
-          f"{'server µs/sample':>17}  trials (per worker-CPU-s)")
+    print(
+        f"{'source':>10} {'consumer':>8} {'workers':>7} {'samples/s':>10} {'per worker':>11} "
+        f"{'per worker-CPU-s':>17} {'main µs/sample':>15} {'per all CPU-s':>14} "
+        f"{'server µs/sample':>17}  trials (per worker-CPU-s)"
+    )
     for r in runs:
         trials = ", ".join(f"{t:,.0f}" for t in r["trials"] if t)
-        print(f"{r['source']:>10} {r['consumer']:>8} {r['workers']:>7} "
-              f"{r['samples_per_s']:>10,.0f} {r['samples_per_s_per_worker']:>11,.0f} "
-              f"{num(r['samples_per_worker_cpu_s']):>17} {num(r['main_cpu_us_per_sample']):>15} "
-              f"{num(r['samples_per_cpu_s_all']):>14} {num(r['server_cpu_us_per_sample']):>17}"
-              f"  {trials}")
+        print(
+            f"{r['source']:>10} {r['consumer']:>8} {r['workers']:>7} "
+            f"{r['samples_per_s']:>10,.0f} {r['samples_per_s_per_worker']:>11,.0f} "
+            f"{num(r['samples_per_worker_cpu_s']):>17} {num(r['main_cpu_us_per_sample']):>15} "
+            f"{num(r['samples_per_cpu_s_all']):>14} {num(r['server_cpu_us_per_sample']):>17}"
+            f"  {trials}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -339,15 +432,21 @@ def main(argv: list[str] | None = None) -> int:
             sources: list[tuple[str, str, int, int | None]] = [("local", str(root), 2, None)]
             if server is not None:
                 upload_set(root, "s3://ediff-bench/ours")
-                sources += [(f"s3 ra={d}", "s3://ediff-bench/ours", d, server.pid)
-                            for d in a.readahead]
+                sources += [
+                    (f"s3 ra={d}", "s3://ediff-bench/ours", d, server.pid) for d in a.readahead
+                ]
             runs = []
             for name, url, depth, pid in sources:
                 for c in a.consumers:
                     for k in a.workers:
-                        row = median_run([measure(url, k, a.batch_size, a.image_size,
-                                                  a.batches, c, depth, pid)
-                                          for _ in range(max(a.repeat, 1))])
+                        row = median_run(
+                            [
+                                measure(
+                                    url, k, a.batch_size, a.image_size, a.batches, c, depth, pid
+                                )
+                                for _ in range(max(a.repeat, 1))
+                            ]
+                        )
                         runs.append({"source": name, **row})
     finally:
         if server is not None:
@@ -355,28 +454,52 @@ def main(argv: list[str] | None = None) -> int:
             server.wait()
     ours, same, fixed, nf = size["ours"], size["same"], size["fixed"], int(size["nf"])
     figures = {
-        "machine": {"cpus": os.cpu_count(), "load_avg": os.getloadavg(),
-                    "python": platform.python_version(), "platform": platform.platform()},
-        "setup": {"dims": dims, "image_size": a.image_size, "format": a.format,
-                  "samples": a.samples, "shards": a.shards, "batch_size": a.batch_size,
-                  "t5_tokens_mean": round(tokens_mean, 2), "remote": a.remote,
-                  "s3_latency_ms": a.s3_latency_ms if server else None},
-        "bytes_per_sample": {"ours": round(ours), "ours_same_samples": round(same),
-                             "fixed_fp32_113_same_samples": round(fixed),
-                             "ratio": round(same / fixed, 4), "target_ratio": 0.125},
-        "loader": runs, "target_samples_per_core": 3000,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "load_avg": os.getloadavg(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "setup": {
+            "dims": dims,
+            "image_size": a.image_size,
+            "format": a.format,
+            "samples": a.samples,
+            "shards": a.shards,
+            "batch_size": a.batch_size,
+            "t5_tokens_mean": round(tokens_mean, 2),
+            "remote": a.remote,
+            "s3_latency_ms": a.s3_latency_ms if server else None,
+        },
+        "bytes_per_sample": {
+            "ours": round(ours),
+            "ours_same_samples": round(same),
+            "fixed_fp32_113_same_samples": round(fixed),
+            "ratio": round(same / fixed, 4),
+            "target_ratio": 0.125,
+        },
+        "loader": runs,
+        "target_samples_per_core": 3000,
     }
-    print(f"dims {dims}, {a.image_size} px {a.format}, T5 tokens mean {tokens_mean:.1f}, "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
-    print(f"bytes/sample: ours {ours:,.0f} (all {a.samples}); on the same {nf} samples ours "
-          f"{same:,.0f} vs fixed fp32 113-token {fixed:,.0f}: ratio {same / fixed:.3f} "
-          "(target ≤ 0.125)")
+    print(
+        f"dims {dims}, {a.image_size} px {a.format}, T5 tokens mean {tokens_mean:.1f}, "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}"
+    )
+    print(
+        f"bytes/sample: ours {ours:,.0f} (all {a.samples}); on the same {nf} samples ours "
+        f"{same:,.0f} vs fixed fp32 113-token {fixed:,.0f}: ratio {same / fixed:.3f} "
+        "(target ≤ 0.125)"
+    )
     print_table(runs)
-    print("target: ≥ 3,000 samples/s per CPU core (a worker is one core: per worker-CPU-s; "
-          "per all CPU-s adds the main process)")
+    print(
+        "target: ≥ 3,000 samples/s per CPU core (a worker is one core: per worker-CPU-s; "
+        "per all CPU-s adds the main process)"
+    )
     if server is not None:
-        print(f"s3 = moto server on 127.0.0.1 (this machine, {a.s3_latency_ms:g} ms added per "
-              "request); ra = read-ahead depth per worker (0 = off)")
+        print(
+            f"s3 = moto server on 127.0.0.1 (this machine, {a.s3_latency_ms:g} ms added per "
+            "request); ra = read-ahead depth per worker (0 = off)"
+        )
     if a.json is not None:
         a.json.write_text(json.dumps(figures, indent=1))
         print(f"wrote {a.json}")

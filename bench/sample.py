@@ -40,8 +40,9 @@ from ediff_train.sampling.guidance import guided
 NODES = ["E9_511", "E3_0", "not_E9_511_E3_0", "E1_0", "E1_1"]
 
 
-def time_sampler(model: Any, cond: Any, size: int, steps: int, solver: str, repeats: int,
-                 device: torch.device) -> list[float]:
+def time_sampler(
+    model: Any, cond: Any, size: int, steps: int, solver: str, repeats: int, device: torch.device
+) -> list[float]:
     """Seconds per solver step over `repeats` full sampling runs (after one warm-up run)."""
     den = guided(model, cond, cond.null(), 5.0)
     sig = karras_sigmas(steps)
@@ -94,8 +95,10 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(a.device)
     cfg = model_config(a.config)
     torch.manual_seed(0)
-    nets = [EDMPrecond(instantiate(cfg, grad_checkpointing=False)).eval().to(device)
-            for _ in range(a.experts)]
+    nets = [
+        EDMPrecond(instantiate(cfg, grad_checkpointing=False)).eval().to(device)
+        for _ in range(a.experts)
+    ]
     nodes = [parse_node(n) for n in (NODES[:3] if a.experts == 3 else NODES[3:])]
     ens = Ensemble(nodes, nets).to(device)
     cond = random_cond(cfg, a.batch, 16, device)
@@ -108,34 +111,59 @@ def main(argv: list[str] | None = None) -> None:
         single_t += time_sampler(nets[0], cond, size, a.steps, a.solver, a.repeats, device)
         ens_t += time_sampler(ens, cond, size, a.steps, a.solver, a.repeats, device)
     s, e = statistics.median(single_t), statistics.median(ens_t)
-    rows.append({"config": a.config, "experts": a.experts, "batch": a.batch, "steps": a.steps,
-                 "solver": a.solver, "device": str(device), "single_s_per_step": s,
-                 "ensemble_s_per_step": e, "ratio": e / s, "calls": ens.calls,
-                 "peak_mb": peak_mb(lambda: time_sampler(ens, cond, size, a.steps, a.solver, 1,
-                                                          device), device)})
+    rows.append(
+        {
+            "config": a.config,
+            "experts": a.experts,
+            "batch": a.batch,
+            "steps": a.steps,
+            "solver": a.solver,
+            "device": str(device),
+            "single_s_per_step": s,
+            "ensemble_s_per_step": e,
+            "ratio": e / s,
+            "calls": ens.calls,
+            "peak_mb": peak_mb(
+                lambda: time_sampler(ens, cond, size, a.steps, a.solver, 1, device), device
+            ),
+        }
+    )
     if a.offload:
         off = Ensemble(nodes, [copy.deepcopy(n).cpu() for n in nets]).offload(device)
         ens.cpu()  # only the offloaded copies on the device now
         nets[0].cpu()
         off_t = time_sampler(off, cond, size, a.steps, a.solver, a.repeats, device)
         o = statistics.median(off_t)
-        rows[0].update(offload_s_per_step=o, offload_ratio=o / s, offload_peak_mb=peak_mb(
-            lambda: time_sampler(off, cond, size, a.steps, a.solver, 1, device), device),
-            offload_transfers=off.offloader.transfers)
-    print(f"{'config':<8}{'experts':>8}{'batch':>7}{'solver':>10}{'single s/step':>15}"
-          f"{'ensemble s/step':>17}{'ratio':>8}{'peak MB':>9}"
-          + (f"{'offload s/step':>16}{'ratio':>8}{'peak MB':>9}" if a.offload else ""))
+        rows[0].update(
+            offload_s_per_step=o,
+            offload_ratio=o / s,
+            offload_peak_mb=peak_mb(
+                lambda: time_sampler(off, cond, size, a.steps, a.solver, 1, device), device
+            ),
+            offload_transfers=off.offloader.transfers,
+        )
+    print(
+        f"{'config':<8}{'experts':>8}{'batch':>7}{'solver':>10}{'single s/step':>15}"
+        f"{'ensemble s/step':>17}{'ratio':>8}{'peak MB':>9}"
+        + (f"{'offload s/step':>16}{'ratio':>8}{'peak MB':>9}" if a.offload else "")
+    )
     for r in rows:
-        line = (f"{r['config']:<8}{r['experts']:>8}{r['batch']:>7}{r['solver']:>10}"
-                f"{r['single_s_per_step']:>15.4f}{r['ensemble_s_per_step']:>17.4f}"
-                f"{r['ratio']:>8.3f}{_mb(r['peak_mb']):>9}")
+        line = (
+            f"{r['config']:<8}{r['experts']:>8}{r['batch']:>7}{r['solver']:>10}"
+            f"{r['single_s_per_step']:>15.4f}{r['ensemble_s_per_step']:>17.4f}"
+            f"{r['ratio']:>8.3f}{_mb(r['peak_mb']):>9}"
+        )
         if a.offload:
-            line += (f"{r['offload_s_per_step']:>16.4f}{r['offload_ratio']:>8.3f}"
-                     f"{_mb(r['offload_peak_mb']):>9}")
+            line += (
+                f"{r['offload_s_per_step']:>16.4f}{r['offload_ratio']:>8.3f}"
+                f"{_mb(r['offload_peak_mb']):>9}"
+            )
         print(line)
     threads = torch.get_num_threads()
-    print(f"device: {device}{f' ({threads} threads)' if device.type == 'cpu' else ''}; "
-          f"expert calls in the ensemble runs: {dict(zip([n.name for n in nodes], ens.calls))}")
+    print(
+        f"device: {device}{f' ({threads} threads)' if device.type == 'cpu' else ''}; "
+        f"expert calls in the ensemble runs: {dict(zip([n.name for n in nodes], ens.calls))}"
+    )
     if a.json:
         a.json.write_text(json.dumps(rows, indent=1))
 

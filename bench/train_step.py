@@ -83,8 +83,13 @@ def model_config(name: str) -> DictConfig:
     data = CONF / "data" / "digits.yaml"
     if data.is_file() and path.stem not in SR_IMAGE_SIZE:
         image_size = int(OmegaConf.load(data).get("image_size", 16))
-    root = OmegaConf.create({"encoders": {"dims": dims}, "data": {"image_size": image_size},
-                             "model": OmegaConf.load(path)})
+    root = OmegaConf.create(
+        {
+            "encoders": {"dims": dims},
+            "data": {"image_size": image_size},
+            "model": OmegaConf.load(path),
+        }
+    )
     OmegaConf.resolve(root)
     return root.model
 
@@ -93,8 +98,14 @@ def is_sr(cfg: DictConfig) -> bool:
     return str(cfg._target_).endswith("EfficientUNet")
 
 
-def random_cond(cfg: DictConfig, batch: int, t5_len: int, device: torch.device,
-                size: int | None = None, factor: int = 4) -> Conditioning:
+def random_cond(
+    cfg: DictConfig,
+    batch: int,
+    t5_len: int,
+    device: torch.device,
+    size: int | None = None,
+    factor: int = 4,
+) -> Conditioning:
     """Random embeddings of the config's widths; the last quarter of T5 tokens is padding.
     SR configs also get a noise-augmented low-res image of (size or image_size) / factor."""
     mask = torch.ones(batch, t5_len, dtype=torch.bool)
@@ -102,8 +113,10 @@ def random_cond(cfg: DictConfig, batch: int, t5_len: int, device: torch.device,
     sr: dict[str, Any] = {}
     if is_sr(cfg):
         low = (size or int(cfg.image_size)) // factor
-        sr = {"lowres": torch.rand(batch, 3, low, low) * 2 - 1,
-              "sigma_aug": NoiseAugment().sample(batch)}
+        sr = {
+            "lowres": torch.rand(batch, 3, low, low) * 2 - 1,
+            "sigma_aug": NoiseAugment().sample(batch),
+        }
     return Conditioning(
         t5=torch.randn(batch, t5_len, cfg.t5_dim),
         t5_mask=mask,
@@ -159,9 +172,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(cfg: DictConfig, args: argparse.Namespace, device: torch.device, batch: int,
-               steps: int, warmup: int, t5_len: int, bf16: bool, factor: int = 4,
-               compile: bool = False) -> dict[str, Any]:
+def time_steps(
+    cfg: DictConfig,
+    args: argparse.Namespace,
+    device: torch.device,
+    batch: int,
+    steps: int,
+    warmup: int,
+    t5_len: int,
+    bf16: bool,
+    factor: int = 4,
+    compile: bool = False,
+) -> dict[str, Any]:
     """Build the model and time `steps` training steps after `warmup`; with `compile`, the
     first (compiling) step is timed apart and precedes the warmup. Returns parameters, seconds
     per step, grad checkpointing, and the compile outcome. The model dies with this frame."""
@@ -207,14 +229,19 @@ def time_steps(cfg: DictConfig, args: argparse.Namespace, device: torch.device, 
     compiled = isinstance(fn, CompiledDenoiser) and fn.compiled
     if compile:
         torch._dynamo.reset()  # the next row's model compiles afresh, this one's graphs go
-    return {"params": sum(p.numel() for p in net.parameters()), "times": times,
-            "grad_checkpointing": net.grad_checkpointing, "compiled": compiled,
-            "compile_s": compile_s,
-            "compile_error": fn.failure if isinstance(fn, CompiledDenoiser) else None}
+    return {
+        "params": sum(p.numel() for p in net.parameters()),
+        "times": times,
+        "grad_checkpointing": net.grad_checkpointing,
+        "compiled": compiled,
+        "compile_s": compile_s,
+        "compile_error": fn.failure if isinstance(fn, CompiledDenoiser) else None,
+    }
 
 
-def bench_one(name: str, args: argparse.Namespace, device: torch.device, batch: int | None,
-              compile: bool) -> dict[str, Any]:
+def bench_one(
+    name: str, args: argparse.Namespace, device: torch.device, batch: int | None, compile: bool
+) -> dict[str, Any]:
     cfg = model_config(name)
     factor = LOWRES_FACTOR.get(Path(name).stem, 4)
     cuda = device.type == "cuda"
@@ -224,8 +251,12 @@ def bench_one(name: str, args: argparse.Namespace, device: torch.device, batch: 
     warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
     t5_len = args.t5_len or T5_LEN.get(Path(name).stem, DEFAULT_T5_LEN)
     bf16 = args.dtype == "bf16" or (args.dtype == "auto" and cuda)
-    head = {"config": Path(name).stem, "batch": batch, "compile": compile,
-            "channels_last": bool(args.channels_last)}
+    head = {
+        "config": Path(name).stem,
+        "batch": batch,
+        "compile": compile,
+        "channels_last": bool(args.channels_last),
+    }
 
     if cuda:
         torch.cuda.empty_cache()
@@ -261,16 +292,30 @@ def bench_one(name: str, args: argparse.Namespace, device: torch.device, batch: 
     peak = peak_tflops(device_name) if cuda else None
     achieved = flops / sec / 1e12
     return {
-        **head, "oom": False, "params_m": run["params"] / 1e6, "t5_len": t5_len,
-        "dtype": "bf16-autocast" if bf16 else "fp32", "device": device_name, "steps": steps,
-        "warmup": warmup, "optimizer": bool(args.optim),
-        "grad_checkpointing": run["grad_checkpointing"], "compiled": run["compiled"],
-        "compile_s": run["compile_s"], "compile_error": run["compile_error"],
-        "sec_per_step": sec, "mean_sec_per_step": sum(times) / len(times),
-        "best_sec_per_step": min(times), "steps_per_s": 1 / sec,
-        "img_per_s": batch / sec, "peak_mem_mb": peak_mb, "mem_method": mem_method,
-        "gflop_per_step": flops / 1e9, "achieved_tflops": achieved,
-        "peak_bf16_tflops": peak, "mfu": (achieved / peak) if (peak and bf16) else None,
+        **head,
+        "oom": False,
+        "params_m": run["params"] / 1e6,
+        "t5_len": t5_len,
+        "dtype": "bf16-autocast" if bf16 else "fp32",
+        "device": device_name,
+        "steps": steps,
+        "warmup": warmup,
+        "optimizer": bool(args.optim),
+        "grad_checkpointing": run["grad_checkpointing"],
+        "compiled": run["compiled"],
+        "compile_s": run["compile_s"],
+        "compile_error": run["compile_error"],
+        "sec_per_step": sec,
+        "mean_sec_per_step": sum(times) / len(times),
+        "best_sec_per_step": min(times),
+        "steps_per_s": 1 / sec,
+        "img_per_s": batch / sec,
+        "peak_mem_mb": peak_mb,
+        "mem_method": mem_method,
+        "gflop_per_step": flops / 1e9,
+        "achieved_tflops": achieved,
+        "peak_bf16_tflops": peak,
+        "mfu": (achieved / peak) if (peak and bf16) else None,
     }
 
 
@@ -301,10 +346,19 @@ def infer_memory(name: str, size: int, device: torch.device, bf16: bool) -> dict
         if cuda:
             torch.cuda.synchronize(device)
     sec = time.perf_counter() - t
-    peak = (torch.cuda.max_memory_allocated(device) / 2**20 if cuda
-            else max(0, (_rss_kib("VmHWM") or 0) - rss0) / 1024)
-    return {"config": Path(name).stem, "size": size, "rows": 2, "sec_per_call": sec,
-            "peak_mem_mb": peak, "dtype": "bf16-autocast" if bf16 else "fp32"}
+    peak = (
+        torch.cuda.max_memory_allocated(device) / 2**20
+        if cuda
+        else max(0, (_rss_kib("VmHWM") or 0) - rss0) / 1024
+    )
+    return {
+        "config": Path(name).stem,
+        "size": size,
+        "rows": 2,
+        "sec_per_call": sec,
+        "peak_mem_mb": peak,
+        "dtype": "bf16-autocast" if bf16 else "fp32",
+    }
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -324,8 +378,11 @@ def table(rows: list[dict[str, Any]]) -> str:
         )
     notes = {f"{r['device']}; memory: {r['mem_method']}" for r in rows if not r["oom"]}
     lines += [f"device: {n}" for n in sorted(notes)]
-    lines += ["compile: seconds of the first (compiling) step, kept out of the step figures"
-              ] if any(r["compile"] for r in rows) else []
+    lines += (
+        ["compile: seconds of the first (compiling) step, kept out of the step figures"]
+        if any(r["compile"] for r in rows)
+        else []
+    )
     if any(r.get("peak_bf16_tflops") for r in rows):
         peaks = ", ".join(f"{k} {v}" for k, v in PEAK_BF16_TFLOPS)
         lines.append(f"MFU vs dense bf16 peak TFLOP/s: {peaks}")
@@ -345,28 +402,52 @@ def batch_list(text: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--configs", nargs="+", default=["tiny", "base64"],
-                   help="names under conf/model/ or paths to model yaml files")
-    p.add_argument("--batch", type=batch_list, default=None,
-                   help="one size or a list (64,128,256); default: 64 (small nets); "
-                        "base64: 32 on CUDA, 1 on CPU")
-    p.add_argument("--steps", type=int, default=None,
-                   help="timed steps; default 20 on CUDA, 10 on CPU (2 for base64)")
+    p.add_argument(
+        "--configs",
+        nargs="+",
+        default=["tiny", "base64"],
+        help="names under conf/model/ or paths to model yaml files",
+    )
+    p.add_argument(
+        "--batch",
+        type=batch_list,
+        default=None,
+        help="one size or a list (64,128,256); default: 64 (small nets); "
+        "base64: 32 on CUDA, 1 on CPU",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="timed steps; default 20 on CUDA, 10 on CPU (2 for base64)",
+    )
     p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 3 CUDA, 1 CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="bf16 = torch.autocast bf16; auto = bf16 on CUDA, fp32 on CPU")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="bf16 = torch.autocast bf16; auto = bf16 on CUDA, fp32 on CPU",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--t5-len", type=int, default=None, help="T5 tokens (default 113 base64, 16)")
     p.add_argument("--optim", action="store_true", help="include an AdamW step in each step")
     p.add_argument("--no-checkpointing", action="store_true", help="disable grad checkpointing")
-    p.add_argument("--compile", choices=["off", "on", "both"], default="off",
-                   help="torch.compile the denoiser: rows without, with, or both")
+    p.add_argument(
+        "--compile",
+        choices=["off", "on", "both"],
+        default="off",
+        help="torch.compile the denoiser: rows without, with, or both",
+    )
     p.add_argument("--backend", default="inductor", help="torch.compile backend (--compile)")
     p.add_argument("--channels-last", action="store_true", help="NHWC weights and batch")
     p.add_argument("--json", type=Path, default=None, help="write the figures here")
-    p.add_argument("--infer", type=int, default=None,
-                   help="also one no-grad CFG forward of each SR config at this size (e.g. 1024)")
+    p.add_argument(
+        "--infer",
+        type=int,
+        default=None,
+        help="also one no-grad CFG forward of each SR config at this size (e.g. 1024)",
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -386,8 +467,10 @@ def main(argv: list[str] | None = None) -> None:
             if is_sr(model_config(name)):
                 r = infer_memory(name, args.infer, device, bf16)
                 infer.append(r)
-                print(f"inference {r['config']} at {r['size']}² ({r['rows']} rows, {r['dtype']}):"
-                      f" {r['sec_per_call']:.2f} s/call, peak {r['peak_mem_mb']:.0f} MB")
+                print(
+                    f"inference {r['config']} at {r['size']}² ({r['rows']} rows, {r['dtype']}):"
+                    f" {r['sec_per_call']:.2f} s/call, peak {r['peak_mem_mb']:.0f} MB"
+                )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         figures = {"rows": rows, "inference": infer, "peak_bf16_tflops": dict(PEAK_BF16_TFLOPS)}

@@ -41,10 +41,18 @@ else:
 def run_env(tmp: Path) -> dict[str, str]:
     """Environment for entry-point subprocesses: offline, no inherited distributed vars, the
     session's shared data cache."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(HF_HUB_OFFLINE="1", WANDB_MODE="offline", WANDB_SILENT="true",
-               EDIFF_CACHE=str(SHARED_CACHE), PYTHONUNBUFFERED="1")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+    }
+    env.update(
+        HF_HUB_OFFLINE="1",
+        WANDB_MODE="offline",
+        WANDB_SILENT="true",
+        EDIFF_CACHE=str(SHARED_CACHE),
+        PYTHONUNBUFFERED="1",
+    )
     return env
 
 

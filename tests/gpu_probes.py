@@ -19,8 +19,9 @@ class RecordSetup(Callback):
         self.path = Path(path)
         self.done = False
 
-    def on_train_batch_end(self, trainer: Trainer, module: LightningModule, outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if self.done or not trainer.is_global_zero:
             return
         self.done = True
@@ -31,8 +32,8 @@ class RecordSetup(Callback):
             "device": str(next(module.denoiser.parameters()).device),
             "precision": str(trainer.precision),
             "fused": is_fused(trainer.optimizers[0]) if trainer.optimizers else None,
-            "channels_last": bool(convs) and all(
-                p.is_contiguous(memory_format=torch.channels_last) for p in convs),
+            "channels_last": bool(convs)
+            and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs),
             "compiled": bool(compiled is not None and compiled.compiled),
             "pin_memory": bool(getattr(loader, "pin_memory", False)),
             "image_dtype": str(batch["image"].dtype),

@@ -36,13 +36,17 @@ class RecordSteps(Callback):
     def on_train_batch_start(self, trainer: Trainer, module: LightningModule, *args: Any) -> None:
         self._before = self._all(module, "weight")
 
-    def on_before_optimizer_step(self, trainer: Trainer, module: LightningModule,
-                                 optimizer: Any) -> None:
+    def on_before_optimizer_step(
+        self, trainer: Trainer, module: LightningModule, optimizer: Any
+    ) -> None:
         self._grad = self._all(module, "grad")
 
     def on_train_batch_end(self, trainer: Trainer, module: LightningModule, *args: Any) -> None:
         after = self._all(module, "weight")
         if trainer.is_global_zero:
-            self.steps[trainer.global_step] = {"before": self._before, "grad": self._grad,
-                                               "after": after}
+            self.steps[trainer.global_step] = {
+                "before": self._before,
+                "grad": self._grad,
+                "after": after,
+            }
             torch.save(self.steps, self.path)

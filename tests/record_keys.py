@@ -17,8 +17,9 @@ class RecordKeys(Callback):
     def __init__(self, folder: str) -> None:
         self.folder = Path(folder)
 
-    def on_train_batch_start(self, trainer: Trainer, module: LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: Trainer, module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         line = {"step": trainer.global_step, "epoch": trainer.current_epoch, "keys": batch["key"]}
         with open(self.folder / f"rank{trainer.global_rank}.jsonl", "a") as f:
@@ -32,8 +33,9 @@ class KillAt(Callback):
     def __init__(self, step: int) -> None:
         self.step = step
 
-    def on_train_batch_start(self, trainer: Trainer, module: LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: Trainer, module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if trainer.global_step == self.step:
             # with its DataLoader workers when it leads its own process group (a test's
             # start_new_session), else alone; never anyone else's group

@@ -19,16 +19,33 @@ class RecordRanks(Callback):
         self.record: dict[str, Any] = {}
 
     def on_train_start(self, trainer: Trainer, module: LightningModule) -> None:
-        env = {k: os.environ.get(k) for k in ("SLURMD_NODENAME", "SLURM_NODEID", "SLURM_PROCID",
-                                               "SLURM_RESTART_COUNT", "MASTER_ADDR")}
-        self.record = {"global_rank": trainer.global_rank, "node_rank": trainer.node_rank,
-                       "local_rank": trainer.local_rank, "world_size": trainer.world_size,
-                       "num_nodes": trainer.num_nodes, "start_step": trainer.global_step,
-                       "host": socket.gethostname(), "pid": os.getpid(), "env": env,
-                       "shards": [], "keys": []}
+        env = {
+            k: os.environ.get(k)
+            for k in (
+                "SLURMD_NODENAME",
+                "SLURM_NODEID",
+                "SLURM_PROCID",
+                "SLURM_RESTART_COUNT",
+                "MASTER_ADDR",
+            )
+        }
+        self.record = {
+            "global_rank": trainer.global_rank,
+            "node_rank": trainer.node_rank,
+            "local_rank": trainer.local_rank,
+            "world_size": trainer.world_size,
+            "num_nodes": trainer.num_nodes,
+            "start_step": trainer.global_step,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "env": env,
+            "shards": [],
+            "keys": [],
+        }
 
-    def on_train_batch_start(self, trainer: Trainer, module: LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: Trainer, module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self.record["shards"] += list(batch["shard"])
         self.record["keys"] += list(batch["key"])
         self.record["end_step"] = trainer.global_step + 1

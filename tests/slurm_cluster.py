@@ -78,8 +78,10 @@ class SlurmCluster:
             self.names = [node.split()[0].split("=", 1)[1]]
             return [f"{node} NodeAddr=127.0.0.1 State=UNKNOWN"]
         self.names = [f"ediffn{i}" for i in range(self.nodes)]
-        return [f"NodeName={n} NodeAddr=127.0.0.{i + 2} Port={_free_port()} CPUs=1 State=UNKNOWN"
-                for i, n in enumerate(self.names)]
+        return [
+            f"NodeName={n} NodeAddr=127.0.0.{i + 2} Port={_free_port()} CPUs=1 State=UNKNOWN"
+            for i, n in enumerate(self.names)
+        ]
 
     def _write_config(self) -> None:
         nodes = "\n".join(self._node_lines())
@@ -100,12 +102,12 @@ CredType=cred/munge
 AuthInfo=socket={self.socket},cred_expire=5
 SlurmctldPort={_free_port()}
 SlurmdPort={_free_port()}
-StateSaveLocation={r / 'state'}
-SlurmdSpoolDir={r / 'spool' / ('%n' if self.nodes > 1 else '')}
-SlurmctldPidFile={r / 'slurmctld.pid'}
-SlurmdPidFile={r / 'slurmd-%n.pid'}
-SlurmctldLogFile={r / 'log' / 'slurmctld.log'}
-SlurmdLogFile={r / 'log' / 'slurmd-%n.log'}
+StateSaveLocation={r / "state"}
+SlurmdSpoolDir={r / "spool" / ("%n" if self.nodes > 1 else "")}
+SlurmctldPidFile={r / "slurmctld.pid"}
+SlurmdPidFile={r / "slurmd-%n.pid"}
+SlurmctldLogFile={r / "log" / "slurmctld.log"}
+SlurmdLogFile={r / "log" / "slurmd-%n.log"}
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -129,15 +131,29 @@ PartitionName=debug Nodes={",".join(self.names)} Default=YES MaxTime=INFINITE St
     def _spawn(self, *cmd: str) -> None:
         name = "-".join([Path(cmd[0]).name, *cmd[3:4]] if cmd[1:3] == ("-D", "-N") else [cmd[0]])
         with open(self.root / "log" / f"{name}.stdout", "ab") as log:
-            self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                               env=self.env(), preexec_fn=_die_with_parent))
+            self.procs.append(
+                subprocess.Popen(
+                    cmd,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=self.env(),
+                    preexec_fn=_die_with_parent,
+                )
+            )
 
     def start(self, timeout: float = 30.0) -> None:
         self._write_config()
         m = self.root / "munge"
-        self._spawn("munged", "--foreground", "--force", f"--socket={self.socket}",
-                    f"--key-file={m / 'munge.key'}", f"--pid-file={m / 'munged.pid'}",
-                    f"--log-file={m / 'munged.log'}", f"--seed-file={m / 'munged.seed'}")
+        self._spawn(
+            "munged",
+            "--foreground",
+            "--force",
+            f"--socket={self.socket}",
+            f"--key-file={m / 'munge.key'}",
+            f"--pid-file={m / 'munged.pid'}",
+            f"--log-file={m / 'munged.log'}",
+            f"--seed-file={m / 'munged.seed'}",
+        )
         self._wait(lambda: self.socket.exists(), timeout, "munged did not create its socket")
         self._spawn("slurmctld", "-D", "-c", "-f", str(self.conf))
         for name in self.names:
@@ -161,8 +177,9 @@ PartitionName=debug Nodes={",".join(self.names)} Default=YES MaxTime=INFINITE St
             time.sleep(0.2)
 
     def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run(cmd, env=self.env(), capture_output=True, text=True, check=check,
-                              timeout=60)
+        return subprocess.run(
+            cmd, env=self.env(), capture_output=True, text=True, check=check, timeout=60
+        )
 
     def job(self, job_id: str) -> dict[str, str]:
         """`scontrol show job` as a dict (JobState, Reason, StartTime, EndTime, Restarts, ...)."""

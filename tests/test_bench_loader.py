@@ -11,13 +11,31 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-SMALL = ["--dims", "tiny", "--samples", "48", "--shards", "2", "--image-size", "16",
-         "--batch-size", "8", "--batches", "3", "--workers", "1", "--repeat", "1",
-         "--fixed-samples", "8"]
+SMALL = [
+    "--dims",
+    "tiny",
+    "--samples",
+    "48",
+    "--shards",
+    "2",
+    "--image-size",
+    "16",
+    "--batch-size",
+    "8",
+    "--batches",
+    "3",
+    "--workers",
+    "1",
+    "--repeat",
+    "1",
+    "--fixed-samples",
+    "8",
+]
 
 
-def test_loader_bench_prints_positive_figures(tmp_path: Path,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_loader_bench_prints_positive_figures(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     spec = importlib.util.spec_from_file_location("_bench_loader", ROOT / "bench" / "loader.py")
     assert spec is not None and spec.loader is not None
     bench = importlib.util.module_from_spec(spec)
@@ -37,7 +55,7 @@ def test_loader_bench_prints_positive_figures(tmp_path: Path,
     # the printed table: a header, then one line per measurement with its figures
     lines = printed.splitlines()
     head = next(i for i, ln in enumerate(lines) if "samples/s" in ln and "workers" in ln)
-    table = lines[head + 1: head + 1 + len(rows)]
+    table = lines[head + 1 : head + 1 + len(rows)]
     for r, line in zip(rows, table):
         cells = line.split()
         assert r["consumer"] in cells and f"{r['samples_per_s']:,.0f}" in cells, line

@@ -18,10 +18,17 @@ from lightning.fabric.utilities.types import _Stateful
 from ediff_train.data.datamodule import ShardDataModule, ShardLoader
 
 BATCH, PER_EPOCH, BUFFER = 8, 3, 100  # train.py runs: 3 batches per epoch, so steps cross epochs
-ARGS = ["logger=none", "monitor.every=0", "probe.enabled=false", "sample.per_prompt=0",
-        "data.num_workers=2", f"data.batch_size={BATCH}",
-        f"data.batches_per_epoch={PER_EPOCH}", f"data.shuffle_buffer={BUFFER}",
-        "+callbacks.keys._target_=record_keys.RecordKeys"]
+ARGS = [
+    "logger=none",
+    "monitor.every=0",
+    "probe.enabled=false",
+    "sample.per_prompt=0",
+    "data.num_workers=2",
+    f"data.batch_size={BATCH}",
+    f"data.batches_per_epoch={PER_EPOCH}",
+    f"data.shuffle_buffer={BUFFER}",
+    "+callbacks.keys._target_=record_keys.RecordKeys",
+]
 
 
 def take(loader: ShardLoader, n: int, ahead: int = 0) -> list[list[str]]:
@@ -48,8 +55,9 @@ def take(loader: ShardLoader, n: int, ahead: int = 0) -> list[list[str]]:
 
 def digits_loader(root: Path, rank: int = 0, world: int = 1, **kw: object) -> ShardLoader:
     kw = {"batch_size": BATCH, "batches_per_epoch": PER_EPOCH, "shuffle_buffer": BUFFER, **kw}
-    dm = ShardDataModule(str(root), image_size=16, num_workers=2, seed=0, rank=rank,
-                         world_size=world, **kw)
+    dm = ShardDataModule(
+        str(root), image_size=16, num_workers=2, seed=0, rank=rank, world_size=world, **kw
+    )
     dm.setup("fit")
     return dm.train_dataloader()
 
@@ -95,9 +103,15 @@ def test_loader_state_continues_the_stream_across_epochs(digits_root: Path) -> N
 def train(tmp: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     env = run_env(tmp)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *ARGS, *args], cwd=tmp,
-                          env=env, capture_output=True, text=True, timeout=600,
-                          start_new_session=True)  # KillAt takes the run's workers with it
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *ARGS, *args],
+        cwd=tmp,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        start_new_session=True,
+    )  # KillAt takes the run's workers with it
     if check and proc.returncode != 0:
         raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
@@ -116,7 +130,8 @@ def check_resumed(proc: subprocess.CompletedProcess) -> None:
 
 @pytest.mark.slow
 def test_kill_mid_epoch_then_same_command_trains_on_the_same_keys(
-        tmp_path: Path, digits_root: Path) -> None:
+    tmp_path: Path, digits_root: Path
+) -> None:
     """The real entry point, killed (SIGKILL) as step 5 starts, after its checkpoint at step 4
     (epoch 1, mid-epoch, the second worker next); the same command resumes. Before the kill the
     run is an uninterrupted one: it trains on the reference stream (read from the loader, as
@@ -124,8 +139,13 @@ def test_kill_mid_epoch_then_same_command_trains_on_the_same_keys(
     steps = 7
     reference = stream_keys(digits_root, steps)
     common = ["run_dir=I", f"steps={steps}", "checkpoint_every=4", "+callbacks.keys.folder=keys"]
-    killed = train(tmp_path, *common, "+callbacks.kill._target_=record_keys.KillAt",
-                   "+callbacks.kill.step=5", check=False)
+    killed = train(
+        tmp_path,
+        *common,
+        "+callbacks.kill._target_=record_keys.KillAt",
+        "+callbacks.kill.step=5",
+        check=False,
+    )
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert [keys for _, keys in recorded(tmp_path / "keys")] == reference[:6]
     check_resumed(train(tmp_path, *common))
@@ -136,7 +156,8 @@ def test_kill_mid_epoch_then_same_command_trains_on_the_same_keys(
 
 @pytest.mark.slow
 def test_ddp_two_ranks_stopped_mid_epoch_continue_their_streams(
-        tmp_path: Path, digits_root: Path) -> None:
+    tmp_path: Path, digits_root: Path
+) -> None:
     """2 DDP ranks x 2 workers: `steps=4` stops in epoch 1 (Lightning closes its epoch there),
     `steps=7` resumes from the hand-off's last.ckpt; each rank trains on its own reference
     stream throughout, although rank 0 alone wrote the checkpoint."""
@@ -151,5 +172,5 @@ def test_ddp_two_ranks_stopped_mid_epoch_continue_their_streams(
         streams.append(stream_keys(digits_root, 7, rank, 2))
         assert [keys for _, keys in seen] == streams[rank]
     for epoch in range(2):  # the ranks split each epoch's shards
-        keys = [{k for b in s[3 * epoch:3 * epoch + 3] for k in b} for s in streams]
+        keys = [{k for b in s[3 * epoch : 3 * epoch + 3] for k in b} for s in streams]
         assert not keys[0] & keys[1]

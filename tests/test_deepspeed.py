@@ -19,27 +19,43 @@ from ediff_train.run.weights import load_expert, load_weights
 
 pytest.importorskip("deepspeed")
 
-FAST = ["logger=csv", "data.num_workers=0", "sample.per_prompt=0", "data.batch_size=8",
-        "trainer=ddp_cpu", "strategy._target_=cpu_deepspeed.CPUDeepSpeed",
-        "module.lr=3e-3",  # steps large enough that EMA and raw weights visibly differ
-        "module.ema_halflife_images=null",  # the per-step EMA rule (images: test_handoff.py)
-        "monitor.every=0", "probe.batches=1", "probe.batch_size=8"]
+FAST = [
+    "logger=csv",
+    "data.num_workers=0",
+    "sample.per_prompt=0",
+    "data.batch_size=8",
+    "trainer=ddp_cpu",
+    "strategy._target_=cpu_deepspeed.CPUDeepSpeed",
+    "module.lr=3e-3",  # steps large enough that EMA and raw weights visibly differ
+    "module.ema_halflife_images=null",  # the per-step EMA rule (images: test_handoff.py)
+    "monitor.every=0",
+    "probe.batches=1",
+    "probe.batch_size=8",
+]
 DECAY = 0.9999  # conf/train.yaml module.ema_decay, with warmup
 
 
 def train(tmp: Path, *args: str) -> None:
     env = run_env(tmp)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *FAST, *args], cwd=tmp,
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *FAST, *args],
+        cwd=tmp,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if proc.returncode != 0:
         raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
 
 
 def record(tmp: Path, name: str) -> list[str]:
     path = tmp / f"{name}.pt"
-    return ["+callbacks.record._target_=cpu_deepspeed.RecordWeights",
-            f"+callbacks.record.path={path}"]
+    return [
+        "+callbacks.record._target_=cpu_deepspeed.RecordWeights",
+        f"+callbacks.record.path={path}",
+    ]
 
 
 def reference_ema(ema0: dict, steps: dict[int, dict], first: int = 1) -> dict:
@@ -62,8 +78,14 @@ def close(a: dict, b: dict, tol: float) -> float:
 @pytest.fixture(scope="module")
 def z3_parent(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("ds")
-    train(tmp, "run_dir=R", "steps=4", "strategy=deepspeed_stage_3",
-          "checkpoint_every=4", *record(tmp, "parent"))
+    train(
+        tmp,
+        "run_dir=R",
+        "steps=4",
+        "strategy=deepspeed_stage_3",
+        "checkpoint_every=4",
+        *record(tmp, "parent"),
+    )
     return tmp
 
 
@@ -87,8 +109,15 @@ def test_zero3_handoff_and_ema_match_reference(z3_parent: Path) -> None:
 
 
 def test_zero3_child_starts_from_parent_weights(z3_parent: Path) -> None:
-    train(z3_parent, "run_dir=R", "expert=E1_1", "steps=2", "strategy=deepspeed_stage_3",
-          "checkpoint_every=10", *record(z3_parent, "child"))
+    train(
+        z3_parent,
+        "run_dir=R",
+        "expert=E1_1",
+        "steps=2",
+        "strategy=deepspeed_stage_3",
+        "checkpoint_every=10",
+        *record(z3_parent, "child"),
+    )
     parent_model, parent_ema, _ = load_weights(z3_parent / "R" / "E0_0" / "weights.safetensors")
     steps = torch.load(z3_parent / "child.pt", weights_only=True)
     close(steps[0], parent_model, 0.0)  # partitioned by DeepSpeed after loading, unchanged

@@ -85,8 +85,9 @@ def test_kernels_sizes_normalisation_and_families() -> None:
     iso = blur_kernels(gen(), 4, (21, 21), (2.0, 2.0), (1, 0, 0, 0, 0, 0), sinc_prob=0.0)
     ref = get_gaussian_kernel2d((21, 21), (2.0, 2.0))
     assert torch.allclose(iso, ref.expand(4, 21, 21), atol=1e-6)
-    aniso = blur_kernels(gen(), 16, sigma=(0.5, 3.0), kernel_probs=(0, 1, 0, 0, 0, 0),
-                         sinc_prob=0.0)
+    aniso = blur_kernels(
+        gen(), 16, sigma=(0.5, 3.0), kernel_probs=(0, 1, 0, 0, 0, 0), sinc_prob=0.0
+    )
     assert (aniso - aniso.transpose(1, 2)).abs().amax((1, 2)).max() > 1e-2  # not isotropic
     sinc = blur_kernels(gen(), 8, sinc_prob=1.0)
     assert torch.allclose(sinc.sum((1, 2)), torch.ones(8), atol=1e-5) and (sinc < 0).any()
@@ -115,9 +116,13 @@ def test_resize_sizes_and_modes() -> None:
     assert torch.allclose(area, F.adaptive_avg_pool2d(x, 8))
     assert not torch.allclose(area, bicubic, atol=1e-3)
     mixed = RandomResize(relative_to="output")(x, gen(), 8)  # each row one of the three modes
-    per_row = [any(torch.allclose(mixed[i], r[i].clamp(0, 1), atol=1e-6) for r in (
-        area, bicubic, F.interpolate(x, size=8, mode="bilinear", align_corners=False)))
-               for i in range(6)]
+    per_row = [
+        any(
+            torch.allclose(mixed[i], r[i].clamp(0, 1), atol=1e-6)
+            for r in (area, bicubic, F.interpolate(x, size=8, mode="bilinear", align_corners=False))
+        )
+        for i in range(6)
+    ]
     assert all(per_row)
     with pytest.raises(ValueError):
         RandomResize(modes=("nearest",))

@@ -20,17 +20,38 @@ from ediff_train.data.manifest import merge_manifests, read_manifest
 from ediff_train.data.shards import ShardWriter
 from ediff_train.errors import EdiffError
 
-ENC = {"t5": {"name": "t", "version": "1", "dim": 6, "max_length": 113, "dtype": "float16",
-              "fingerprint": "f"},
-       "clip": {"name": "c", "version": "1", "text_dim": 5, "pool_dim": 4, "image_dim": 3,
-                "context_length": 77, "dtype": "float16", "fingerprint": "g"}}
+ENC = {
+    "t5": {
+        "name": "t",
+        "version": "1",
+        "dim": 6,
+        "max_length": 113,
+        "dtype": "float16",
+        "fingerprint": "f",
+    },
+    "clip": {
+        "name": "c",
+        "version": "1",
+        "text_dim": 5,
+        "pool_dim": 4,
+        "image_dim": 3,
+        "context_length": 77,
+        "dtype": "float16",
+        "fingerprint": "g",
+    },
+}
 SUFFIXES = ["png", "txt", "t5.npy", "clip_txt.npy", "clip_pool.npy", "clip_img.npy", "json"]
 
 
 def _sample(i: int, rng: np.random.Generator) -> dict:
-    return dict(image=rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), caption=f"caption {i}",
-                t5=rng.standard_normal((i + 1, 6)), clip_txt=rng.standard_normal((77, 5)),
-                clip_pool=rng.standard_normal(4), clip_img=rng.standard_normal(3))
+    return dict(
+        image=rng.integers(0, 256, (8, 8, 3), dtype=np.uint8),
+        caption=f"caption {i}",
+        t5=rng.standard_normal((i + 1, 6)),
+        clip_txt=rng.standard_normal((77, 5)),
+        clip_pool=rng.standard_normal(4),
+        clip_img=rng.standard_normal(3),
+    )
 
 
 def _read(path: Path) -> dict[str, dict[str, bytes]]:
@@ -56,8 +77,12 @@ def test_shard_writer_members_dtypes_shapes_and_manifest(tmp_path) -> None:
         for i, s in enumerate(samples):
             w.write(f"k{i}", **s, meta={"source": "test", "i": i})
     w.finish(dataset="test")
-    assert sorted(os.listdir(tmp_path)) == ["000000.tar", "000001.tar", "000002.tar",
-                                            "manifest.json"]  # no temp files left behind
+    assert sorted(os.listdir(tmp_path)) == [
+        "000000.tar",
+        "000001.tar",
+        "000002.tar",
+        "manifest.json",
+    ]  # no temp files left behind
     m = read_manifest(tmp_path)
     assert m["shards"] == {"000000.tar": 2, "000001.tar": 2, "000002.tar": 1}
     assert m["num_samples"] == 5 and m["dataset"] == "test" and m["encoders"] == ENC
@@ -85,8 +110,9 @@ def test_shard_writer_units_prefix_and_merge(tmp_path) -> None:
     rng = np.random.default_rng(1)
     parts = []
     for unit in range(2):
-        w = ShardWriter(tmp_path, ENC, samples_per_shard=3, start_index=10 * unit,
-                        prefix=f"u{unit}-")
+        w = ShardWriter(
+            tmp_path, ENC, samples_per_shard=3, start_index=10 * unit, prefix=f"u{unit}-"
+        )
         for i in range(4):
             w.write(f"u{unit}_{i}", **_sample(i, rng))
         first = 10 * unit
@@ -165,8 +191,12 @@ def test_digits_embeddings_come_from_the_saved_encoders(digits: Path) -> None:
     for j, k in enumerate(keys):
         # Equal to float16 precision (batch composition may move the last float32 bits).
         for n in ("t5", "clip_txt", "clip_pool"):
-            np.testing.assert_allclose(_npy(samples[k][f"{n}.npy"]).astype(np.float32),
-                                       out[n][j].numpy(), rtol=2e-3, atol=2e-3)
+            np.testing.assert_allclose(
+                _npy(samples[k][f"{n}.npy"]).astype(np.float32),
+                out[n][j].numpy(),
+                rtol=2e-3,
+                atol=2e-3,
+            )
         assert _npy(samples[k]["clip_img.npy"]).shape == (24,)
 
 
@@ -183,15 +213,24 @@ def test_digits_race_then_rebuild_on_new_params(digits: Path, tmp_path) -> None:
     root = tmp_path / "d"
     results: list[Path] = []
     # align_steps=0 (random encoders) keeps this fast: caching and racing do not depend on it
-    threads = [threading.Thread(target=lambda: results.append(
-        build_digits(root, samples_per_shard=600, val_size=0, align_steps=0))) for _ in range(2)]
+    threads = [
+        threading.Thread(
+            target=lambda: results.append(
+                build_digits(root, samples_per_shard=600, val_size=0, align_steps=0)
+            )
+        )
+        for _ in range(2)
+    ]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert results == [root, root]
-    assert read_manifest(root)["shards"] == {"000000.tar": 600, "000001.tar": 600,
-                                             "000002.tar": 597}
+    assert read_manifest(root)["shards"] == {
+        "000000.tar": 600,
+        "000001.tar": 600,
+        "000002.tar": 597,
+    }
     assert sorted(p.name for p in tmp_path.iterdir()) == [".d.lock", "d"]  # no temp folders
     # Same seed → same caption for every key, whatever the sharding and split.
     a = {k: s["txt"] for k, s in _all_samples(root).items()}

@@ -26,12 +26,22 @@ from ediff_train.run.weights import load_weights, save_weights
 from ediff_train.training.resume import AtomicCheckpointIO
 
 # A tiny U-Net so a checkpoint is ~2 MB: the disk and the runs stay small and quick.
-FAST = ["data.num_workers=0", "sample.per_prompt=0", "data.batch_size=8", "logger=none",
-        "monitor.every=0", "model.model_channels=8", "model.head_channels=8",
-        "model.context_dim=16", "probe.enabled=false"]
-LINE = re.compile(r"error: disk full \(ENOSPC\) while writing (\S+) \(\d+ bytes free there\): "
-                  r"free space and run the same command again to resume from the last complete "
-                  r"checkpoint")
+FAST = [
+    "data.num_workers=0",
+    "sample.per_prompt=0",
+    "data.batch_size=8",
+    "logger=none",
+    "monitor.every=0",
+    "model.model_channels=8",
+    "model.head_channels=8",
+    "model.context_dim=16",
+    "probe.enabled=false",
+]
+LINE = re.compile(
+    r"error: disk full \(ENOSPC\) while writing (\S+) \(\d+ bytes free there\): "
+    r"free space and run the same command again to resume from the last complete "
+    r"checkpoint"
+)
 
 
 def mount_tmpfs(where: Path, size_k: int) -> Iterator[Path]:
@@ -41,8 +51,11 @@ def mount_tmpfs(where: Path, size_k: int) -> Iterator[Path]:
     if not shutil.which("mount"):
         pytest.skip("no mount command to make a small file system with")
     where.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_k}k", "tmpfs", str(where)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_k}k", "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip() or proc.returncode}")
     try:
@@ -76,9 +89,11 @@ def dot_files(folder: Path) -> list[str]:
 
 WRITERS: dict[str, Any] = {
     "last.ckpt": lambda p, n: AtomicCheckpointIO().save_checkpoint(
-        {"global_step": n, "w": torch.randn(n * 1000)}, p),
+        {"global_step": n, "w": torch.randn(n * 1000)}, p
+    ),
     "weights.safetensors": lambda p, n: save_weights(
-        p, {"w": torch.randn(n * 1000)}, {"w": torch.randn(n * 1000)}, {"step": n}),
+        p, {"w": torch.randn(n * 1000)}, {"w": torch.randn(n * 1000)}, {"step": n}
+    ),
     "node.json": lambda p, n: write_json(p, {"step": n, "pad": "x" * n * 4000}),
 }
 
@@ -109,8 +124,14 @@ def test_plain_command_reports_enospc_in_one_line(capsys: pytest.CaptureFixture[
 
 
 def train(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *FAST, *args], cwd=cwd,
-                          env=run_env(cwd), capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *FAST, *args],
+        cwd=cwd,
+        env=run_env(cwd),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def train_here(monkeypatch: pytest.MonkeyPatch, *args: str) -> None:
@@ -129,11 +150,15 @@ def train_here(monkeypatch: pytest.MonkeyPatch, *args: str) -> None:
 
 
 def test_train_on_full_disk_stops_in_one_line_then_resumes(
-        tmp_path: Path, small_disk: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, small_disk: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     run_dir = f"run_dir={small_disk / 'R'}"
     ndir = small_disk / "R" / "E0_0"
-    ckpt, weights, node = (ndir / "checkpoints" / "last.ckpt", ndir / "weights.safetensors",
-                           ndir / "node.json")
+    ckpt, weights, node = (
+        ndir / "checkpoints" / "last.ckpt",
+        ndir / "weights.safetensors",
+        ndir / "node.json",
+    )
     train_here(monkeypatch, run_dir, "steps=1", "checkpoint_every=1")
     before = {p: digest(p) for p in (ckpt, weights, node)}
 

@@ -104,7 +104,8 @@ def test_edm_loss_noises_the_input_it_feeds_the_denoiser() -> None:
     torch.manual_seed(11)
     drawn = torch.randn_like(x)
     torch.manual_seed(11)
-    torch.testing.assert_close(edm_loss(Linear(), x, sigma, None),
-                               edm_loss(Linear(), x, sigma, None, noise=drawn))
+    torch.testing.assert_close(
+        edm_loss(Linear(), x, sigma, None), edm_loss(Linear(), x, sigma, None, noise=drawn)
+    )
     # and the noise matters (the reference is not blind to it)
     assert not torch.allclose(edm_loss(Linear(), x, sigma, None, noise=torch.zeros_like(x)), loss)

@@ -55,10 +55,25 @@ def make_jsonl(root: Path, n: int, seed: int = 0) -> dict[str, str]:
     return keys
 
 
-def run(inp: Path, out: Path, enc: Encoders, unit_size: int = 50, spec: ImageSpec = SPEC,
-        min_sim: float | None = None, **kw):  # noqa: ANN201
-    cfg = PrepConfig(inp, out, spec, unit_size=unit_size, batch_size=16, sort_window=32,
-                     workers=2, clip_min_similarity=min_sim)
+def run(
+    inp: Path,
+    out: Path,
+    enc: Encoders,
+    unit_size: int = 50,
+    spec: ImageSpec = SPEC,
+    min_sim: float | None = None,
+    **kw,
+):  # noqa: ANN201
+    cfg = PrepConfig(
+        inp,
+        out,
+        spec,
+        unit_size=unit_size,
+        batch_size=16,
+        sort_window=32,
+        workers=2,
+        clip_min_similarity=min_sim,
+    )
     return EmbedJob(cfg, enc).run(progress=False, cpu_threads=1, **kw)
 
 
@@ -76,9 +91,11 @@ def samples(out: Path) -> dict[str, dict[str, bytes]]:
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, str]]:
-    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes())
-                                       .hexdigest())
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def shard_hashes(out: Path) -> dict[str, str]:
@@ -97,8 +114,9 @@ def src(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]
 
 
 @pytest.fixture(scope="module")
-def full(src: tuple[Path, dict[str, str]], enc: Encoders,
-         tmp_path_factory: pytest.TempPathFactory) -> Path:
+def full(
+    src: tuple[Path, dict[str, str]], enc: Encoders, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     out = tmp_path_factory.mktemp("full") / "shards"
     report = run(src[0], out, enc)
     assert report.embedded == 4 and report.written == 200
@@ -129,8 +147,9 @@ def test_every_input_key_once_with_its_own_embeddings(src, full: Path, enc: Enco
         t5 = npy(s["t5.npy"])
         assert t5.dtype == np.float16 and t5.shape == (lengths[i], 32)  # no padding stored
         np.testing.assert_allclose(t5, want["t5"][i].numpy(), atol=2e-2, rtol=1e-2)
-        np.testing.assert_allclose(npy(s["clip_pool.npy"]), want["clip_pool"][i].numpy(),
-                                   atol=2e-2, rtol=1e-2)
+        np.testing.assert_allclose(
+            npy(s["clip_pool.npy"]), want["clip_pool"][i].numpy(), atol=2e-2, rtol=1e-2
+        )
         assert Image.open(io.BytesIO(s["jpg"])).size == (16, 16)
         meta = json.loads(s["json"])
         assert meta["source"] == f"img/{int(k) - 1}.jpg" and 20 <= meta["original_width"] <= 40
@@ -142,8 +161,9 @@ def test_every_input_key_once_with_its_own_embeddings(src, full: Path, enc: Enco
     np.testing.assert_allclose(npy(got[k]["clip_img.npy"]), img[0].numpy(), atol=2e-2, rtol=1e-2)
 
 
-def test_two_tasks_cover_the_input_exactly_once(src, full: Path, enc: Encoders,
-                                                tmp_path: Path) -> None:
+def test_two_tasks_cover_the_input_exactly_once(
+    src, full: Path, enc: Encoders, tmp_path: Path
+) -> None:
     out = tmp_path / "split"
     first = run(src[0], out, enc, task_id=0, num_tasks=2)
     assert first.embedded == 2 and first.manifest is None
@@ -155,8 +175,9 @@ def test_two_tasks_cover_the_input_exactly_once(src, full: Path, enc: Encoders,
     assert read_manifest(out)["shards"] == read_manifest(full)["shards"]
 
 
-def test_run_killed_after_first_unit_resumes_to_the_same_set(src, full: Path, enc: Encoders,
-                                                              tmp_path: Path) -> None:
+def test_run_killed_after_first_unit_resumes_to_the_same_set(
+    src, full: Path, enc: Encoders, tmp_path: Path
+) -> None:
     out = tmp_path / "killed"
     report = run(src[0], out, enc, max_units=1)
     assert report.embedded == 1 and not (out / "manifest.json").exists()
@@ -176,11 +197,20 @@ def test_sigkill_mid_run_then_rerun_gives_every_key_once(src, tmp_path: Path) ->
     """The real thing: the CLI is killed with SIGKILL as soon as its first unit is done, then
     run again; the result holds every input key exactly once and no temporary files."""
     out = tmp_path / "out"
-    cmd = [sys.executable, str(ROOT / "data_prep" / "embed.py"), f"input={src[0]}",
-           f"output={out}", "stage.size=16", "stage.min_side=16", "unit_size=10", "workers=0",
-           "progress=false"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=run_env(tmp_path),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    cmd = [
+        sys.executable,
+        str(ROOT / "data_prep" / "embed.py"),
+        f"input={src[0]}",
+        f"output={out}",
+        "stage.size=16",
+        "stage.min_side=16",
+        "unit_size=10",
+        "workers=0",
+        "progress=false",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=run_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     try:
         deadline = time.monotonic() + 120
         while not (out / "parts" / "000000.json").exists():
@@ -192,8 +222,9 @@ def test_sigkill_mid_run_then_rerun_gives_every_key_once(src, tmp_path: Path) ->
         proc.wait(timeout=60)
     done = len(list((out / "parts").glob("*.json")))
     assert 1 <= done < 20 and not (out / "manifest.json").exists()  # really cut short
-    again = subprocess.run(cmd, cwd=tmp_path, env=run_env(tmp_path), capture_output=True,
-                           text=True, timeout=120)
+    again = subprocess.run(
+        cmd, cwd=tmp_path, env=run_env(tmp_path), capture_output=True, text=True, timeout=120
+    )
     assert again.returncode == 0, again.stderr
     assert f"{20 - done} of my 20 units embedded now, {done} were done before" in again.stdout
     assert set(samples(out)) == set(src[1])  # samples() fails on any key seen twice
@@ -208,8 +239,7 @@ def test_rerunning_a_finished_job_changes_nothing(src, full: Path, enc: Encoders
     assert snapshot(full) == before
 
 
-def test_other_settings_on_an_existing_output_are_refused(src, full: Path, enc: Encoders
-                                                         ) -> None:
+def test_other_settings_on_an_existing_output_are_refused(src, full: Path, enc: Encoders) -> None:
     before = snapshot(full)
     with pytest.raises(EdiffError, match=r"other settings \(image.size differ\)"):
         run(src[0], full, enc, spec=ImageSpec(32, 16))
@@ -218,18 +248,31 @@ def test_other_settings_on_an_existing_output_are_refused(src, full: Path, enc: 
     assert snapshot(full) == before
 
 
-def test_output_loads_through_the_datamodule_with_matching_expectations(full: Path,
-                                                                        enc: Encoders) -> None:
-    expect = {"t5_dim": 32, "clip_txt_dim": 32, "clip_pool_dim": 24, "clip_img_dim": 24,
-              "t5_fingerprint": enc.fingerprint("t5")}
-    dm = ShardDataModule(str(full), batch_size=8, image_size=16, num_workers=0,
-                         batches_per_epoch=3, expect=expect, rank=0, world_size=1)
+def test_output_loads_through_the_datamodule_with_matching_expectations(
+    full: Path, enc: Encoders
+) -> None:
+    expect = {
+        "t5_dim": 32,
+        "clip_txt_dim": 32,
+        "clip_pool_dim": 24,
+        "clip_img_dim": 24,
+        "t5_fingerprint": enc.fingerprint("t5"),
+    }
+    dm = ShardDataModule(
+        str(full),
+        batch_size=8,
+        image_size=16,
+        num_workers=0,
+        batches_per_epoch=3,
+        expect=expect,
+        rank=0,
+        world_size=1,
+    )
     dm.setup("fit")
     batches = list(dm.train_dataloader())
     assert len(batches) == 3 and batches[0]["image"].shape == (8, 3, 16, 16)
     assert batches[0]["t5"].shape[2] == 32 and batches[0]["clip_img"].shape == (8, 24)
-    bad = ShardDataModule(str(full), batch_size=8, image_size=16,
-                          expect={**expect, "t5_dim": 4096})
+    bad = ShardDataModule(str(full), batch_size=8, image_size=16, expect={**expect, "t5_dim": 4096})
     with pytest.raises(EdiffError, match="t5.dim is 32 but the model expects 4096"):
         bad.setup("fit")
     saved = Encoders.load(full / "encoders")  # where the trainer and sampler look
@@ -245,8 +288,11 @@ def write_img2dataset(root: Path, n_per_tar: int, seed: int = 1) -> dict[str, st
         with wds.TarWriter(str(root / f"{t:05d}.tar")) as w:
             for j in range(n_per_tar):
                 key = f"{t:05d}{j:04d}"
-                sample = {"__key__": key, "jpg": jpeg(rng, 32, 24),
-                          "json": json.dumps({"url": f"http://x/{key}.jpg", "key": key})}
+                sample = {
+                    "__key__": key,
+                    "jpg": jpeg(rng, 32, 24),
+                    "json": json.dumps({"url": f"http://x/{key}.jpg", "key": key}),
+                }
                 if t == 1 and j == 3:
                     keys[key] = None  # no caption: skipped
                 else:
@@ -264,13 +310,15 @@ def test_img2dataset_tars_become_one_shard_each(enc: Encoders, tmp_path: Path) -
     assert manifest["skipped"]["no_caption"] == 1 and report.skipped["no_caption"] == 1
     got = samples(tmp_path / "out")
     assert {k: s["txt"].decode() for k, s in got.items()} == {
-        k: c for k, c in keys.items() if c is not None}
+        k: c for k, c in keys.items() if c is not None
+    }
     meta = json.loads(got["000010002"]["json"])
     assert meta["url"] == "http://x/000010002.jpg" and meta["source"] == "00001.tar/000010002.jpg"
 
 
-def test_too_small_missing_and_corrupt_images_are_skipped_and_counted(enc: Encoders,
-                                                                      tmp_path: Path) -> None:
+def test_too_small_missing_and_corrupt_images_are_skipped_and_counted(
+    enc: Encoders, tmp_path: Path
+) -> None:
     rng = np.random.default_rng(2)
     inp = tmp_path / "in"
     (inp / "img").mkdir(parents=True)
@@ -292,16 +340,24 @@ def test_too_small_missing_and_corrupt_images_are_skipped_and_counted(enc: Encod
     manifest = read_manifest(tmp_path / "out")
     assert set(samples(tmp_path / "out")) == good and manifest["num_samples"] == 8
     assert {k: v for k, v in manifest["skipped"].items() if v} == {
-        "too_small": 2, "missing_image": 1, "bad_image": 1}
+        "too_small": 2,
+        "missing_image": 1,
+        "bad_image": 1,
+    }
 
 
-def test_clip_similarity_filter_drops_pairs_below_the_threshold(enc: Encoders,
-                                                                tmp_path: Path) -> None:
+def test_clip_similarity_filter_drops_pairs_below_the_threshold(
+    enc: Encoders, tmp_path: Path
+) -> None:
     captions = make_jsonl(tmp_path / "in", 40, seed=3)
     keys = sorted(captions)
     pooled = enc.encode_text([captions[k] for k in keys])["clip_pool"]
-    clip_in = [prepare_image((tmp_path / "in" / f"img/{int(k) - 1}.jpg").read_bytes(), SPEC,
-                             enc.image_size).clip for k in keys]
+    clip_in = [
+        prepare_image(
+            (tmp_path / "in" / f"img/{int(k) - 1}.jpg").read_bytes(), SPEC, enc.image_size
+        ).clip
+        for k in keys
+    ]
     img = enc.encode_image(torch.from_numpy(np.stack(clip_in)).permute(0, 3, 1, 2).float() / 255)
     sim = torch.nn.functional.cosine_similarity(pooled, img).tolist()
     ranked = sorted(sim)
@@ -347,17 +403,36 @@ def test_task_split_defaults_to_the_slurm_array() -> None:
 
 def test_command_line(tmp_path: Path) -> None:
     make_jsonl(tmp_path / "in", 20, seed=4)
-    cmd = [sys.executable, str(ROOT / "data_prep" / "embed.py"), f"input={tmp_path / 'in'}",
-           "stage.size=16", "stage.min_side=16", "unit_size=10", "workers=0", "progress=false"]
-    ok = subprocess.run(cmd + [f"output={tmp_path / 'out'}"], cwd=tmp_path, env=run_env(tmp_path),
-                        capture_output=True, text=True, timeout=120)
+    cmd = [
+        sys.executable,
+        str(ROOT / "data_prep" / "embed.py"),
+        f"input={tmp_path / 'in'}",
+        "stage.size=16",
+        "stage.min_side=16",
+        "unit_size=10",
+        "workers=0",
+        "progress=false",
+    ]
+    ok = subprocess.run(
+        cmd + [f"output={tmp_path / 'out'}"],
+        cwd=tmp_path,
+        env=run_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert ok.returncode == 0, ok.stderr
     assert "all 2 units done" in ok.stdout
     assert read_manifest(tmp_path / "out")["num_samples"] == 20
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]  # no Hydra litter
-    bad = subprocess.run([*cmd[:2], f"input={tmp_path / 'nowhere'}", f"output={tmp_path / 'o'}"],
-                         cwd=tmp_path, env=run_env(tmp_path), capture_output=True, text=True,
-                         timeout=120)
+    bad = subprocess.run(
+        [*cmd[:2], f"input={tmp_path / 'nowhere'}", f"output={tmp_path / 'o'}"],
+        cwd=tmp_path,
+        env=run_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip() == f"error: input {tmp_path / 'nowhere'} does not exist"
 

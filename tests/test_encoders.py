@@ -26,10 +26,12 @@ def _images(n: int = 3, size: int = 16) -> torch.Tensor:
 
 
 def _same(a: dict, b: dict) -> bool:
-    return (len(a["t5"]) == len(b["t5"])
-            and all(torch.equal(x, y) for x, y in zip(a["t5"], b["t5"]))
-            and torch.equal(a["clip_txt"], b["clip_txt"])
-            and torch.equal(a["clip_pool"], b["clip_pool"]))
+    return (
+        len(a["t5"]) == len(b["t5"])
+        and all(torch.equal(x, y) for x, y in zip(a["t5"], b["t5"]))
+        and torch.equal(a["clip_txt"], b["clip_txt"])
+        and torch.equal(a["clip_pool"], b["clip_pool"])
+    )
 
 
 def test_tiny_encoders_are_deterministic_and_leave_global_rng_alone(enc: Encoders) -> None:
@@ -130,9 +132,14 @@ def test_pretrained_path_loads_local_t5_folder_and_open_clip_checkpoint(enc, tmp
     (cfgs / "ediff-test-tiny.json").write_text(json.dumps(TINY_CLIP))
     open_clip.add_model_config(cfgs)
 
-    pre = build_encoders("pretrained", t5_path=tmp_path / "t5", clip_model="ediff-test-tiny",
-                         clip_checkpoint=tmp_path / "clip.pt", t5_max_length=113,
-                         dims=TINY_DIMS)
+    pre = build_encoders(
+        "pretrained",
+        t5_path=tmp_path / "t5",
+        clip_model="ediff-test-tiny",
+        clip_checkpoint=tmp_path / "clip.pt",
+        t5_max_length=113,
+        dims=TINY_DIMS,
+    )
     assert _same(pre.encode_text(CAPTIONS), enc.encode_text(CAPTIONS))
     assert torch.equal(pre.encode_image(_images()), enc.encode_image(_images()))
     entry = pre.manifest_entry()
@@ -148,18 +155,27 @@ def test_pretrained_errors_are_one_line(tmp_path) -> None:
     with pytest.raises(EdiffError, match="t5_path"):
         build_encoders("pretrained", clip_model="ViT-L-14", clip_checkpoint="x.pt")
     with pytest.raises(EdiffError, match="no T5 model"):
-        build_encoders("pretrained", t5_path=tmp_path, clip_model="ViT-L-14",
-                       clip_checkpoint=tmp_path / "x.pt")
+        build_encoders(
+            "pretrained", t5_path=tmp_path, clip_model="ViT-L-14", clip_checkpoint=tmp_path / "x.pt"
+        )
     t5, tok = tiny_t5()
     t5.save_pretrained(tmp_path / "t5")
     tok.save_pretrained(tmp_path / "t5")
     with pytest.raises(EdiffError, match="does not exist"):
-        build_encoders("pretrained", t5_path=tmp_path / "t5", clip_model="ViT-L-14",
-                       clip_checkpoint=tmp_path / "missing.pt")
+        build_encoders(
+            "pretrained",
+            t5_path=tmp_path / "t5",
+            clip_model="ViT-L-14",
+            clip_checkpoint=tmp_path / "missing.pt",
+        )
     (tmp_path / "w.pt").write_bytes(b"")
     with pytest.raises(EdiffError, match="unknown open_clip model"):
-        build_encoders("pretrained", t5_path=tmp_path / "t5", clip_model="ViT-Q-99",
-                       clip_checkpoint=tmp_path / "w.pt")
+        build_encoders(
+            "pretrained",
+            t5_path=tmp_path / "t5",
+            clip_model="ViT-Q-99",
+            clip_checkpoint=tmp_path / "w.pt",
+        )
     with pytest.raises(EdiffError, match="kind"):
         build_encoders("huge")
 

@@ -13,16 +13,37 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, run_env
 
-FAST = ["logger=csv", "data.num_workers=0", "sample.per_prompt=1", "sample.steps=3",
-        "checkpoint_every=50", "data.batch_size=16", "monitor.every=5", "monitor.batches=1",
-        "monitor.batch_size=16", "probe.batches=1", "probe.batch_size=16"]
-EVAL = ["captions.per_caption=1", "captions.templates=plain", "steps=3", "batch_size=7",
-        "device=cpu"]
+FAST = [
+    "logger=csv",
+    "data.num_workers=0",
+    "sample.per_prompt=1",
+    "sample.steps=3",
+    "checkpoint_every=50",
+    "data.batch_size=16",
+    "monitor.every=5",
+    "monitor.batches=1",
+    "monitor.batch_size=16",
+    "probe.batches=1",
+    "probe.batch_size=16",
+]
+EVAL = [
+    "captions.per_caption=1",
+    "captions.templates=plain",
+    "steps=3",
+    "batch_size=7",
+    "device=cpu",
+]
 
 
 def _run(tmp: Path, script: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=tmp,
-                          env=run_env(tmp), capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *args],
+        cwd=tmp,
+        env=run_env(tmp),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +65,7 @@ def test_training_logs_heldout_loss_by_sigma(tree: Path) -> None:
 
 
 def test_images_metrics_and_guidance_sweep(tree: Path) -> None:
-    proc = _run(tree, "evaluate.py", "run_dir=R", "expert=E0_0", "guidance=[1,3]", "out=ev",
-                *EVAL)
+    proc = _run(tree, "evaluate.py", "run_dir=R", "expert=E0_0", "guidance=[1,3]", "out=ev", *EVAL)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "prompt_accuracy" in proc.stdout and "digits_fid" in proc.stdout
     report = json.loads((tree / "ev" / "eval.json").read_text())
@@ -63,31 +83,38 @@ def test_images_metrics_and_guidance_sweep(tree: Path) -> None:
     assert (tree / "ev" / "fid_clip.png").stat().st_size > 1000
     assert len(list((tree / "ev" / "E0_0" / "guidance_3").glob("*.png"))) == 10
     # a rerun finds every image and generates none
-    again = _run(tree, "evaluate.py", "run_dir=R", "expert=E0_0", "guidance=[1,3]", "out=ev",
-                 *EVAL)
+    again = _run(tree, "evaluate.py", "run_dir=R", "expert=E0_0", "guidance=[1,3]", "out=ev", *EVAL)
     assert again.returncode == 0, again.stderr[-3000:]
     rows = json.loads((tree / "ev" / "eval.json").read_text())["runs"][0]["rows"]
     assert all(r["generation"]["generated"] == 0 for r in rows)
     assert [r["prompt_accuracy"] for r in rows] == [r["prompt_accuracy"] for r in run["rows"]]
     # other settings into the same folders would mix old and new images: refused
     four = [a for a in EVAL if not a.startswith("steps=")] + ["steps=4"]
-    other = _run(tree, "evaluate.py", "run_dir=R", "expert=E0_0", "guidance=[1,3]", "out=ev",
-                 *four)
+    other = _run(tree, "evaluate.py", "run_dir=R", "expert=E0_0", "guidance=[1,3]", "out=ev", *four)
     assert other.returncode == 2 and "made with other settings (steps)" in other.stderr
 
 
 def test_ensemble_vs_parent_loss_by_sigma(tree: Path) -> None:
-    proc = _run(tree, "evaluate.py", "run_dir=R", "experts=[E1_0,E1_1]", "compare=[[E0_0]]",
-                "metric=loss_by_sigma", "loss_by_sigma.sigmas=10", "loss_by_sigma.images=32",
-                "loss_by_sigma.batch_size=16", "out=lbs", "device=cpu")
+    proc = _run(
+        tree,
+        "evaluate.py",
+        "run_dir=R",
+        "experts=[E1_0,E1_1]",
+        "compare=[[E0_0]]",
+        "metric=loss_by_sigma",
+        "loss_by_sigma.sigmas=10",
+        "loss_by_sigma.images=32",
+        "loss_by_sigma.batch_size=16",
+        "out=lbs",
+        "device=cpu",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "band E1_1" in proc.stdout
     report = json.loads((tree / "lbs" / "loss_by_sigma.json").read_text())
     ens, base = report["runs"]
     assert ens["label"] == "E1_0+E1_1" and base["label"] == "E0_0"
     split = 0.30119
-    assert all(o == ("E1_0" if s < split else "E1_1") for s, o in zip(ens["sigmas"],
-                                                                        ens["owner"]))
+    assert all(o == ("E1_0" if s < split else "E1_1") for s, o in zip(ens["sigmas"], ens["owner"]))
     assert set(base["owner"]) == {"E0_0"} and report["images"] == 32
     both = report["band_means"]["E1_1"]
     assert set(both) == {"E1_0+E1_1", "E0_0"} and all(v > 0 for v in both.values())
@@ -95,17 +122,21 @@ def test_ensemble_vs_parent_loss_by_sigma(tree: Path) -> None:
     assert (tree / "lbs" / "loss_by_sigma.png").stat().st_size > 1000
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["expert=E9_999"], "level 9 has indices"),
-    (["expert=E2_0"], "no trained node"),
-    (["experts=[E1_0]"], "gap"),
-    (["experts=[E0_0,E1_1]"], "overlap"),
-    (["captions.source=bad.jsonl"], "bad.jsonl:2:"),
-    (["metrics.backend=real", "metrics.reference=empty"], "holds no images"),
-    (["metrics.backend=real", "metrics.reference=refs"], "metrics.inception_weights"),
-])
-def test_bad_input_is_one_line_and_writes_no_report(tree: Path, args: list[str],
-                                                    needle: str) -> None:
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["expert=E9_999"], "level 9 has indices"),
+        (["expert=E2_0"], "no trained node"),
+        (["experts=[E1_0]"], "gap"),
+        (["experts=[E0_0,E1_1]"], "overlap"),
+        (["captions.source=bad.jsonl"], "bad.jsonl:2:"),
+        (["metrics.backend=real", "metrics.reference=empty"], "holds no images"),
+        (["metrics.backend=real", "metrics.reference=refs"], "metrics.inception_weights"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_no_report(
+    tree: Path, args: list[str], needle: str
+) -> None:
     (tree / "bad.jsonl").write_text('{"caption": "the number 3"}\n{"caption": 3}\n')
     (tree / "empty").mkdir(exist_ok=True)
     (tree / "refs").mkdir(exist_ok=True)
@@ -122,13 +153,24 @@ def test_bad_input_is_one_line_and_writes_no_report(tree: Path, args: list[str],
 
 
 def test_two_ranks_share_the_images_and_rank0_scores(tree: Path) -> None:
-    cmd = [sys.executable, str(ROOT / "evaluate.py"), "run_dir=R", "expert=E0_0",
-           "guidance=2", "out=ranks", "wait_timeout=300", *EVAL]
+    cmd = [
+        sys.executable,
+        str(ROOT / "evaluate.py"),
+        "run_dir=R",
+        "expert=E0_0",
+        "guidance=2",
+        "out=ranks",
+        "wait_timeout=300",
+        *EVAL,
+    ]
     procs = []
     for rank in (1, 0):  # rank 1 first: rank 0 must wait for its share
         env = {**run_env(tree), "RANK": str(rank), "WORLD_SIZE": "2"}
-        procs.append(subprocess.Popen(cmd, cwd=tree, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
+        procs.append(
+            subprocess.Popen(
+                cmd, cwd=tree, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
     outs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:] + outs[1][1][-2000:]
     assert "prompt_accuracy" in outs[1][0] and "prompt_accuracy" not in outs[0][0]
@@ -140,8 +182,8 @@ def test_two_ranks_share_the_images_and_rank0_scores(tree: Path) -> None:
 
 
 def test_sample_cli_two_experts_each_serve_their_own_sigmas(
-        tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """`sample.py experts=[E1_0,E1_1]` (its main, in this process, on the trained tree): the
     images are written, and each expert is asked exactly for the σ it owns (split e^−1.2)."""
     import importlib.util
@@ -164,15 +206,22 @@ def test_sample_cli_two_experts_each_serve_their_own_sigmas(
             assert all(torch.equal(v, ema[k]) for k, v in expert.state_dict().items())
             asked[node.name] = []
             expert.register_forward_pre_hook(
-                lambda _m, args, n=node.name: asked[n].extend(args[1].reshape(-1).tolist()))
+                lambda _m, args, n=node.name: asked[n].extend(args[1].reshape(-1).tolist())
+            )
         return ens
 
     monkeypatch.setattr(pipeline, "load_ensemble", recording)
     out = tmp_path / "two"
     with initialize_config_dir(str(ROOT / "conf" / "sampling"), version_base="1.3"):
-        overrides = [f"run_dir={tree / 'R'}", "experts=[E1_0,E1_1]",
-                     'prompts=["the number 3","the number 7"]', "n=2", "steps=3",
-                     "progress=false", "device=cpu"]
+        overrides = [
+            f"run_dir={tree / 'R'}",
+            "experts=[E1_0,E1_1]",
+            'prompts=["the number 3","the number 7"]',
+            "n=2",
+            "steps=3",
+            "progress=false",
+            "device=cpu",
+        ]
         cfg = compose("config", overrides=[*overrides, f"out={out}"])
     spec = importlib.util.spec_from_file_location("_script_sample_two", ROOT / "sample.py")
     assert spec is not None and spec.loader is not None
@@ -196,9 +245,11 @@ def test_sample_cli_two_experts_each_serve_their_own_sigmas(
 
     # offload=true: the same images, each expert resident only while it (or its successor) runs
     with initialize_config_dir(str(ROOT / "conf" / "sampling"), version_base="1.3"):
-        cfg_off = compose("config", overrides=[*overrides, f"out={tmp_path / 'off'}",
-                                               "offload=true"])
+        cfg_off = compose(
+            "config", overrides=[*overrides, f"out={tmp_path / 'off'}", "offload=true"]
+        )
     script.main(cfg_off)
     for n in names:
-        assert np.array_equal(np.asarray(Image.open(out / n)),
-                              np.asarray(Image.open(tmp_path / "off" / n))), n
+        assert np.array_equal(
+            np.asarray(Image.open(out / n)), np.asarray(Image.open(tmp_path / "off" / n))
+        ), n

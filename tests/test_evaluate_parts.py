@@ -43,8 +43,11 @@ def test_prompt_digit_reads_numbers_and_words() -> None:
     assert prompt_digit("the number 3") == 3 and prompt_digit("a handwritten seven") == 7
     assert prompt_digit("a white zero on a black background") == 0
     assert prompt_digit("a cat") is None
-    assert caption_wording("a handwritten Seven") == caption_wording("a handwritten 3") == \
-        "a handwritten N"
+    assert (
+        caption_wording("a handwritten Seven")
+        == caption_wording("a handwritten 3")
+        == "a handwritten N"
+    )
     items = digits_items(2)
     assert len(items) == 300 and all(prompt_digit(i.caption) == i.digit for i in items)
     assert [i.id for i in items] == list(range(300))
@@ -79,8 +82,7 @@ def test_generation_is_split_by_rank_and_resumes_only_missing(tmp_path: Path) ->
     items = digits_items(1, "plain") * 1  # 10 items
     ranks = [Counting(), Counting()]
     for r, s in enumerate(ranks):
-        generate_items(s, items, tmp_path, (3, 8, 8), batch_size=3, rank=r, world=2,
-                       progress=False)
+        generate_items(s, items, tmp_path, (3, 8, 8), batch_size=3, rank=r, world=2, progress=False)
     assert not set(ranks[0].asked) & set(ranks[1].asked)
     assert sorted(ranks[0].asked + ranks[1].asked) == sorted(i.caption for i in items)
     first = {it.id: image_path(tmp_path, it).read_bytes() for it in items}
@@ -108,9 +110,14 @@ class Mock(nn.Module):
 
 
 def _batch(n: int = 4) -> dict:
-    return {"image": torch.rand(n, 3, 8, 8) * 2 - 1, "t5": torch.zeros(n, 2, 4),
-            "t5_mask": torch.ones(n, 2, dtype=torch.bool), "clip_txt": torch.zeros(n, 77, 4),
-            "clip_pool": torch.zeros(n, 4), "clip_img": torch.zeros(n, 4)}
+    return {
+        "image": torch.rand(n, 3, 8, 8) * 2 - 1,
+        "t5": torch.zeros(n, 2, 4),
+        "t5_mask": torch.ones(n, 2, dtype=torch.bool),
+        "clip_txt": torch.zeros(n, 77, 4),
+        "clip_pool": torch.zeros(n, 4),
+        "clip_img": torch.zeros(n, 4),
+    }
 
 
 def test_loss_by_sigma_routes_each_sigma_to_its_owner() -> None:
@@ -130,8 +137,9 @@ def test_loss_by_sigma_routes_each_sigma_to_its_owner() -> None:
     assert loss_by_sigma(ens, batches, sigmas, seed=1) == loss  # fixed noise: repeatable
     assert loss_by_sigma(ens, batches, sigmas, seed=2) != loss
     means = band_means(sigmas, loss, [("E1_0", 0, split), ("E1_1", split, float("inf"))])
-    assert means["E1_0"] == pytest.approx(sum(v for s, v in zip(sigmas, loss) if s < split)
-                                          / sum(s < split for s in sigmas))
+    assert means["E1_0"] == pytest.approx(
+        sum(v for s, v in zip(sigmas, loss) if s < split) / sum(s < split for s in sigmas)
+    )
 
 
 def test_key_hash_split_is_stable_and_sized() -> None:
@@ -145,8 +153,16 @@ def test_key_hash_split_is_stable_and_sized() -> None:
 def test_val_fraction_training_and_validation_streams_are_disjoint(digits_root: Path) -> None:
     from ediff_train.data.datamodule import ShardDataModule
 
-    dm = ShardDataModule(str(digits_root), batch_size=50, image_size=16, num_workers=0,
-                         val_fraction=0.2, rank=0, world_size=1, shuffle_buffer=0)
+    dm = ShardDataModule(
+        str(digits_root),
+        batch_size=50,
+        image_size=16,
+        num_workers=0,
+        val_fraction=0.2,
+        rank=0,
+        world_size=1,
+        shuffle_buffer=0,
+    )
     dm.setup("fit")
     train_keys = {k for b in dm.train_dataloader() for k in b["key"]}
     val_keys = {k for b in dm.val_batches(5) for k in b["key"]}
@@ -179,8 +195,9 @@ def test_images_of_different_sizes_are_refused_unless_resized(tmp_path: Path) ->
 
 
 @pytest.fixture(scope="module")
-def real_heldout(digits_root: Path, tmp_path_factory: pytest.TempPathFactory
-                 ) -> tuple[Path, torch.Tensor, torch.Tensor]:
+def real_heldout(
+    digits_root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, torch.Tensor, torch.Tensor]:
     """The held-out real digits written as an evaluation folder (lossless PNGs named by item
     id), with the same images as a tensor and their true labels."""
     from PIL import Image
@@ -198,7 +215,8 @@ def _items(labels: torch.Tensor) -> list[Item]:
 
 
 def test_digits_scorer_on_real_heldout_digits_gives_known_answers(
-        digits_root: Path, real_heldout: tuple[Path, torch.Tensor, torch.Tensor]) -> None:
+    digits_root: Path, real_heldout: tuple[Path, torch.Tensor, torch.Tensor]
+) -> None:
     """True labels: prompt accuracy is the classifier's own held-out accuracy, recomputed here
     from its logits (overall and per digit); digits-FID of the held-out set against itself
     (the scorer's reference) is 0. Shuffled labels: accuracy at chance, within 4 binomial σ."""
@@ -212,10 +230,12 @@ def test_digits_scorer_on_real_heldout_digits_gives_known_answers(
     ok = (pred == y).float()
     report = scorer.score(folder, _items(y))
     assert report["images"] == len(y) == 297
-    assert report["prompt_accuracy"] == round(float(ok.mean()), 4) == \
-        scorer.info["heldout_accuracy"]
+    assert (
+        report["prompt_accuracy"] == round(float(ok.mean()), 4) == scorer.info["heldout_accuracy"]
+    )
     assert report["prompt_accuracy_per_digit"] == {
-        str(d): round(float(ok[y == d].mean()), 4) for d in range(10)}
+        str(d): round(float(ok[y == d].mean()), 4) for d in range(10)
+    }
     assert report["prompt_accuracy_per_wording"] == {"the number N": report["prompt_accuracy"]}
     # FID clips at 0 and rounds to 3 decimals: identical feature sets give exactly 0.0; real
     # training digits against the same reference give the floor the scorer reports (> 0)

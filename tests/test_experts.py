@@ -95,8 +95,13 @@ def test_parents() -> None:
 
 @pytest.mark.parametrize(
     "name, message",
-    [("E9_600", "0–511"), ("E11_0", "levels are 0–10"), ("E2", "unknown node"),
-     ("not_E0_0", "empty"), ("not_E1", "cannot read")],
+    [
+        ("E9_600", "0–511"),
+        ("E11_0", "levels are 0–10"),
+        ("E2", "unknown node"),
+        ("not_E0_0", "empty"),
+        ("not_E1", "cannot read"),
+    ],
 )
 def test_bad_names(name: str, message: str) -> None:
     with pytest.raises(EdiffError, match=message):
@@ -104,8 +109,9 @@ def test_bad_names(name: str, message: str) -> None:
 
 
 def test_custom_interval_from_config() -> None:
-    node = node_from_config({"name": "interval", "kind": "interval", "sigma_lo": 0.5,
-                             "sigma_hi": 2.0})
+    node = node_from_config(
+        {"name": "interval", "kind": "interval", "sigma_lo": 0.5, "sigma_hi": 2.0}
+    )
     lo, hi = node.sigma_interval
     assert math.isclose(lo, 0.5, rel_tol=1e-9) and math.isclose(hi, 2.0, rel_tol=1e-9)
     q = node_from_config({"name": "interval", "kind": "interval", "u_lo": 0.25, "u_hi": 0.5})
@@ -122,7 +128,12 @@ def test_router_tiles_and_routes() -> None:
     assert r(1.0).name == "not_E9_511_E3_0"
     sig = torch.tensor([0.01, 0.0757, 0.08, 5.0, 9.7])
     assert [nodes[i].name for i in r.index(sig)] == [
-        "E3_0", "E3_0", "not_E9_511_E3_0", "not_E9_511_E3_0", "E9_511"]
+        "E3_0",
+        "E3_0",
+        "not_E9_511_E3_0",
+        "not_E9_511_E3_0",
+        "E9_511",
+    ]
     # level-4 tree: 16 leaves tile, and each σ goes to the leaf that contains it
     leaves = [tree_node(4, i) for i in range(16)]
     r4 = Router(leaves)
@@ -143,12 +154,15 @@ def test_router_refuses_overlap_and_gap() -> None:
 def test_cli_prints_intervals_and_parents() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "ediff_train.core.experts", "E9_511", "E3_0", "not_E9_511_E3_0"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.splitlines()
     assert len(out) == 3
     assert "9.61" in out[0] and "E8_255" in out[0]
     assert "0.07574" in out[1] and "E2_0" in out[1]
     assert "0.125" in out[2] and "E0_0" in out[2]
-    bad = subprocess.run([sys.executable, "-m", "ediff_train.core.experts", "E9_600"],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "ediff_train.core.experts", "E9_600"], capture_output=True, text=True
+    )
     assert bad.returncode != 0 and "0–511" in bad.stderr

@@ -37,11 +37,18 @@ def tar_bytes(members: dict[str, bytes], fmt: int) -> bytes:
 @pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
 def test_tar_reader_matches_tarfile(fmt: int) -> None:
     long_dir = "d" * 120 if fmt != tarfile.USTAR_FORMAT else "d" * 90
-    members = {"a.txt": b"x", f"{long_dir}/k{'e' * 110}y.t5.npy": bytes(range(256)) * 5,
-               "empty.json": b"", "ünïcode.txt": "é".encode()}
+    members = {
+        "a.txt": b"x",
+        f"{long_dir}/k{'e' * 110}y.t5.npy": bytes(range(256)) * 5,
+        "empty.json": b"",
+        "ünïcode.txt": "é".encode(),
+    }
     if fmt == tarfile.USTAR_FORMAT:  # ustar: 155-char prefix + 100-char name, ascii
-        members = {"a.txt": b"x", f"{long_dir}/key.t5.npy": bytes(range(256)) * 5,
-                   "empty.json": b""}
+        members = {
+            "a.txt": b"x",
+            f"{long_dir}/key.t5.npy": bytes(range(256)) * 5,
+            "empty.json": b"",
+        }
     data = tar_bytes(members, fmt)
     got = {name: bytes(body) for name, body in iter_tar(data)}
     assert got == members
@@ -58,13 +65,18 @@ def test_tar_reader_refuses_truncation_and_corrupt_headers() -> None:
         list(iter_tar(bytes(broken)))
 
 
-@pytest.mark.parametrize("arr", [
-    np.arange(12, dtype=np.float16).reshape(3, 4), np.ones((77, 5), np.float32),
-    np.float64(2.5), np.zeros((0, 8), np.float16),
-    np.arange(6, dtype=np.int32).reshape(2, 3),  # not float: numpy's reader
-    np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3)),
-    np.arange(4, dtype=">f4"),  # big-endian
-])
+@pytest.mark.parametrize(
+    "arr",
+    [
+        np.arange(12, dtype=np.float16).reshape(3, 4),
+        np.ones((77, 5), np.float32),
+        np.float64(2.5),
+        np.zeros((0, 8), np.float16),
+        np.arange(6, dtype=np.int32).reshape(2, 3),  # not float: numpy's reader
+        np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3)),
+        np.arange(4, dtype=">f4"),  # big-endian
+    ],
+)
 def test_npy_reader_matches_numpy(arr: np.ndarray) -> None:
     buf = io.BytesIO()
     np.save(buf, arr)
@@ -107,8 +119,9 @@ def test_worker_batches_equal_in_process_batches(tmp_path: Path) -> None:
     n = SLABS_PER_WORKER * 3  # every slab refilled several times
 
     def batches(workers: int) -> list[dict]:
-        stream = ShardStream(paths[:1], 4, 16, DIMS, batches_per_epoch=n, shuffle_buffer=8,
-                             lowres_size=8)
+        stream = ShardStream(
+            paths[:1], 4, 16, DIMS, batches_per_epoch=n, shuffle_buffer=8, lowres_size=8
+        )
         return list(ShardLoader(stream, num_workers=workers))
 
     inproc, worker = batches(0), batches(1)
@@ -142,22 +155,23 @@ def test_collate_finds_nonfinite_rows_and_frees_the_slab() -> None:
     assert not flags.any()  # the refused batch's slab is free again
     with pytest.raises(NonFiniteRows):
         collate(samples)  # the float32 path checks too
-    good = collate([s for i, s in enumerate(samples) if i not in (1, 3, 4)], compact=True,
-                   pool=pool)
+    good = collate(
+        [s for i, s in enumerate(samples) if i not in (1, 3, 4)], compact=True, pool=pool
+    )
     assert good["key"] == ["k0", "k2"] and flags[0].tolist() == [1, 0, 0, 0]
     assert good["t5"].dtype == torch.float16  # the float64 sample no longer widens the batch
 
 
-def test_nonfinite_samples_dropped_when_a_pass_never_fills_a_batch(tmp_path: Path,
-                                                                  caplog) -> None:
+def test_nonfinite_samples_dropped_when_a_pass_never_fills_a_batch(tmp_path: Path, caplog) -> None:
     """Shards smaller than a batch: NaN samples never reach a batch, and a shard set with
     nothing usable fails after one pass (each bad sample logged once), instead of cycling."""
     rng = np.random.default_rng(7)
     bad = []
     for name in ("t5", "clip_txt", "clip_pool"):
         sample = make_sample(f"nan_{name}", rng, t5_len=2)
-        sample[f"{name}.npy"] = npy(np.full_like(decode_sample(
-            {**sample, "__shard__": "x"}, 16, DIMS)[name], np.nan))
+        sample[f"{name}.npy"] = npy(
+            np.full_like(decode_sample({**sample, "__shard__": "x"}, 16, DIMS)[name], np.nan)
+        )
         bad.append(sample)
     paths = write_set(tmp_path, [1], bad={"000000.tar": bad[:1]})
     stream = ShardStream(paths, 4, 16, DIMS, batches_per_epoch=2, shuffle_buffer=0)

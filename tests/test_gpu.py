@@ -24,9 +24,15 @@ from conftest import ROOT, run_env
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-GPU = ["trainer=gpu", "trainer.devices=1", "logger=csv", "sample.per_prompt=0",
-       "data.batch_size=32", "module.lr=3e-3",
-       "module.ema_halflife_images=null"]  # lr: EMA and raw weights visibly apart; per-step EMA
+GPU = [
+    "trainer=gpu",
+    "trainer.devices=1",
+    "logger=csv",
+    "sample.per_prompt=0",
+    "data.batch_size=32",
+    "module.lr=3e-3",
+    "module.ema_halflife_images=null",
+]  # lr: EMA and raw weights visibly apart; per-step EMA
 DECAY = 0.9999  # conf/train.yaml module.ema_decay, with warmup
 
 
@@ -41,16 +47,19 @@ def command(*args: str) -> list[str]:
 
 
 def train(tmp: Path, *args: str) -> str:
-    proc = subprocess.run(command(*args), cwd=tmp, env=env_for(tmp), capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        command(*args), cwd=tmp, env=env_for(tmp), capture_output=True, text=True, timeout=600
+    )
     if proc.returncode != 0:
         raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc.stderr
 
 
 def record(tmp: Path, name: str) -> list[str]:
-    return ["+callbacks.record._target_=cpu_deepspeed.RecordWeights",
-            f"+callbacks.record.path={tmp / f'{name}.pt'}"]
+    return [
+        "+callbacks.record._target_=cpu_deepspeed.RecordWeights",
+        f"+callbacks.record.path={tmp / f'{name}.pt'}",
+    ]
 
 
 def reference_ema(ema0: dict, steps: dict[int, dict]) -> dict:
@@ -104,8 +113,7 @@ def test_zero2_one_gpu_handoff_resume_and_ema(zero2: Path) -> None:
 def test_zero2_child_loads_parent_weights(zero2: Path) -> None:
     from ediff_train.run.weights import load_expert, load_weights
 
-    train(zero2, *ZERO2, "expert=E1_1", "steps=2", "checkpoint_every=10",
-          *record(zero2, "child"))
+    train(zero2, *ZERO2, "expert=E1_1", "steps=2", "checkpoint_every=10", *record(zero2, "child"))
     parent_model, parent_ema, _ = load_weights(zero2 / "R" / "E0_0" / "weights.safetensors")
     steps = torch.load(zero2 / "child.pt", weights_only=True)
     close(steps[0], parent_model, 0.0)  # the parent's fp32 weights, not a bf16 rounding
@@ -120,9 +128,15 @@ def test_zero2_sigkill_then_same_command_finishes(tmp_path: Path) -> None:
     args = [*ZERO2, "steps=40", "checkpoint_every=5"]
     ndir = tmp_path / "R" / "E0_0"
     marker = ndir / "checkpoints" / "last.ckpt" / "ediff_ckpt.json"
-    proc = subprocess.Popen(command(*args), cwd=tmp_path, env=env_for(tmp_path), text=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        command(*args),
+        cwd=tmp_path,
+        env=env_for(tmp_path),
+        text=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     end = time.monotonic() + 300
     while not marker.exists():
         assert proc.poll() is None, f"exited before a checkpoint:\n{proc.stderr.read()[-3000:]}"
@@ -146,11 +160,19 @@ def test_compiled_channels_last_run(tmp_path: Path) -> None:
     from ediff_train.run.weights import load_expert
 
     setup = tmp_path / "setup.json"
-    err = train(tmp_path, "run_dir=R", "steps=6", "checkpoint_every=3", "module.compile=true",
-                "module.channels_last=true", "module.finite_check_every=2",
-                "trainer.log_every_n_steps=1", "data.num_workers=2",
-                "+callbacks.setup._target_=gpu_probes.RecordSetup",
-                f"+callbacks.setup.path={setup}")
+    err = train(
+        tmp_path,
+        "run_dir=R",
+        "steps=6",
+        "checkpoint_every=3",
+        "module.compile=true",
+        "module.channels_last=true",
+        "module.finite_check_every=2",
+        "trainer.log_every_n_steps=1",
+        "data.num_workers=2",
+        "+callbacks.setup._target_=gpu_probes.RecordSetup",
+        f"+callbacks.setup.path={setup}",
+    )
     assert "warning: torch.compile" not in err, err[-3000:]
     info = json.loads(setup.read_text())
     assert info["device"].startswith("cuda") and info["compiled"] and info["fused"]
@@ -183,10 +205,14 @@ def test_training_step_never_waits_for_the_gpu(tmp_path: Path) -> None:
     module, _ = build_module(cfg, parse_node("E0_0"), tmp_path / "R" / "E0_0")
     module = module.cuda()
     dims, b, size = cfg.encoders.dims, 16, int(cfg.data.image_size)
-    batch = {"image": torch.rand(b, 3, size, size) * 2 - 1, "t5": torch.randn(b, 6, dims.t5),
-             "t5_mask": torch.ones(b, 6, dtype=torch.bool),
-             "clip_txt": torch.randn(b, 77, dims.clip_txt),
-             "clip_pool": torch.randn(b, dims.clip_pool), "clip_img": torch.randn(b, dims.clip_img)}
+    batch = {
+        "image": torch.rand(b, 3, size, size) * 2 - 1,
+        "t5": torch.randn(b, 6, dims.t5),
+        "t5_mask": torch.ones(b, 6, dtype=torch.bool),
+        "clip_txt": torch.randn(b, 77, dims.clip_txt),
+        "clip_pool": torch.randn(b, dims.clip_pool),
+        "clip_img": torch.randn(b, dims.clip_img),
+    }
     batch = {k: v.cuda() for k, v in batch.items()}
     params = list(module.denoiser.parameters())
     opt = adamw(params, 1e-4, (0.9, 0.999), 0.01, fusable=True)
@@ -232,9 +258,23 @@ def test_attention_runs_on_fused_sdpa_kernels() -> None:
 
 def test_bench_cuda_reports_mfu(tmp_path: Path) -> None:
     out = tmp_path / "bench_gpu.json"
-    cmd = [sys.executable, str(ROOT / "bench/train_step.py"), "--device", "cuda", "--configs",
-           "base64", "--batch", "8,16", "--steps", "3", "--warmup", "1", "--optim",
-           "--json", str(out)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench/train_step.py"),
+        "--device",
+        "cuda",
+        "--configs",
+        "base64",
+        "--batch",
+        "8,16",
+        "--steps",
+        "3",
+        "--warmup",
+        "1",
+        "--optim",
+        "--json",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]

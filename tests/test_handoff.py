@@ -23,28 +23,45 @@ from ediff_train.run.optim_state import MOMENTS, OPTIMIZER, read_state
 from ediff_train.run.weights import load_expert, load_weights
 
 LR, BETAS, WD, EPS = 3e-3, (0.9, 0.999), 0.01, 1e-8
-FAST = ["logger=none", "data.num_workers=0", "sample.per_prompt=0", "data.batch_size=8",
-        "monitor.every=0", f"module.lr={LR}", "checkpoint_every=100", "probe.batches=1",
-        "probe.batch_size=8"]
+FAST = [
+    "logger=none",
+    "data.num_workers=0",
+    "sample.per_prompt=0",
+    "data.batch_size=8",
+    "monitor.every=0",
+    f"module.lr={LR}",
+    "checkpoint_every=100",
+    "probe.batches=1",
+    "probe.batch_size=8",
+]
 
 
 def train(tmp: Path, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
     env = run_env(tmp)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *FAST, *args], cwd=tmp,
-                          env=env, capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *FAST, *args],
+        cwd=tmp,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     if ok and proc.returncode != 0:
         raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
 
 
 def record(tmp: Path, name: str) -> list[str]:
-    return ["+callbacks.rec._target_=handoff_probes.RecordSteps",
-            f"+callbacks.rec.path={tmp}/{name}.pt"]
+    return [
+        "+callbacks.rec._target_=handoff_probes.RecordSteps",
+        f"+callbacks.rec.path={tmp}/{name}.pt",
+    ]
 
 
-def adamw_step(w: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
-               step: int, lr: float = LR) -> torch.Tensor:
+def adamw_step(
+    w: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, step: int, lr: float = LR
+) -> torch.Tensor:
     """One AdamW update in float64 (decoupled weight decay, bias correction at step + 1)."""
     w, g, m, v = (t.double() for t in (w, g, m, v))
     t = step + 1
@@ -71,9 +88,13 @@ def predicted(rec: dict, moments: dict[str, torch.Tensor] | None, step: int) -> 
 
 STRATEGIES = {
     "ddp": ["trainer=ddp_cpu", "strategy=ddp"],
-    "zero2": ["trainer=ddp_cpu", "strategy=deepspeed_stage_2",
-              "strategy._target_=cpu_deepspeed.CPUDeepSpeed", "trainer.precision=32-true",
-              "trainer.gradient_clip_val=null"],
+    "zero2": [
+        "trainer=ddp_cpu",
+        "strategy=deepspeed_stage_2",
+        "strategy._target_=cpu_deepspeed.CPUDeepSpeed",
+        "trainer.precision=32-true",
+        "trainer.gradient_clip_val=null",
+    ],
 }
 H, R, BATCH = 400.0, 0.5, 8  # EMA half-life (images) and ramp-up ratio of the shared parent
 EMA_ARGS = [f"module.ema_halflife_images={H}", f"module.ema_rampup_ratio={R}"]
@@ -121,8 +142,14 @@ def test_child_first_update_is_the_uninterrupted_parents(tmp_path: Path, strateg
     info = json.loads((tmp_path / "P" / "E1_1" / "node.json").read_text())
     assert info["handoff"]["optimizer"] == "kept"
     if strategy == "zero2":  # another world size: one process continues the 2-rank state
-        train(tmp_path, "run_dir=one", f"parent_dir={tmp_path}/P/E0_0", "expert=E1_0",
-              "steps=1", *record(tmp_path, "one"))
+        train(
+            tmp_path,
+            "run_dir=one",
+            f"parent_dir={tmp_path}/P/E0_0",
+            "expert=E1_0",
+            "steps=1",
+            *record(tmp_path, "one"),
+        )
         one = torch.load(tmp_path / "one.pt", weights_only=True)[1]
         assert worst(predicted(one, moments, step), one["after"]) < 1e-6
 
@@ -144,8 +171,15 @@ def test_child_branches_from_the_parents_state_at_a_named_step(parent: Path) -> 
     assert meta["step"] == 2 and worst(weights, steps[2]["after"]) == 0.0
     moments, step = read_state(at / OPTIMIZER)
     assert step == 2
-    train(parent, "run_dir=R", "expert=E1_1", "branch_step=2", "steps=1", *EMA_ARGS,
-          *record(parent, "branch"))
+    train(
+        parent,
+        "run_dir=R",
+        "expert=E1_1",
+        "branch_step=2",
+        "steps=1",
+        *EMA_ARGS,
+        *record(parent, "branch"),
+    )
     rec = torch.load(parent / "branch.pt", weights_only=True)[1]
     assert worst(rec["before"], steps[2]["after"]) == 0.0
     assert worst(predicted(rec, moments, step), rec["after"]) < 1e-6
@@ -162,8 +196,16 @@ def test_stored_moments_are_the_optimisers_and_reset_starts_fresh(parent: Path) 
     stored = checkpoint_moments(ndir)
     assert stored.keys() == moments.keys()
     assert all(torch.equal(stored[k], moments[k]) for k in stored)
-    train(parent, "run_dir=reset", f"parent_dir={ndir}", "expert=E1_0", "steps=1",
-          "handoff.optimizer=reset", *EMA_ARGS, *record(parent, "reset"))
+    train(
+        parent,
+        "run_dir=reset",
+        f"parent_dir={ndir}",
+        "expert=E1_0",
+        "steps=1",
+        "handoff.optimizer=reset",
+        *EMA_ARGS,
+        *record(parent, "reset"),
+    )
     c = torch.load(parent / "reset.pt", weights_only=True)
     assert worst(predicted(c[1], None, 0), c[1]["after"]) < 1e-6
     info = json.loads((parent / "reset" / "E1_0" / "node.json").read_text())
@@ -172,8 +214,16 @@ def test_stored_moments_are_the_optimisers_and_reset_starts_fresh(parent: Path) 
 
 def test_continuation_is_the_uninterrupted_run(parent: Path) -> None:
     """E0_0 to 3 then continued +3 (its own folder) = E0_0 trained to 6 at once: weights, EMA."""
-    cont = ["expert=interval", "expert.name=E0_0_cont", "expert.u_lo=0.0", "expert.u_hi=1.0",
-            "expert.parent=E0_0", f"continue_from={parent}/R/E0_0", "steps=3", *EMA_ARGS]
+    cont = [
+        "expert=interval",
+        "expert.name=E0_0_cont",
+        "expert.u_lo=0.0",
+        "expert.u_hi=1.0",
+        "expert.parent=E0_0",
+        f"continue_from={parent}/R/E0_0",
+        "steps=3",
+        *EMA_ARGS,
+    ]
     train(parent, "run_dir=R", *cont)
     train(parent, "run_dir=B", "steps=6", *EMA_ARGS)
     got, got_ema, meta = load_weights(parent / "R" / "E0_0_cont" / "weights.safetensors")
@@ -195,8 +245,15 @@ def test_child_ema_continues_the_parents_in_images(parent: Path) -> None:
     with images counted over the tree (the parent's included)."""
     _, parent_ema, meta = load_weights(parent / "R" / "E0_0" / "weights.safetensors")
     assert meta["images"] == 3 * BATCH
-    train(parent, "run_dir=ema", f"parent_dir={parent}/R/E0_0", "expert=E1_1", "steps=4",
-          *EMA_ARGS, *record(parent, "ema"))
+    train(
+        parent,
+        "run_dir=ema",
+        f"parent_dir={parent}/R/E0_0",
+        "expert=E1_1",
+        "steps=4",
+        *EMA_ARGS,
+        *record(parent, "ema"),
+    )
     steps = torch.load(parent / "ema.pt", weights_only=True)
     ema = {k: parent_ema[k].double() for k in steps[4]["after"]}
     for n in range(1, 5):
@@ -213,12 +270,23 @@ def test_warmup_after_handoff_scales_the_first_update(parent: Path) -> None:
     """module.lr_schedule.warmup_handoff=4: the child's first step runs at lr/4 (kept state)."""
     ndir = parent / "R" / "E0_0"
     moments, step = read_state(ndir / OPTIMIZER)
-    train(parent, "run_dir=warm", f"parent_dir={ndir}", "expert=E1_0", "steps=1",
-          "module.lr_schedule.warmup_handoff=4", *EMA_ARGS, *record(parent, "w"))
+    train(
+        parent,
+        "run_dir=warm",
+        f"parent_dir={ndir}",
+        "expert=E1_0",
+        "steps=1",
+        "module.lr_schedule.warmup_handoff=4",
+        *EMA_ARGS,
+        *record(parent, "w"),
+    )
     rec = torch.load(parent / "w.pt", weights_only=True)[1]
-    quarter = {n: adamw_step(w, rec["grad"][n], moments[f"exp_avg/{n}"],
-                             moments[f"exp_avg_sq/{n}"], step, lr=LR / 4)
-               for n, w in rec["before"].items()}
+    quarter = {
+        n: adamw_step(
+            w, rec["grad"][n], moments[f"exp_avg/{n}"], moments[f"exp_avg_sq/{n}"], step, lr=LR / 4
+        )
+        for n, w in rec["before"].items()
+    }
     assert worst(quarter, rec["after"]) < 1e-6
     info = json.loads((parent / "warm" / "E1_0" / "node.json").read_text())
     assert info["lr_schedule"]["lr_at_step"][0] == [0, LR / 4]

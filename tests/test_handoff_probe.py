@@ -38,9 +38,19 @@ from ediff_train.run.weights import load_weights
 
 ROOT_STEPS, CHILD_STEPS = 4, 12
 SMALL = ["model.model_channels=8", "model.head_channels=8", "model.context_dim=16"]
-FAST = ["logger=csv", "data.num_workers=0", "sample.per_prompt=0", "checkpoint_every=50",
-        "data.batch_size=8", "monitor.batches=1", "monitor.batch_size=16", "monitor.sigmas=2",
-        "probe.batches=1", "probe.batch_size=16", *SMALL]
+FAST = [
+    "logger=csv",
+    "data.num_workers=0",
+    "sample.per_prompt=0",
+    "checkpoint_every=50",
+    "data.batch_size=8",
+    "monitor.batches=1",
+    "monitor.batch_size=16",
+    "monitor.sigmas=2",
+    "probe.batches=1",
+    "probe.batch_size=16",
+    *SMALL,
+]
 
 
 # ---- step lists ----------------------------------------------------------------------------
@@ -72,8 +82,7 @@ def test_validation_accepts_auto_and_refuses_words() -> None:
         cfg = compose("train")
     assert cfg.monitor.every == "auto" and cfg.probe.after == 3
     validate_train_config(cfg)
-    for key, value in [("monitor.every", "often"), ("probe.after", 0),
-                       ("probe.warn_ratio", -1.0)]:
+    for key, value in [("monitor.every", "often"), ("probe.after", 0), ("probe.warn_ratio", -1.0)]:
         bad = copy.deepcopy(cfg)
         OmegaConf.update(bad, key, value)
         with pytest.raises(EdiffError, match=key.replace(".", r"\.")):
@@ -89,8 +98,7 @@ class _Counting(StepCadence):
         self.seen.append(k)
 
 
-def _drive(cb: StepCadence, global_steps: list[int], start_at: int = 0,
-           module: Any = None) -> None:
+def _drive(cb: StepCadence, global_steps: list[int], start_at: int = 0, module: Any = None) -> None:
     # a Lightning Trainer's few attributes the cadence reads (a plain strategy: not ZeRO-3)
     trainer = SimpleNamespace(global_step=start_at, is_global_zero=True, strategy=SimpleNamespace())
     cb.on_train_start(trainer, module)
@@ -114,8 +122,16 @@ def test_cadence_once_per_step_accumulation_resume_and_continuation() -> None:
 # ---- the warning ---------------------------------------------------------------------------
 def _probe(handoff: bool = True, after: int = 3) -> tuple[HandoffProbe, io.StringIO]:
     err = io.StringIO()
-    probe = HandoffProbe(parse_node("E1_1"), list, probe_steps(50, after), Path("unused.json"),
-                         handoff=handoff, after=after, warn_ratio=1.05, stream=err)
+    probe = HandoffProbe(
+        parse_node("E1_1"),
+        list,
+        probe_steps(50, after),
+        Path("unused.json"),
+        handoff=handoff,
+        after=after,
+        warn_ratio=1.05,
+        stream=err,
+    )
     return probe, err
 
 
@@ -139,9 +155,14 @@ def test_warns_once_when_child_lost_ground() -> None:
     assert s["band"][1] == "inf"
 
 
-@pytest.mark.parametrize("losses, handoff", [({0: 1.0, 3: 1.04}, True),  # within warn_ratio
-                                             ({0: 1.0, 3: 0.8}, True),
-                                             ({0: 1.0, 3: 2.0}, False)])  # a root: no parent
+@pytest.mark.parametrize(
+    "losses, handoff",
+    [
+        ({0: 1.0, 3: 1.04}, True),  # within warn_ratio
+        ({0: 1.0, 3: 0.8}, True),
+        ({0: 1.0, 3: 2.0}, False),
+    ],
+)  # a root: no parent
 def test_no_warning(losses: dict[int, float], handoff: bool) -> None:
     probe, err = _probe(handoff)
     _feed(probe, losses)
@@ -164,8 +185,14 @@ def test_read_probe_absent_or_broken(tmp_path: Path) -> None:
 
 # ---- end to end ----------------------------------------------------------------------------
 def _train(tmp: Path, *args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *FAST, *args], cwd=tmp,
-                          env=run_env(tmp), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *FAST, *args],
+        cwd=tmp,
+        env=run_env(tmp),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
@@ -206,8 +233,7 @@ def test_probe_files_and_warning_agree(tree: tuple[Path, subprocess.CompletedPro
     assert child["warned"] == (ratio > 1.05) == ("lost ground" in proc.stderr)
 
 
-def test_probe_step0_is_the_parents_in_band_loss(tree: tuple[Path, Any],
-                                                 digits_root: Path) -> None:
+def test_probe_step0_is_the_parents_in_band_loss(tree: tuple[Path, Any], digits_root: Path) -> None:
     """Recomputed here from the parent's weights file with edm_loss and the documented draws:
     σ by E1_1.sample_sigma from one generator seeded seed·1000003 + 999983, noise of batch b
     from a generator seeded seed·1000003 + b·1009 + 7919 (seed 0 here)."""
@@ -228,8 +254,15 @@ def test_probe_step0_is_the_parents_in_band_loss(tree: tuple[Path, Any],
     from ediff_train.core.conditioning import Conditioning
 
     with torch.no_grad():
-        want = float(edm_loss(denoiser, x, sigma.float(), Conditioning.from_batch(batch).to(
-            "cpu", torch.float32), noise=noise).mean())
+        want = float(
+            edm_loss(
+                denoiser,
+                x,
+                sigma.float(),
+                Conditioning.from_batch(batch).to("cpu", torch.float32),
+                noise=noise,
+            ).mean()
+        )
     got = read_probe(tmp / "R" / "E1_1")
     assert got is not None and got["in_band_loss"][0] == pytest.approx(want, rel=1e-5)
     assert sigma.min() >= parse_node("E1_1").sigma_interval[0]  # drawn inside the band
@@ -243,8 +276,13 @@ def test_probe_leaves_training_untouched(digits_root: Path, tmp_path: Path) -> N
     data = instantiate(cfg.data)
     module = SimpleNamespace(denoiser=EDMPrecond(instantiate(cfg.model)).train(), device="cpu")
     before = {k: v.clone() for k, v in module.denoiser.state_dict().items()}
-    probe = HandoffProbe(parse_node("E1_0"), lambda: data.val_batches(1, 8), probe_steps(4),
-                         tmp_path / PROBE_JSON, handoff=True)
+    probe = HandoffProbe(
+        parse_node("E1_0"),
+        lambda: data.val_batches(1, 8),
+        probe_steps(4),
+        tmp_path / PROBE_JSON,
+        handoff=True,
+    )
     rng = torch.random.get_rng_state()
     _drive(probe, [1, 1, 2], module=module)  # step 0 on train start, then 1 (twice) and 2
     assert torch.equal(rng, torch.random.get_rng_state()) and module.denoiser.training

@@ -43,13 +43,15 @@ def test_build_layout_shards(tmp_path: Path, digits_root: Path) -> None:
     m = read_manifest(root)
     assert m["dataset"] == "layout" and m["num_samples"] == 40 and (root / "encoders").is_dir()
     assert read_manifest(root / "val")["num_samples"] == 8
-    assert build_layout(tmp_path / "layout", samples=48, val_size=8,
-                        encoders_from=digits_root) == root  # cached
+    assert (
+        build_layout(tmp_path / "layout", samples=48, val_size=8, encoders_from=digits_root) == root
+    )  # cached
     rec = read_records(root, limit=4)
     for r in rec:
         label = r["meta"]["label"]
         assert sorted(int(d) for d in re.findall(r"\d", r["caption"])) == sorted(
-            [label // 10, label % 10])
+            [label // 10, label % 10]
+        )
     img = torch.rand(2, 3, 16, 16)
     lh, rh = halves(img)
     assert lh.shape == rh.shape == (2, 3, 16, 16)
@@ -62,21 +64,51 @@ def test_evaluate_paint_on_a_layout_run(tmp_path: Path, digits_root: Path) -> No
     data = digits_root.parent / "layout_paint_test"
 
     def run(script: str, *args: str) -> None:
-        proc = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=tmp_path,
-                              env=run_env(tmp_path), capture_output=True, text=True,
-                              timeout=600)
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / script), *args],
+            cwd=tmp_path,
+            env=run_env(tmp_path),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
 
-    run("train.py", "data=layout", f"data.root={data}", "data.builder.samples=96",
-        "data.builder.val_size=16", "data.num_workers=0", "data.batch_size=16", "steps=4",
-        "run_dir=R", "logger=none", "sample.per_prompt=1", "sample.steps=2", "monitor.every=0")
-    run("evaluate.py", "run_dir=R", "metric=paint", "paint.pairs=2", "paint.per_pair=2",
-        "steps=3", "paint.weight=[0.0,2.0]", "out=ev")
+    run(
+        "train.py",
+        "data=layout",
+        f"data.root={data}",
+        "data.builder.samples=96",
+        "data.builder.val_size=16",
+        "data.num_workers=0",
+        "data.batch_size=16",
+        "steps=4",
+        "run_dir=R",
+        "logger=none",
+        "sample.per_prompt=1",
+        "sample.steps=2",
+        "monitor.every=0",
+    )
+    run(
+        "evaluate.py",
+        "run_dir=R",
+        "metric=paint",
+        "paint.pairs=2",
+        "paint.per_pair=2",
+        "steps=3",
+        "paint.weight=[0.0,2.0]",
+        "out=ev",
+    )
     report = json.loads((tmp_path / "ev" / "paint.json").read_text())
     assert (tmp_path / "ev" / "paint_grid.png").stat().st_size > 0
     runs = report["runs"]
-    assert set(runs) == {"unpainted", "painted w'=0", "swapped w'=0", "painted w'=2",
-                         "swapped w'=2"}
+    assert set(runs) == {
+        "unpainted",
+        "painted w'=0",
+        "swapped w'=0",
+        "painted w'=2",
+        "swapped w'=2",
+    }
     assert report["samples_per_run"] == 4
     for name in ("painted w'=0", "swapped w'=0"):
         assert runs[name]["in_painted_half"] == runs[name]["unpainted_in_same_half"]
@@ -115,8 +147,10 @@ def test_placement_metric_scores_a_real_digit_in_its_half(digits_root: Path) -> 
 
     def score(left: list[int | None], right: list[int | None], swap: bool) -> dict[str, float]:
         gl, gr = read_halves(classifier, _canvases(scans, left, right))
-        counts = sum(placement_counts((gl[k:k + 1], gr[k:k + 1]), *((b, a) if swap else (a, b)))
-                     for k, (a, b) in enumerate(zip(digits, partner)))
+        counts = sum(
+            placement_counts((gl[k : k + 1], gr[k : k + 1]), *((b, a) if swap else (a, b)))
+            for k, (a, b) in enumerate(zip(digits, partner))
+        )
         return placement_scores(counts, len(digits))
 
     gl, gr = read_halves(classifier, _canvases(scans, digits, [None] * len(digits)))

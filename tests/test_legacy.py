@@ -34,14 +34,29 @@ def old_run(tmp_path_factory: pytest.TempPathFactory, digits_root: Path) -> Path
 
 
 def _run(cwd: Path, script: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd,
-                          env=run_env(cwd), capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *args],
+        cwd=cwd,
+        env=run_env(cwd),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_old_run_samples_as_before(old_run: Path) -> None:
-    proc = _run(old_run, "sample.py", f"run_dir={old_run / 'run'}", "expert=E0_0",
-                'prompt="the number 3"', "n=2", "steps=4", "progress=false", "device=cpu",
-                f"out={old_run / 'sample'}")
+    proc = _run(
+        old_run,
+        "sample.py",
+        f"run_dir={old_run / 'run'}",
+        "expert=E0_0",
+        'prompt="the number 3"',
+        "n=2",
+        "steps=4",
+        "progress=false",
+        "device=cpu",
+        f"out={old_run / 'sample'}",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("sample_0000.png", "sample_0001.png"):
         new = np.asarray(Image.open(old_run / "sample" / name), dtype=np.int16)
@@ -51,9 +66,18 @@ def test_old_run_samples_as_before(old_run: Path) -> None:
 
 
 def test_old_run_evaluates_as_before(old_run: Path) -> None:
-    proc = _run(old_run, "evaluate.py", f"run_dir={old_run / 'run'}", "expert=E0_0",
-                "metric=loss_by_sigma", "loss_by_sigma.sigmas=4", "loss_by_sigma.images=16",
-                "loss_by_sigma.batch_size=16", f"out={old_run / 'lbs'}", "device=cpu")
+    proc = _run(
+        old_run,
+        "evaluate.py",
+        f"run_dir={old_run / 'run'}",
+        "expert=E0_0",
+        "metric=loss_by_sigma",
+        "loss_by_sigma.sigmas=4",
+        "loss_by_sigma.images=16",
+        "loss_by_sigma.batch_size=16",
+        f"out={old_run / 'lbs'}",
+        "device=cpu",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     new = json.loads((old_run / "lbs" / "loss_by_sigma.json").read_text())["runs"][0]
     old = json.loads((FIXTURE / "expected" / "loss_by_sigma.json").read_text())["runs"][0]
@@ -62,9 +86,11 @@ def test_old_run_evaluates_as_before(old_run: Path) -> None:
 
 
 def test_old_targets_are_rewritten() -> None:
-    cfg = {"strategy": {"_target_": "ediff_train.strategies.DeepSpeed", "stage": 2},
-           "model": {"_target_": "ediff_train.nn.unet.TextUNet"},
-           "list": [{"_target_": "ediff_train.checkpoints.load_expert"}]}
+    cfg = {
+        "strategy": {"_target_": "ediff_train.strategies.DeepSpeed", "stage": 2},
+        "model": {"_target_": "ediff_train.nn.unet.TextUNet"},
+        "list": [{"_target_": "ediff_train.checkpoints.load_expert"}],
+    }
     assert rewrite_targets(cfg) == 2
     assert cfg["strategy"]["_target_"] == "ediff_train.training.strategies.DeepSpeed"
     assert cfg["model"]["_target_"] == "ediff_train.nn.unet.TextUNet"  # did not move
@@ -81,31 +107,55 @@ def test_every_listed_new_path_imports() -> None:
         module, name = f"ediff_train.{new}".rsplit(".", 1)
         assert hasattr(importlib.import_module(module), name), (old, new)
     assert new_path("ediff_train.schedule.load_schedule") == (
-        "ediff_train.experiments.schedule.load_schedule")
+        "ediff_train.experiments.schedule.load_schedule"
+    )
 
 
-@pytest.mark.parametrize("code, line", [
-    ("import ediff_train.checkpoints",
-     "ediff_train.checkpoints was split into ediff_train.io.files, ediff_train.run.layout, "
-     "ediff_train.run.weights"),
-    ("from ediff_train.resume import LAST", "ediff_train.resume moved to ediff_train.training.resume"),
-    ("from ediff_train.sampling import generate",
-     "ediff_train.sampling.generate moved to ediff_train.sampling.generation.generate"),
-    ("from ediff_train.training import train_node",
-     "ediff_train.training.train_node moved to ediff_train.training.loop.train_node"),
-])
+@pytest.mark.parametrize(
+    "code, line",
+    [
+        (
+            "import ediff_train.checkpoints",
+            "ediff_train.checkpoints was split into ediff_train.io.files, ediff_train.run.layout, "
+            "ediff_train.run.weights",
+        ),
+        (
+            "from ediff_train.resume import LAST",
+            "ediff_train.resume moved to ediff_train.training.resume",
+        ),
+        (
+            "from ediff_train.sampling import generate",
+            "ediff_train.sampling.generate moved to ediff_train.sampling.generation.generate",
+        ),
+        (
+            "from ediff_train.training import train_node",
+            "ediff_train.training.train_node moved to ediff_train.training.loop.train_node",
+        ),
+    ],
+)
 def test_old_import_is_one_line_naming_the_new(code: str, line: str, tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=tmp_path, env=run_env(tmp_path))
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=run_env(tmp_path),
+    )
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].endswith(line), proc.stderr
 
 
 def test_old_python_m_names_the_new(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "ediff_train.experiment", "fig7_toy"],
-                          capture_output=True, text=True, cwd=tmp_path, env=run_env(tmp_path))
+    proc = subprocess.run(
+        [sys.executable, "-m", "ediff_train.experiment", "fig7_toy"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=run_env(tmp_path),
+    )
     assert proc.returncode == 1
     assert proc.stderr.strip() == (
         f"{sys.executable}: Error while finding module specification for "
         "'ediff_train.experiment' (ModuleNotFoundError: ediff_train.experiment moved to "
-        "ediff_train.experiments.experiment)")
+        "ediff_train.experiments.experiment)"
+    )

@@ -61,8 +61,9 @@ def make_sample(key: str, rng: np.random.Generator, t5_len: int | None = None) -
     }
 
 
-def write_set(root: Path, sizes: list[int], bad: dict[str, list[dict]] | None = None,
-              t5_dim: int = DIMS.t5) -> list[str]:
+def write_set(
+    root: Path, sizes: list[int], bad: dict[str, list[dict]] | None = None, t5_dim: int = DIMS.t5
+) -> list[str]:
     """Shard set with sizes[i] good samples in shard i (keys s{i}_{j}); `bad[name]` samples are
     written first into that shard. Returns the shard paths."""
     root.mkdir(parents=True, exist_ok=True)
@@ -77,12 +78,28 @@ def write_set(root: Path, sizes: list[int], bad: dict[str, list[dict]] | None = 
         counts[name] = size + len(extra)
         paths.append(str(root / name))
     manifest = new_manifest(
-        {"t5": {"name": "tiny-t5", "version": "1", "dim": t5_dim, "max_length": 16,
-                "dtype": "float16", "fingerprint": "t"},
-         "clip": {"name": "tiny-clip", "version": "1", "text_dim": DIMS.clip_txt,
-                  "pool_dim": DIMS.clip_pool, "image_dim": DIMS.clip_img, "context_length": 77,
-                  "dtype": "float16", "fingerprint": "c"}},
-        {"format": "png", "size": 16})
+        {
+            "t5": {
+                "name": "tiny-t5",
+                "version": "1",
+                "dim": t5_dim,
+                "max_length": 16,
+                "dtype": "float16",
+                "fingerprint": "t",
+            },
+            "clip": {
+                "name": "tiny-clip",
+                "version": "1",
+                "text_dim": DIMS.clip_txt,
+                "pool_dim": DIMS.clip_pool,
+                "image_dim": DIMS.clip_img,
+                "context_length": 77,
+                "dtype": "float16",
+                "fingerprint": "c",
+            },
+        },
+        {"format": "png", "size": 16},
+    )
     manifest["shards"] = counts
     write_manifest(root, manifest)
     return paths
@@ -111,8 +128,9 @@ def test_two_ranks_two_workers_disjoint_equal_counts(tmp_path: Path) -> None:
     assert rank_shards(paths, 0, 0, 0, 2) != rank_shards(paths, 1, 0, 0, 2)
     seen = {}
     for rank in range(2):
-        stream = ShardStream(paths, 4, 16, DIMS, batches_per_epoch=5, shuffle_buffer=8,
-                             rank=rank, world=2)
+        stream = ShardStream(
+            paths, 4, 16, DIMS, batches_per_epoch=5, shuffle_buffer=8, rank=rank, world=2
+        )
         loader = ShardLoader(stream, num_workers=2)
         assert len(loader) == 5
         for epoch in range(2):  # persistent workers must pick up the new epoch
@@ -129,8 +147,13 @@ def test_two_ranks_two_workers_disjoint_equal_counts(tmp_path: Path) -> None:
 def test_every_sample_once_per_epoch(tmp_path: Path) -> None:
     paths = write_set(tmp_path, [8] * 8)
     everything = {f"s{i}_{j}" for i in range(8) for j in range(8)}
-    loaders = [ShardLoader(ShardStream(paths, 4, 16, DIMS, num_samples=64, shuffle_buffer=16,
-                                       rank=r, world=2), num_workers=2) for r in range(2)]
+    loaders = [
+        ShardLoader(
+            ShardStream(paths, 4, 16, DIMS, num_samples=64, shuffle_buffer=16, rank=r, world=2),
+            num_workers=2,
+        )
+        for r in range(2)
+    ]
     assert [len(ld) for ld in loaders] == [8, 8]
     orders = []
     for _ in range(2):
@@ -162,18 +185,34 @@ def corrupt_samples(rng: np.random.Generator) -> list[dict]:
 def test_corrupt_samples_are_skipped_and_counted(tmp_path: Path) -> None:
     bad = corrupt_samples(np.random.default_rng(1))
     write_set(tmp_path, [4, 4], bad={"000000.tar": bad})
-    dm = ShardDataModule(str(tmp_path), batch_size=2, image_size=16, num_workers=2,
-                         shuffle_buffer=0, batches_per_epoch=4, rank=0, world_size=1)
+    dm = ShardDataModule(
+        str(tmp_path),
+        batch_size=2,
+        image_size=16,
+        num_workers=2,
+        shuffle_buffer=0,
+        batches_per_epoch=4,
+        rank=0,
+        world_size=1,
+    )
     dm.setup("fit")
     loader = dm.train_dataloader()
     batches = list(loader)
     keys = sorted(k for b in batches for k in b["key"])
     assert keys == sorted(f"s{i}_{j}" for i in range(2) for j in range(4))
-    want = {"bad_image": 1, "bad_shape": 2, "nonfinite": 2, "bad_npy": 1, "missing_field": 1,
-            "truncated_tar": 0, "unreadable_shard": 0}
+    want = {
+        "bad_image": 1,
+        "bad_shape": 2,
+        "nonfinite": 2,
+        "bad_npy": 1,
+        "missing_field": 1,
+        "truncated_tar": 0,
+        "unreadable_shard": 0,
+    }
     assert dm.skip_counts() == want  # summed in the main process from 2 worker processes
     assert sum((Counter(b["skipped"]) for b in batches), Counter()) == Counter(
-        {k: v for k, v in want.items() if v})
+        {k: v for k, v in want.items() if v}
+    )
     for b in batches:
         assert torch.isfinite(b["t5"]).all() and b["clip_txt"].shape == (2, 77, DIMS.clip_txt)
 
@@ -210,8 +249,10 @@ def test_truncated_tar_keeps_what_was_read(tmp_path: Path) -> None:
     (path,) = write_set(tmp_path, [6])
     data = Path(path).read_bytes()
     offsets = member_offsets(path)
-    cases = [(offsets["s0_3.png"][1] + 10, 3),  # cut inside sample 3's image: drop it
-             (offsets["s0_4.clip_img.npy"][0] + 100, 4)]  # cut in the next header: keep 3
+    cases = [
+        (offsets["s0_3.png"][1] + 10, 3),  # cut inside sample 3's image: drop it
+        (offsets["s0_4.clip_img.npy"][0] + 100, 4),
+    ]  # cut in the next header: keep 3
     for cut, n_kept in cases:
         Path(path).write_bytes(data[:cut])
         skips = SkipCounter()
@@ -226,8 +267,12 @@ def test_truncated_tar_keeps_what_was_read(tmp_path: Path) -> None:
 
 def test_manifest_mismatch_refused_before_iteration(tmp_path: Path) -> None:
     write_set(tmp_path, [2, 2], t5_dim=64)
-    dm = ShardDataModule(str(tmp_path), batch_size=2, image_size=16,
-                         expect={"t5_dim": 32, "clip_txt_dim": DIMS.clip_txt})
+    dm = ShardDataModule(
+        str(tmp_path),
+        batch_size=2,
+        image_size=16,
+        expect={"t5_dim": 32, "clip_txt_dim": DIMS.clip_txt},
+    )
     with pytest.raises(EdiffError, match="t5.dim is 64 but the model expects 32"):
         dm.setup("fit")
     with pytest.raises(EdiffError):
@@ -243,13 +288,15 @@ def test_too_few_shards_for_ranks_and_workers(tmp_path: Path, caplog) -> None:
     paths = write_set(tmp_path, [2, 2])
     with pytest.raises(EdiffError, match="2 shard\\(s\\) for 3 ranks"):
         ShardStream(paths, 2, 16, DIMS, num_samples=4, rank=0, world=3)
-    dm = ShardDataModule(str(tmp_path), batch_size=1, image_size=16, num_workers=4,
-                         rank=1, world_size=3)
+    dm = ShardDataModule(
+        str(tmp_path), batch_size=1, image_size=16, num_workers=4, rank=1, world_size=3
+    )
     dm.setup("fit")
     with pytest.raises(EdiffError, match="each rank needs at least one shard"):
         dm.train_dataloader()
-    dm = ShardDataModule(str(tmp_path), batch_size=1, image_size=16, num_workers=4,
-                         rank=0, world_size=1)
+    dm = ShardDataModule(
+        str(tmp_path), batch_size=1, image_size=16, num_workers=4, rank=0, world_size=1
+    )
     dm.setup("fit")
     with caplog.at_level(logging.WARNING, logger="ediff_train.data.datamodule"):
         loader = dm.train_dataloader()
@@ -260,9 +307,10 @@ def test_too_few_shards_for_ranks_and_workers(tmp_path: Path, caplog) -> None:
 def test_collate_pads_t5_and_builds_mask() -> None:
     rng = np.random.default_rng(3)
     lengths = [3, 9, 1, 5]
-    samples = [decode_sample({**make_sample(f"k{i}", rng, t5_len=n), "__shard__": "x.tar"},
-                             16, DIMS)
-               for i, n in enumerate(lengths)]
+    samples = [
+        decode_sample({**make_sample(f"k{i}", rng, t5_len=n), "__shard__": "x.tar"}, 16, DIMS)
+        for i, n in enumerate(lengths)
+    ]
     batch = collate(samples)
     assert batch["t5"].shape == (4, 9, DIMS.t5) and batch["t5_mask"].dtype == torch.bool
     assert batch["t5_mask"].sum(1).tolist() == lengths
@@ -317,12 +365,26 @@ def test_lightning_fit_reshuffles_per_epoch(tmp_path: Path, cast_on_device: bool
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
-    dm = ShardDataModule(str(root), batch_size=2, image_size=16, num_workers=2, seed=5,
-                         builder=lambda: built.append(write_set(root, [2] * 6)),
-                         cast_on_device=cast_on_device, rank=0, world_size=2)  # rank 0 of 2
+    dm = ShardDataModule(
+        str(root),
+        batch_size=2,
+        image_size=16,
+        num_workers=2,
+        seed=5,
+        builder=lambda: built.append(write_set(root, [2] * 6)),
+        cast_on_device=cast_on_device,
+        rank=0,
+        world_size=2,
+    )  # rank 0 of 2
     probe = Probe()
-    trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        max_epochs=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(probe, datamodule=dm)
     assert len(built) == 1 and trainer.num_training_batches == 3
     names = [Path(p).name for p in built[0]]

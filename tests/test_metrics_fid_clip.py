@@ -172,11 +172,17 @@ def test_inception_loads_a_local_state_dict_and_rounds_to_uint8(tmp_path, monkey
 
 # ----------------------------------------------------------------------------- CLIP score
 
-TINY = dict(embed_dim=16,
-            vision_cfg=dict(layers=1, width=32, head_width=16, patch_size=4, image_size=16),
-            text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=4, layers=1))
-COLOURS = {"red": (0.9, 0.1, 0.1), "green": (0.1, 0.8, 0.1), "blue": (0.1, 0.2, 0.9),
-           "yellow": (0.9, 0.9, 0.1)}
+TINY = dict(
+    embed_dim=16,
+    vision_cfg=dict(layers=1, width=32, head_width=16, patch_size=4, image_size=16),
+    text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=4, layers=1),
+)
+COLOURS = {
+    "red": (0.9, 0.1, 0.1),
+    "green": (0.1, 0.8, 0.1),
+    "blue": (0.1, 0.2, 0.9),
+    "yellow": (0.9, 0.9, 0.1),
+}
 CAPTIONS = [f"a {c} square" for c in COLOURS]
 STEPS = 150
 
@@ -189,7 +195,7 @@ def _squares(labels: torch.Tensor, size: int, gen: torch.Generator) -> torch.Ten
     for i in range(n):
         s = int(torch.randint(size // 3, size // 2 + 1, (), generator=gen))
         top, left = (int(v) for v in torch.randint(0, size - s + 1, (2,), generator=gen))
-        x[i, :, top:top + s, left:left + s] = rgb[i].view(3, 1, 1)
+        x[i, :, top : top + s, left : left + s] = rgb[i].view(3, 1, 1)
     return x
 
 
@@ -253,8 +259,10 @@ def test_clip_score_ranks_matching_captions_first(clip_checkpoint) -> None:
 def test_missing_clip_checkpoint_names_the_option(tmp_path) -> None:
     from ediff_train.metrics.clip_score import CLIPScorer
 
-    for ckpt, tail in ((tmp_path / "none.pt", f"(file not found: {tmp_path / 'none.pt'})"),
-                       (None, "(not set)")):
+    for ckpt, tail in (
+        (tmp_path / "none.pt", f"(file not found: {tmp_path / 'none.pt'})"),
+        (None, "(not set)"),
+    ):
         with pytest.raises(EdiffError) as e:
             CLIPScorer("ViT-g-14", ckpt)
         msg = str(e.value)

@@ -24,8 +24,16 @@ DIMS = {"t5_dim": 8, "clip_txt_dim": 6, "clip_pool_dim": 5, "clip_img_dim": 7}
 
 
 def small_net(**kw: object) -> TextUNet:
-    args = dict(image_size=8, model_channels=16, channel_mult=[1, 2], num_res_blocks=1,
-                attn_resolutions=[8, 4], head_channels=8, context_dim=16, **DIMS)
+    args = dict(
+        image_size=8,
+        model_channels=16,
+        channel_mult=[1, 2],
+        num_res_blocks=1,
+        attn_resolutions=[8, 4],
+        head_channels=8,
+        context_dim=16,
+        **DIMS,
+    )
     args.update(kw)
     torch.manual_seed(0)
     return TextUNet(**args)
@@ -100,10 +108,15 @@ def test_gradient_reaches_every_projection() -> None:
     x, c_noise = inputs()
     net(x, c_noise, make_cond()).square().mean().backward()
     emb = net.cond
-    for name, p in [("pool", emb.pool_proj.weight), ("img", emb.img_proj.weight),
-                    ("t5", emb.t5_tok[0].weight), ("txt", emb.txt_tok[0].weight),
-                    ("img_tok", emb.img_tok[0].weight), ("null", emb.null),
-                    ("sigma", net.noise_emb.mlp[0].weight)]:
+    for name, p in [
+        ("pool", emb.pool_proj.weight),
+        ("img", emb.img_proj.weight),
+        ("t5", emb.t5_tok[0].weight),
+        ("txt", emb.txt_tok[0].weight),
+        ("img_tok", emb.img_tok[0].weight),
+        ("null", emb.null),
+        ("sigma", net.noise_emb.mlp[0].weight),
+    ]:
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
@@ -153,8 +166,12 @@ def test_unet_bias_changes_output_and_large_negative_bias_removes_token() -> Non
     changed = make_cond(length=5, real=3)
     changed.t5[:, 1] += 2.0
     assert (net(x, c_noise, changed) - base).abs().max() > 1e-4
-    torch.testing.assert_close(net(x, c_noise, changed, cross_attn_bias=block),
-                               net(x, c_noise, cond, cross_attn_bias=block), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        net(x, c_noise, changed, cross_attn_bias=block),
+        net(x, c_noise, cond, cross_attn_bias=block),
+        atol=1e-5,
+        rtol=1e-5,
+    )
 
 
 def test_context_layout() -> None:
@@ -164,7 +181,11 @@ def test_context_layout() -> None:
     s = net.context_slices(5, 77)
     assert tokens.shape == (2, s["null"].stop, 16) and mask.shape == (2, s["null"].stop)
     assert (s["t5"], s["clip_txt"], s["clip_img"], s["null"]) == (
-        slice(0, 5), slice(5, 82), slice(82, 83), slice(83, 84))
+        slice(0, 5),
+        slice(5, 82),
+        slice(82, 83),
+        slice(83, 84),
+    )
     torch.testing.assert_close(tokens[:, s["null"]][:, 0], net.cond.null.expand(2, -1))
     assert torch.equal(mask[:, s["t5"]], cond.t5_mask) and mask[:, s["clip_txt"].start :].all()
 
@@ -218,9 +239,23 @@ def test_grad_checkpointing_flag_changes_what_is_stored(monkeypatch: pytest.Monk
     sr_cond.lowres, sr_cond.sigma_aug = torch.rand(2, 3, 4, 4), torch.full((2,), 0.1)
     for build, cond in (
         (lambda flag: small_net(grad_checkpointing=flag), make_cond()),
-        (lambda flag: EfficientUNet(8, 16, [1, 2], [1, 2], [4], d, DIMS["clip_txt_dim"],
-                                    DIMS["clip_pool_dim"], DIMS["clip_img_dim"], 16,
-                                    head_channels=8, grad_checkpointing=flag), sr_cond),
+        (
+            lambda flag: EfficientUNet(
+                8,
+                16,
+                [1, 2],
+                [1, 2],
+                [4],
+                d,
+                DIMS["clip_txt_dim"],
+                DIMS["clip_pool_dim"],
+                DIMS["clip_img_dim"],
+                16,
+                head_channels=8,
+                grad_checkpointing=flag,
+            ),
+            sr_cond,
+        ),
     ):
         plain, ckpt = build(False), build(True)
         n_heavy = sum(isinstance(m, heavy) for m in ckpt.modules())
@@ -259,8 +294,13 @@ def test_wrong_embedding_width_is_a_clear_error() -> None:
 
 def test_model_configs_instantiate() -> None:
     dims = {"t5": 32, "clip_txt": 32, "clip_pool": 24, "clip_img": 24}
-    root = OmegaConf.create({"encoders": {"dims": dims}, "data": {"image_size": 16},
-                             "model": OmegaConf.load(ROOT / "conf/model/tiny.yaml")})
+    root = OmegaConf.create(
+        {
+            "encoders": {"dims": dims},
+            "data": {"image_size": 16},
+            "model": OmegaConf.load(ROOT / "conf/model/tiny.yaml"),
+        }
+    )
     tiny = instantiate(root.model)
     assert isinstance(tiny, TextUNet) and tiny.image_size == 16
     assert tiny.cond.dims == {"t5": 32, "clip_txt": 32, "clip_pool": 24, "clip_img": 24}
@@ -273,8 +313,22 @@ def test_model_configs_instantiate() -> None:
 
 def test_bench_smoke(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, str(ROOT / "bench/train_step.py"), "--configs", "tiny", "--steps", "1",
-           "--warmup", "0", "--batch", "4", "--device", "cpu", "--json", str(out)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench/train_step.py"),
+        "--configs",
+        "tiny",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--batch",
+        "4",
+        "--device",
+        "cpu",
+        "--json",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "tiny" in proc.stdout and "img/s" in proc.stdout

@@ -70,7 +70,7 @@ def test_offloaded_ensemble_gives_the_same_images_with_two_experts_resident() ->
     assert off.offloader.peak_resident == 2
     for i, resident in trace:  # the running expert and the next one, nothing else
         k = order.index(i)
-        assert resident == sorted(order[k:k + 2]), (i, resident)
+        assert resident == sorted(order[k : k + 2]), (i, resident)
 
     # each expert ran on device copies, never on its host tensors, and its host copy is back
     for e, ptrs in zip(off.experts, host):
@@ -100,16 +100,30 @@ def test_next_expert_is_fetched_before_its_first_step() -> None:
     assert sorted(off.resident) == [0, 2] and off.transfers == 5
 
 
-def test_sample_bench_times_the_offloaded_ensemble(tmp_path: Path,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_sample_bench_times_the_offloaded_ensemble(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """bench/sample.py --offload at its smallest: a table row with positive step times for the
     single model, the resident ensemble and the offloaded one, which fetched every expert."""
     spec = importlib.util.spec_from_file_location("_bench_sample", ROOT / "bench" / "sample.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "sample.json"
-    bench.main(["--offload", "--batch", "1", "--steps", "2", "--repeats", "1", "--device", "cpu",
-                "--json", str(out)])
+    bench.main(
+        [
+            "--offload",
+            "--batch",
+            "1",
+            "--steps",
+            "2",
+            "--repeats",
+            "1",
+            "--device",
+            "cpu",
+            "--json",
+            str(out),
+        ]
+    )
     row = json.loads(out.read_text())[0]
     for k in ("single_s_per_step", "ensemble_s_per_step", "offload_s_per_step"):
         assert row[k] > 0, k

@@ -27,8 +27,19 @@ def enc() -> Encoders:
 def _net(enc: Encoders) -> EDMPrecond:
     torch.manual_seed(0)
     d = enc.dims
-    net = TextUNet(16, 16, [1, 2], 1, [8], d["t5"], d["clip_txt"], d["clip_pool"],
-                   d["clip_img"], 32, head_channels=8)
+    net = TextUNet(
+        16,
+        16,
+        [1, 2],
+        1,
+        [8],
+        d["t5"],
+        d["clip_txt"],
+        d["clip_pool"],
+        d["clip_img"],
+        32,
+        head_channels=8,
+    )
     g = torch.Generator().manual_seed(1)
     for m in net.modules():  # wake the zero-initialised output layers
         if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and not m.weight.abs().sum():
@@ -102,8 +113,9 @@ def test_painting_moves_the_phrase_attention_into_its_mask(enc: Encoders) -> Non
     assert in1 > in0 + 0.1 and abs(out1 - out0) < 0.01
 
 
-def test_zero_weight_is_bit_identical_and_bad_input_is_refused(enc: Encoders,
-                                                                tmp_path: Path) -> None:
+def test_zero_weight_is_bit_identical_and_bad_input_is_refused(
+    enc: Encoders, tmp_path: Path
+) -> None:
     prompt = "the number 3"
     cond = embed_prompts(enc, [prompt, prompt])
     den = _net(enc)
@@ -116,8 +128,13 @@ def test_zero_weight_is_bit_identical_and_bad_input_is_refused(enc: Encoders,
     mask = torch.zeros(5, 7)
     mask[1:3, 2:5] = 1.0
     calls: list[float] = []
-    hooked = Painter(enc, [prompt] * 2, [Region("3", mask)], w_prime=0.0,
-                     record=lambda sigma, probs, a: calls.append(float(a.sum())))
+    hooked = Painter(
+        enc,
+        [prompt] * 2,
+        [Region("3", mask)],
+        w_prime=0.0,
+        record=lambda sigma, probs, a: calls.append(float(a.sum())),
+    )
     assert torch.equal(generate(den, cond, 16, steps=3, guidance=3.0, paint=hooked), plain)
     layers = sum(isinstance(m, CrossAttention) for m in den.modules())
     assert len(calls) == 5 * layers and min(calls) > 0  # Heun, 3 steps: 5 network calls
@@ -130,8 +147,9 @@ def test_zero_weight_is_bit_identical_and_bad_input_is_refused(enc: Encoders,
     canvas[:, :4] = (255, 0, 0)
     canvas[:, 4:] = (0, 0, 255)
     Image.fromarray(canvas).save(tmp_path / "map.png")
-    regions = regions_from_colour_map(tmp_path / "map.png",
-                                      {"#ff0000": "the number,0.5", "#0000ff": "3"})
+    regions = regions_from_colour_map(
+        tmp_path / "map.png", {"#ff0000": "the number,0.5", "#0000ff": "3"}
+    )
     assert [(r.phrase, r.strength) for r in regions] == [("the number", 0.5), ("3", 1.0)]
     assert regions[0].mask[:, :4].min() == 1 and regions[0].mask[:, 4:].max() == 0
     with pytest.raises(EdiffError, match="does not occur"):
@@ -161,5 +179,6 @@ def test_attention_recorder_shares_per_call(enc: Encoders) -> None:
         total = r["t5"] + r["clip_txt"] + r["clip_img"] + r["null"]
         assert abs(total - 1) < 1e-5 and min(r["t5"], r["null"]) > 0
         assert r["expert"] == ("E1_1" if r["sigma"] > 0.3012 else "E1_0")
-    assert [r["sigma"] for r in rec.records] == sorted((r["sigma"] for r in rec.records),
-                                                       reverse=True)
+    assert [r["sigma"] for r in rec.records] == sorted(
+        (r["sigma"] for r in rec.records), reverse=True
+    )

@@ -71,19 +71,29 @@ def test_compiled_run_saves_plain_names_an_eager_network_loads(runs: Path) -> No
     assert not [k for k in [*compiled["state_dict"], *compiled["ema"]] if "_orig_mod" in k]
     _, net = load_expert(runs / "compiled" / "E0_0")  # weights.safetensors, strict, uncompiled
     assert not isinstance(net, CompiledDenoiser)
-    net.load_state_dict({k.removeprefix("denoiser."): v
-                         for k, v in compiled["state_dict"].items()}, strict=True)
+    net.load_state_dict(
+        {k.removeprefix("denoiser."): v for k, v in compiled["state_dict"].items()}, strict=True
+    )
 
 
-def test_compile_that_cannot_start_trains_eagerly(runs: Path, digits_root: Path,
-                                                  monkeypatch: pytest.MonkeyPatch,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_compile_that_cannot_start_trains_eagerly(
+    runs: Path,
+    digits_root: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("no working C++ compiler (test)")
 
     monkeypatch.setattr(torch, "compile", broken)
-    train(runs / "fallback", digits_root, "perf_fallback", "steps=2", "checkpoint_every=100",
-          "module.compile=true")
+    train(
+        runs / "fallback",
+        digits_root,
+        "perf_fallback",
+        "steps=2",
+        "checkpoint_every=100",
+        "module.compile=true",
+    )
     err = capsys.readouterr().err.splitlines()
     warned = [line for line in err if line.startswith("warning: torch.compile")]
     assert len(warned) == 1 and "RuntimeError: no working C++ compiler (test)" in warned[0]
@@ -96,8 +106,9 @@ def _mlp() -> nn.Module:
 
 
 @pytest.mark.parametrize("where", ["forward", "backward"])
-def test_compile_failing_at_first_call_falls_back(where: str,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_compile_failing_at_first_call_falls_back(
+    where: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A backend that cannot lower the forward or the backward graph (the backward one is made to
     fail inside the forward call, where falling back is still possible): eager values, eager
     gradients, one warning line."""
@@ -109,8 +120,10 @@ def test_compile_failing_at_first_call_falls_back(where: str,
     def keep(gm: torch.fx.GraphModule, inputs: object) -> torch.fx.GraphModule:
         return gm
 
-    backend = aot_autograd(fw_compiler=fail if where == "forward" else keep,
-                           bw_compiler=fail if where == "backward" else keep)
+    backend = aot_autograd(
+        fw_compiler=fail if where == "forward" else keep,
+        bw_compiler=fail if where == "backward" else keep,
+    )
     torch._dynamo.reset()
     net, ref = _mlp(), _mlp()
     x = torch.randn(3, 4)
@@ -157,8 +170,10 @@ def test_fused_adamw_is_clipped_like_lightning_clips() -> None:
     params = list(net.parameters())
     assert not is_fused(adamw(params, 1e-3, (0.9, 0.999), 0.01, fusable=True))
     module = ExpertModule(_mlp(), parse_node("E0_0"))
-    for algorithm, clip in (("norm", torch.nn.utils.clip_grad_norm_),
-                            ("value", torch.nn.utils.clip_grad_value_)):
+    for algorithm, clip in (
+        ("norm", torch.nn.utils.clip_grad_norm_),
+        ("value", torch.nn.utils.clip_grad_value_),
+    ):
         grads = [torch.randn_like(p) * 10 for p in params]
         for p, g in zip(params, grads):
             p.grad = g.clone()
@@ -173,18 +188,21 @@ def test_fused_adamw_is_clipped_like_lightning_clips() -> None:
         assert all(torch.allclose(p.grad, r.grad) for p, r in zip(params, ref)), algorithm
 
 
-def test_fused_adamw_trains_under_lightning_clipping(tmp_path: Path, digits_root: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fused_adamw_trains_under_lightning_clipping(
+    tmp_path: Path, digits_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Through a real Trainer, with fusing forced on CPU: bf16-mixed brings Lightning's
     MixedPrecision plugin, whose own clipping refuses a fused optimiser; the run trains and
     clips through the module's hook instead, at every step."""
     import ediff_train.training.module as module_py
     from ediff_train.core import perf
 
-    def fused_adamw(params: list, lr: float, betas: tuple, weight_decay: float,
-                    fusable: bool) -> torch.optim.AdamW:
-        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay,
-                                 fused=fusable)
+    def fused_adamw(
+        params: list, lr: float, betas: tuple, weight_decay: float, fusable: bool
+    ) -> torch.optim.AdamW:
+        return torch.optim.AdamW(
+            params, lr=lr, betas=betas, weight_decay=weight_decay, fused=fusable
+        )
 
     clipped: list[float] = []
 
@@ -194,20 +212,35 @@ def test_fused_adamw_trains_under_lightning_clipping(tmp_path: Path, digits_root
 
     monkeypatch.setattr(module_py, "adamw", fused_adamw)
     monkeypatch.setattr(module_py, "clip_gradients", spy)
-    train(tmp_path / "R", digits_root, "perf_fused", "steps=2", "checkpoint_every=100",
-          "trainer.precision=bf16-mixed", "trainer.gradient_clip_val=1.0")
+    train(
+        tmp_path / "R",
+        digits_root,
+        "perf_fused",
+        "steps=2",
+        "checkpoint_every=100",
+        "trainer.precision=bf16-mixed",
+        "trainer.gradient_clip_val=1.0",
+    )
     assert RECORDS["perf_fused"]["optimizer_steps"] == [0, 1] and clipped == [1.0, 1.0]
 
 
 def test_deferred_nan_check_keeps_checkpoints_clean(
-        tmp_path: Path, digits_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, digits_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """finite_check_every=5 (how a GPU run checks): a NaN at step 2 is not read at once, so
     steps 2 and 3 update the weights, but the checkpoint due after step 3 is refused: the run
     stops with the step-2 checkpoint intact and finite, and no hand-off."""
     run = tmp_path / "R"
     with pytest.raises(SystemExit) as e:
-        train(run, digits_root, "perf_nan", "steps=6", "checkpoint_every=2",
-              "module.finite_check_every=5", "+callbacks.probe.nan_at=2")
+        train(
+            run,
+            digits_root,
+            "perf_nan",
+            "steps=6",
+            "checkpoint_every=2",
+            "module.finite_check_every=5",
+            "+callbacks.probe.nan_at=2",
+        )
     assert e.value.code == 2
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
@@ -216,11 +249,11 @@ def test_deferred_nan_check_keeps_checkpoints_clean(
     rec = RECORDS["perf_nan"]
     assert rec["optimizer_steps"] == [0, 1, 2, 3]  # deferred: the bad steps did update
     assert not all(torch.isfinite(v).all() for v in rec["at_exception"].values())
-    ckpt = torch.load(run / "E0_0" / "checkpoints" / "last.ckpt", map_location="cpu",
-                      weights_only=True)
+    ckpt = torch.load(
+        run / "E0_0" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
+    )
     assert ckpt["global_step"] == 2
-    same({k.removeprefix("denoiser."): v for k, v in ckpt["state_dict"].items()},
-         rec["weights"][2])
+    same({k.removeprefix("denoiser."): v for k, v in ckpt["state_dict"].items()}, rec["weights"][2])
     assert all(torch.isfinite(v).all() for v in ckpt["ema"].values())
     assert not (run / "E0_0" / "weights.safetensors").exists()
 
@@ -237,14 +270,36 @@ def test_deferred_check_raises_once_read() -> None:
 
 def test_bench_compile_rows_and_batch_sweep(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, str(ROOT / "bench/train_step.py"), "--configs", "tiny", "--steps", "1",
-           "--warmup", "0", "--batch", "2,3", "--device", "cpu", "--compile", "both",
-           "--backend", "eager", "--optim", "--json", str(out)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench/train_step.py"),
+        "--configs",
+        "tiny",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--batch",
+        "2,3",
+        "--device",
+        "cpu",
+        "--compile",
+        "both",
+        "--backend",
+        "eager",
+        "--optim",
+        "--json",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["batch"], r["compile"]) for r in rows] == [(2, False), (2, True), (3, False),
-                                                         (3, True)]
+    assert [(r["batch"], r["compile"]) for r in rows] == [
+        (2, False),
+        (2, True),
+        (3, False),
+        (3, True),
+    ]
     for r in rows:
         assert not r["oom"] and r["img_per_s"] > 0 and r["gflop_per_step"] > 0
         assert r["mfu"] is None  # no MFU on CPU

@@ -69,13 +69,13 @@ def curve(steps: int, dim: int, seed: int) -> np.ndarray:
     return w
 
 
-def drive(folder: Path, w: np.ndarray, sigma_rels: tuple[float, ...], every: int,
-          dtype: str = "float32") -> PostHocEMA:
+def drive(
+    folder: Path, w: np.ndarray, sigma_rels: tuple[float, ...], every: int, dtype: str = "float32"
+) -> PostHocEMA:
     """PostHocEMA following a one-parameter 'model' whose weights are the rows of `w`."""
     net = nn.Linear(w.shape[1], 1, bias=False)
     module = SimpleNamespace(denoiser=net, total_step=0)
-    trainer = SimpleNamespace(is_global_zero=True, ckpt_path=None, global_step=0,
-                              max_steps=len(w))
+    trainer = SimpleNamespace(is_global_zero=True, ckpt_path=None, global_step=0, max_steps=len(w))
     cb = PostHocEMA(folder, sigma_rels, every, dtype=dtype)
     cb.setup(trainer, module, "fit")
     cb.on_train_start(trainer, module)
@@ -126,19 +126,24 @@ def test_reconstruct_075_from_005_and_010(tmp_path: Path) -> None:
     got = reconstruct(tmp_path / "stored", 0.075)["weight"].double().numpy()[0]
     err = rel(got, direct)
     # what the EMA length changes: the stored widths' EMAs differ by ~this much
-    spread = rel(weight(snapshot_path(tmp_path / "stored", 0.05, 1000)),
-                 weight(snapshot_path(tmp_path / "stored", 0.10, 1000)))
+    spread = rel(
+        weight(snapshot_path(tmp_path / "stored", 0.05, 1000)),
+        weight(snapshot_path(tmp_path / "stored", 0.10, 1000)),
+    )
     print(f"reconstruction error {err:.2e} (stored widths differ by {spread:.2e})")
     assert err < 1e-3  # measured 5.6e-5 (the widths' EMAs differ by 4.6e-1)
     # the same snapshots combined for a γ only slightly off (σ_rel 0.074 or 0.076) miss it
     for wrong in (0.074, 0.076):  # measured 8.5e-3 each
-        assert rel(reconstruct(tmp_path / "stored", wrong)["weight"].double().numpy()[0],
-                   direct) > 5e-3
+        assert (
+            rel(reconstruct(tmp_path / "stored", wrong)["weight"].double().numpy()[0], direct)
+            > 5e-3
+        )
     # and coefficients solved as if the two profiles were swapped are far off
     snaps = plan(node_snapshots(tmp_path / "stored"), 0.075)
     swapped = [sigma_rel_to_gamma(0.15 - s.sigma_rel) for s in snaps.snapshots]
-    x, _ = solve_coefficients([s.step for s in snaps.snapshots], swapped, 1000,
-                              sigma_rel_to_gamma(0.075))
+    x, _ = solve_coefficients(
+        [s.step for s in snaps.snapshots], swapped, 1000, sigma_rel_to_gamma(0.075)
+    )
     wrong = sum(xi * weight(s.path) for xi, s in zip(x, snaps.snapshots))
     assert rel(wrong, direct) > 1e-1
     # at an earlier step, only the snapshots up to it are used
@@ -175,9 +180,18 @@ def test_plan_refuses_extrapolation(tmp_path: Path) -> None:
 
 
 # ---- (d) the real training path ----------------------------------------------------------------
-FAST = ["logger=none", "data.num_workers=0", "sample.per_prompt=0", "data.batch_size=4",
-        "monitor.every=0", "probe.enabled=false", "checkpoint_every=100", "module.lr=3e-3",
-        "posthoc_ema.enabled=true", "posthoc_ema.every=5"]
+FAST = [
+    "logger=none",
+    "data.num_workers=0",
+    "sample.per_prompt=0",
+    "data.batch_size=4",
+    "monitor.every=0",
+    "probe.enabled=false",
+    "checkpoint_every=100",
+    "module.lr=3e-3",
+    "posthoc_ema.enabled=true",
+    "posthoc_ema.every=5",
+]
 
 
 def _train_script():  # noqa: ANN202
@@ -192,14 +206,16 @@ def train(run_dir: Path, data_root: Path, *overrides: str) -> None:
     """train.py's main on a composed config, in this process."""
     register_nodes(["E0_0", "E1_0"])
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[*FAST, f"run_dir={run_dir}",
-                                          f"data.root={data_root}", *overrides])
+        cfg = compose(
+            "train", overrides=[*FAST, f"run_dir={run_dir}", f"data.root={data_root}", *overrides]
+        )
     _train_script().main(cfg)
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory, digits_root: Path,
-         one_torch_thread: None) -> Path:
+def runs(
+    tmp_path_factory: pytest.TempPathFactory, digits_root: Path, one_torch_thread: None
+) -> Path:
     """R: root 20 steps, child E1_0 10 steps from it. F: the same child from a copy of the root
     without its tracker state (trackers start fresh). S: the root trained 10 steps, then
     resumed to 20."""
@@ -218,7 +234,8 @@ def test_child_trackers_continue_the_parents(runs: Path) -> None:
     root, child, fresh = runs / "R" / "E0_0", runs / "R" / "E1_0", runs / "F" / "E1_0"
     assert sorted(p.name for p in (root / "posthoc").iterdir()) == sorted(
         [f"{s}_{t:09d}.safetensors" for s in ("0.05", "0.1") for t in (5, 10, 15, 20)]
-        + ["state.safetensors"])
+        + ["state.safetensors"]
+    )
     parent_raw = load_weights(root / "weights.safetensors")[0]
     state = load_file(str(root / "posthoc" / "state.safetensors"))
     # the same child trajectory (raw weights equal), trackers started two ways: the difference
@@ -244,8 +261,9 @@ def test_resumed_run_continues_trackers_exactly(runs: Path) -> None:
         assert worst <= 1e-6, (name, worst)
 
 
-def test_command_writes_weights_format_from_the_lineage(runs: Path,
-                                                        capsys: pytest.CaptureFixture) -> None:
+def test_command_writes_weights_format_from_the_lineage(
+    runs: Path, capsys: pytest.CaptureFixture
+) -> None:
     child = runs / "R" / "E1_0"
     assert main([f"run_dir={runs / 'R'}", "node=E1_0", "sigma_rel=0.08"]) == 0
     assert "from 12 snapshots" in capsys.readouterr().out  # the root's 8 + the child's 4
@@ -266,9 +284,20 @@ def test_command_writes_weights_format_from_the_lineage(runs: Path,
 
 # ---- (e) bad input: one line, non-zero exit, nothing written -----------------------------------
 def test_command_refuses_out_of_range(runs: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "ediff_train.run.posthoc_ema",
-                           f"run_dir={runs / 'R'}", "node=E1_0", "sigma_rel=0.2"],
-                          env=run_env(runs), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ediff_train.run.posthoc_ema",
+            f"run_dir={runs / 'R'}",
+            "node=E1_0",
+            "sigma_rel=0.2",
+        ],
+        env=run_env(runs),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0, proc.stderr
     assert proc.stderr.startswith("error: sigma_rel=0.2 lies outside the stored profiles' range")
@@ -287,10 +316,21 @@ def test_evaluate_ema_sweep(runs: Path) -> None:
 
     cfg = OmegaConf.load(ROOT / "conf" / "evaluate" / "config.yaml")
     cfg.pop("hydra")
-    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([
-        f"run_dir={runs / 'R'}", "expert=E0_0", "metric=ema_sweep", "device=cpu",
-        "ema.sigma_rels=[0.05,0.075,0.1]", "loss_by_sigma.images=8",
-        "loss_by_sigma.batch_size=8", "loss_by_sigma.sigmas=4"]))
+    cfg = OmegaConf.merge(
+        cfg,
+        OmegaConf.from_dotlist(
+            [
+                f"run_dir={runs / 'R'}",
+                "expert=E0_0",
+                "metric=ema_sweep",
+                "device=cpu",
+                "ema.sigma_rels=[0.05,0.075,0.1]",
+                "loss_by_sigma.images=8",
+                "loss_by_sigma.batch_size=8",
+                "loss_by_sigma.sigmas=4",
+            ]
+        ),
+    )
     evaluate_ema_sweep(cfg)
     report = json.loads((runs / "R" / "eval" / "ema_sweep.json").read_text())
     rows = report["runs"][0]["rows"]

@@ -23,8 +23,9 @@ class CountingPool(ThreadPoolExecutor):
 
 
 @pytest.mark.parametrize("depth", [0, 1, 2])
-def test_shards_fetched_beyond_the_one_being_read(monkeypatch: pytest.MonkeyPatch,
-                                                   depth: int) -> None:
+def test_shards_fetched_beyond_the_one_being_read(
+    monkeypatch: pytest.MonkeyPatch, depth: int
+) -> None:
     monkeypatch.setattr(readahead, "fetch", lambda url, retry: url.encode())
     monkeypatch.setattr(readahead, "ThreadPoolExecutor", CountingPool)
     CountingPool.submitted = 0
@@ -45,4 +46,7 @@ def test_failed_shard_is_handed_over_as_its_error(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(readahead, "fetch", fetch)
     got = list(readahead.prefetch(["a/0.tar", "a/1.tar", "a/2.tar"], depth=0))
     assert [d if isinstance(d, bytes) else type(d).__name__ for _, d in got] == [
-        b"ok", "ConnectionResetError", b"ok"]
+        b"ok",
+        "ConnectionResetError",
+        b"ok",
+    ]

@@ -29,8 +29,14 @@ PROMPT = "a red cat on the table"
 
 
 def cli(tmp: Path, script: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=tmp,
-                          env=run_env(tmp), capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *args],
+        cwd=tmp,
+        env=run_env(tmp),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -39,18 +45,33 @@ def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 
 def test_embed_then_train_then_sample_as_the_readme_says(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     captions = make_jsonl(tmp_path / "coco", 12, seed=5)  # 20-40 px images, captions.jsonl
 
     # 1. python data_prep/embed.py input=coco output=shards/coco64_tiny encoders=tiny
-    embed = ok(cli(tmp_path, "data_prep/embed.py", "input=coco", f"output={SHARDS}",
-                   "encoders=tiny", "stage.size=16", "stage.min_side=16", "progress=false"))
+    embed = ok(
+        cli(
+            tmp_path,
+            "data_prep/embed.py",
+            "input=coco",
+            f"output={SHARDS}",
+            "encoders=tiny",
+            "stage.size=16",
+            "stage.min_side=16",
+            "progress=false",
+        )
+    )
     assert f"all 1 units done: {SHARDS}/manifest.json" in embed.stdout
     manifest = read_manifest(tmp_path / SHARDS)
     assert manifest["num_samples"] == len(captions) and manifest["image"]["size"] == 16
     enc = manifest["encoders"]
-    dims = {"t5": enc["t5"]["dim"], "clip_txt": enc["clip"]["text_dim"],
-            "clip_pool": enc["clip"]["pool_dim"], "clip_img": enc["clip"]["image_dim"]}
+    dims = {
+        "t5": enc["t5"]["dim"],
+        "clip_txt": enc["clip"]["text_dim"],
+        "clip_pool": enc["clip"]["pool_dim"],
+        "clip_img": enc["clip"]["image_dim"],
+    }
     # ...the dims the trainer's `encoders=tiny` builds its network for (the same yaml)
     assert dims == dict(OmegaConf.load(ROOT / "conf" / "encoders" / "tiny.yaml").dims)
     saved = json.loads((tmp_path / SHARDS / "encoders" / "encoders.json").read_text())
@@ -58,10 +79,23 @@ def test_embed_then_train_then_sample_as_the_readme_says(
 
     # 2. python train.py data=shards data.root=shards/coco64_tiny (run_dir, steps, batch: README)
     run = "runs/coco"
-    train = ok(cli(tmp_path, "train.py", "data=shards", f"data.root={SHARDS}",
-                   "data.image_size=16", f"run_dir={run}", "steps=2", "data.batch_size=4",
-                   "data.num_workers=0", "sample.per_prompt=0", "logger=none",
-                   "monitor.every=0", "probe.enabled=false"))
+    train = ok(
+        cli(
+            tmp_path,
+            "train.py",
+            "data=shards",
+            f"data.root={SHARDS}",
+            "data.image_size=16",
+            f"run_dir={run}",
+            "steps=2",
+            "data.batch_size=4",
+            "data.num_workers=0",
+            "sample.per_prompt=0",
+            "logger=none",
+            "monitor.every=0",
+            "probe.enabled=false",
+        )
+    )
     assert "Traceback" not in train.stderr
     ndir = tmp_path / run / "E0_0"
     node = json.loads((ndir / "node.json").read_text())
@@ -75,8 +109,19 @@ def test_embed_then_train_then_sample_as_the_readme_says(
     assert expert.name == "E0_0" and not denoiser.training
 
     # 3. python sample.py run_dir=R expert=E0_0 prompt="..." n=16 out=DIR
-    sample = ok(cli(tmp_path, "sample.py", f"run_dir={run}", "expert=E0_0", f"prompt={PROMPT}",
-                    "n=2", "out=samples", "steps=2", "progress=false"))
+    sample = ok(
+        cli(
+            tmp_path,
+            "sample.py",
+            f"run_dir={run}",
+            "expert=E0_0",
+            f"prompt={PROMPT}",
+            "n=2",
+            "out=samples",
+            "steps=2",
+            "progress=false",
+        )
+    )
     assert "expert calls: E0_0: 3" in sample.stdout  # 2 Heun steps = 3 calls
     out = tmp_path / "samples"
     for i in range(2):

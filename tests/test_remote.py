@@ -30,9 +30,13 @@ from ediff_train.nn.encoders import Encoders
 from ediff_train.sampling.pipeline import Sampler
 
 BUCKET = "ediff-test"
-AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_MAX_ATTEMPTS": "1",
-           "AWS_EC2_METADATA_DISABLED": "true"}
+AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_MAX_ATTEMPTS": "1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
 
 
 def _fresh_fs() -> None:
@@ -71,13 +75,13 @@ def s3() -> Iterator[str]:
 
 
 def embed(src: Path, out: str, **kw) -> object:  # noqa: ANN401
-    cfg = PrepConfig(src, out, ImageSpec(16, 16, "jpg"), unit_size=10, batch_size=16,
-                     sort_window=16, workers=0)
+    cfg = PrepConfig(
+        src, out, ImageSpec(16, 16, "jpg"), unit_size=10, batch_size=16, sort_window=16, workers=0
+    )
     return EmbedJob(cfg, Encoders.tiny(0)).run(progress=False, cpu_threads=1, **kw)
 
 
-def test_embed_to_s3_resumes_then_trains_and_samples(s3: str, tmp_path: Path,
-                                                      monkeypatch) -> None:
+def test_embed_to_s3_resumes_then_trains_and_samples(s3: str, tmp_path: Path, monkeypatch) -> None:
     make_jsonl(tmp_path / "in", 30)
     out = f"{s3}/set"
     first = embed(tmp_path / "in", out, max_units=1)
@@ -109,12 +113,30 @@ def test_embed_to_s3_resumes_then_trains_and_samples(s3: str, tmp_path: Path,
 
     run = tmp_path / "run"
     train = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "logger=csv", "monitor.every=0",
-         "probe.enabled=false", "data=shards", f"data.root={out}",
-         "data.image_size=16", "data.num_workers=2", "data.batch_size=8", "data.readahead=1",
-         "data.shuffle_buffer=16", "steps=2", "checkpoint_every=5", "sample.per_prompt=0",
-         f"run_dir={run}"],
-        cwd=tmp_path, env=run_env(tmp_path), capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "logger=csv",
+            "monitor.every=0",
+            "probe.enabled=false",
+            "data=shards",
+            f"data.root={out}",
+            "data.image_size=16",
+            "data.num_workers=2",
+            "data.batch_size=8",
+            "data.readahead=1",
+            "data.shuffle_buffer=16",
+            "steps=2",
+            "checkpoint_every=5",
+            "sample.per_prompt=0",
+            f"run_dir={run}",
+        ],
+        cwd=tmp_path,
+        env=run_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert train.returncode == 0, train.stderr[-3000:]
     assert json.loads((run / "E0_0" / "node.json").read_text())["step"] == 2
     monkeypatch.setenv("EDIFF_CACHE", str(tmp_path / "cache"))  # fetch the encoders afresh
@@ -144,7 +166,7 @@ class _Flaky(http.server.SimpleHTTPRequestHandler):
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body[:len(body) // 2])
+            self.wfile.write(body[: len(body) // 2])
             self.wfile.flush()
             self.connection.shutdown(2)  # the connection drops mid-shard
             self.close_connection = True
@@ -166,13 +188,23 @@ def http_root(tmp_path: Path) -> Iterator[str]:
         server.server_close()
 
 
-def test_http_drops_are_retried_then_the_shard_is_skipped_and_counted(http_root: str,
-                                                                      monkeypatch) -> None:
+def test_http_drops_are_retried_then_the_shard_is_skipped_and_counted(
+    http_root: str, monkeypatch
+) -> None:
     monkeypatch.setattr(Retry, "wait", lambda self, attempt: 0.01)
     _Flaky.drops = {"000000.tar": 1, "000001.tar": 99}  # one drop, then always
     _Flaky.seen = {}
-    dm = ShardDataModule(http_root, batch_size=4, image_size=16, num_workers=0,
-                         shuffle_buffer=0, batches_per_epoch=2, retries=3, rank=0, world_size=1)
+    dm = ShardDataModule(
+        http_root,
+        batch_size=4,
+        image_size=16,
+        num_workers=0,
+        shuffle_buffer=0,
+        batches_per_epoch=2,
+        retries=3,
+        rank=0,
+        world_size=1,
+    )
     dm.setup("fit")
     keys = sorted(k for b in dm.train_dataloader() for k in b["key"])
     assert keys == sorted(f"s{i}_{j}" for i in (0, 2) for j in range(4))
@@ -182,12 +214,20 @@ def test_http_drops_are_retried_then_the_shard_is_skipped_and_counted(http_root:
 
 def test_pipe_root_reads_through_a_command(tmp_path: Path) -> None:
     write_set(tmp_path / "set", [3, 3])
-    dm = ShardDataModule(f"pipe:cat {tmp_path}/set/{{name}}", batch_size=3, image_size=16,
-                         num_workers=0, shuffle_buffer=0, batches_per_epoch=2, rank=0,
-                         world_size=1)
+    dm = ShardDataModule(
+        f"pipe:cat {tmp_path}/set/{{name}}",
+        batch_size=3,
+        image_size=16,
+        num_workers=0,
+        shuffle_buffer=0,
+        batches_per_epoch=2,
+        rank=0,
+        world_size=1,
+    )
     dm.setup("fit")
     assert sorted(k for b in dm.train_dataloader() for k in b["key"]) == sorted(
-        f"s{i}_{j}" for i in range(2) for j in range(3))
+        f"s{i}_{j}" for i in range(2) for j in range(3)
+    )
 
 
 def test_bad_remote_roots_are_one_line_errors(s3: str, tmp_path: Path, monkeypatch) -> None:
@@ -196,8 +236,9 @@ def test_bad_remote_roots_are_one_line_errors(s3: str, tmp_path: Path, monkeypat
             ShardDataModule(root, batch_size=4, image_size=16, retries=1).setup("fit")
         assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
 
-    fails(f"{s3}/nothing", f"no shard set at {s3}/nothing: {s3}/nothing/manifest.json does "
-          "not exist")
+    fails(
+        f"{s3}/nothing", f"no shard set at {s3}/nothing: {s3}/nothing/manifest.json does not exist"
+    )
     fails("s3://no-such-bucket/set", "(The specified bucket does not exist)")
     fails("gs://b/set", "gs:// needs a backend that is not installed: pip install gcsfs")
     with pytest.raises(EdiffError, match="bucket no-such-bucket does not exist"):
@@ -217,11 +258,26 @@ def test_bad_remote_roots_are_one_line_errors(s3: str, tmp_path: Path, monkeypat
     monkeypatch.undo()
     _fresh_fs()
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "logger=csv", "monitor.every=0",
-         "probe.enabled=false", "data=shards",
-         f"data.root={s3}/nothing", "data.image_size=16", "steps=1", "run_dir=R"],
-        cwd=tmp_path, env=run_env(tmp_path), capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "logger=csv",
+            "monitor.every=0",
+            "probe.enabled=false",
+            "data=shards",
+            f"data.root={s3}/nothing",
+            "data.image_size=16",
+            "steps=1",
+            "run_dir=R",
+        ],
+        cwd=tmp_path,
+        env=run_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"error: no shard set at {s3}/nothing: {s3}/nothing/manifest.json does not exist")
+        f"error: no shard set at {s3}/nothing: {s3}/nothing/manifest.json does not exist"
+    )
     assert not list((tmp_path / "R").rglob("weights.safetensors"))

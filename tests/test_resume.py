@@ -23,8 +23,15 @@ from ediff_train.training.resume import (
 )
 from ediff_train.training.strategies import MARKER
 
-FAST = ["data.num_workers=0", "sample.per_prompt=0", "data.batch_size=8", "run_dir=R",
-        "monitor.every=0", "probe.batches=1", "probe.batch_size=8"]  # instruments: cheap here
+FAST = [
+    "data.num_workers=0",
+    "sample.per_prompt=0",
+    "data.batch_size=8",
+    "run_dir=R",
+    "monitor.every=0",
+    "probe.batches=1",
+    "probe.batch_size=8",
+]  # instruments: cheap here
 
 
 def command(*args: str) -> list[str]:
@@ -32,8 +39,15 @@ def command(*args: str) -> list[str]:
 
 
 def start(tmp: Path, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
-    return subprocess.Popen(command(*args), cwd=tmp, env=env or run_env(tmp), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    return subprocess.Popen(
+        command(*args),
+        cwd=tmp,
+        env=env or run_env(tmp),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
@@ -71,12 +85,19 @@ def test_sigkill_after_a_checkpoint_then_same_command_resumes_from_it(tmp: Path)
     command then resumes from the newest checkpoint on disk, step k > 0, not from step 0: its
     first optimiser step is k and it trains exactly the 12 − k steps left (a Probe records it)."""
     dump = tmp / "K_probe.pt"
-    args = ["steps=12", "checkpoint_every=3", "logger=wandb", "run_dir=K",
-            "+callbacks.probe._target_=train_probes.Probe", "+callbacks.probe.key=k",
-            f"+callbacks.probe.dump={dump}"]
+    args = [
+        "steps=12",
+        "checkpoint_every=3",
+        "logger=wandb",
+        "run_dir=K",
+        "+callbacks.probe._target_=train_probes.Probe",
+        "+callbacks.probe.key=k",
+        f"+callbacks.probe.dump={dump}",
+    ]
     env = run_env(tmp)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"),
-                                         *filter(None, [env.get("PYTHONPATH")])])
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT / "tests"), *filter(None, [env.get("PYTHONPATH")])]
+    )
     ndir = tmp / "K" / "E0_0"
     proc = start(tmp, args, env)
     wait_for(ndir / "checkpoints" / "last.ckpt", proc)  # renamed into place: complete
@@ -85,8 +106,10 @@ def test_sigkill_after_a_checkpoint_then_same_command_resumes_from_it(tmp: Path)
     assert proc.returncode == -signal.SIGKILL
     assert not (ndir / "weights.safetensors").exists() and not dump.exists()  # killed mid-run
     run_id = (ndir / "wandb_id").read_text().strip()
-    steps = [int(torch.load(c, map_location="cpu", weights_only=True)["global_step"])
-             for c in (ndir / "checkpoints").glob("*.ckpt")]  # a .tmp of a later save: not one
+    steps = [
+        int(torch.load(c, map_location="cpu", weights_only=True)["global_step"])
+        for c in (ndir / "checkpoints").glob("*.ckpt")
+    ]  # a .tmp of a later save: not one
     k = max(steps)
     assert 3 <= k < 12 and k % 3 == 0, steps
 
@@ -108,9 +131,18 @@ def fake_slurm(tmp: Path) -> tuple[dict[str, str], Path]:
     script.write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
     script.chmod(0o755)
     env = run_env(tmp)
-    env.update(SLURM_JOB_ID="4242", SLURM_JOB_NAME="ediff", SLURM_NTASKS="1", SLURM_PROCID="0",
-               SLURM_LOCALID="0", SLURM_NODEID="0", SLURM_NNODES="1", SLURM_NTASKS_PER_NODE="1",
-               SLURM_NODELIST="127.0.0.1", PATH=f"{bin_dir}{os.pathsep}{env['PATH']}")
+    env.update(
+        SLURM_JOB_ID="4242",
+        SLURM_JOB_NAME="ediff",
+        SLURM_NTASKS="1",
+        SLURM_PROCID="0",
+        SLURM_LOCALID="0",
+        SLURM_NODEID="0",
+        SLURM_NNODES="1",
+        SLURM_NTASKS_PER_NODE="1",
+        SLURM_NODELIST="127.0.0.1",
+        PATH=f"{bin_dir}{os.pathsep}{env['PATH']}",
+    )
     return env, log
 
 
@@ -150,7 +182,10 @@ def test_resume_choice_and_cleanup(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="unreadable checkpoint"):
         assert resume_checkpoint(ndir) == ck / "hpc_ckpt_1.ckpt"
     assert sorted(p.name for p in ck.iterdir()) == [
-        "hpc_ckpt_1.ckpt", "hpc_ckpt_2.ckpt.corrupt", "last.ckpt"]
+        "hpc_ckpt_1.ckpt",
+        "hpc_ckpt_2.ckpt.corrupt",
+        "last.ckpt",
+    ]
 
     (ck / "hpc_ckpt_3.ckpt").mkdir()  # a DeepSpeed folder without its completion marker
     with pytest.warns(UserWarning, match="unreadable checkpoint"):

@@ -41,8 +41,10 @@ def test_guidance_extrapolates() -> None:
 
 def _cond(b: int, value: float = 1.0, length: int = 3) -> Conditioning:
     return Conditioning(
-        t5=torch.full((b, length, 4), value), t5_mask=torch.ones(b, length, dtype=torch.bool),
-        clip_txt=torch.full((b, 77, 4), value), clip_pool=torch.full((b, 2), value),
+        t5=torch.full((b, length, 4), value),
+        t5_mask=torch.ones(b, length, dtype=torch.bool),
+        clip_txt=torch.full((b, 77, 4), value),
+        clip_pool=torch.full((b, 2), value),
         clip_img=torch.full((b, 2), value),
     )
 

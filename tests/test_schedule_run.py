@@ -22,7 +22,7 @@ from ediff_train.experiments.schedule import load_schedule, schedule_from_config
 
 # Stands in for `python train.py ...`: records its call, then writes node.json at the stage's
 # target step (parent's step + steps), or fails / hangs when the environment says so.
-FAKE = r'''#!{python}
+FAKE = r"""#!{python}
 import json, os, sys, time
 from pathlib import Path
 args = dict(a.split("=", 1) for a in sys.argv[2:])
@@ -40,14 +40,19 @@ if name == os.environ.get("FAKE_FAIL"):
 start = json.loads((run / parent / "node.json").read_text())["step"] if parent else 0
 (run / name).mkdir(parents=True, exist_ok=True)
 (run / name / "node.json").write_text(json.dumps({{"step": start + int(args["steps"])}}))
-'''
+"""
 
-TOY = {"name": "toy", "overrides": ["logger=csv"], "stages": [
-    {"node": "E0_0", "steps": 5, "source": "t"},
-    {"node": "E1_1", "steps": 2, "source": "t"},
-    {"node": "E1_0", "steps": 2, "source": "t"},
-    {"node": "E2_0", "steps": 1, "source": "t"},
-    {"name": "E0_0_cont", "node": "E0_0", "parent": "E0_0", "steps": 4, "source": "t"}]}
+TOY = {
+    "name": "toy",
+    "overrides": ["logger=csv"],
+    "stages": [
+        {"node": "E0_0", "steps": 5, "source": "t"},
+        {"node": "E1_1", "steps": 2, "source": "t"},
+        {"node": "E1_0", "steps": 2, "source": "t"},
+        {"node": "E2_0", "steps": 1, "source": "t"},
+        {"name": "E0_0_cont", "node": "E0_0", "parent": "E0_0", "steps": 4, "source": "t"},
+    ],
+}
 
 
 @pytest.fixture
@@ -66,21 +71,22 @@ def calls(tmp_path: Path) -> list[dict]:
 
 def test_stages_run_in_dependency_order_with_overrides(tmp_path: Path, fake: Path) -> None:
     said: list[str] = []
-    out = run_schedule(schedule_from_config(TOY), tmp_path / "R", ["seed=3"], python=str(fake),
-                       say=said.append)
+    out = run_schedule(
+        schedule_from_config(TOY), tmp_path / "R", ["seed=3"], python=str(fake), say=said.append
+    )
     assert [o.status for o in out] == ["trained"] * 5
     names = [c["name"] for c in calls(tmp_path)]
     assert names == ["E0_0", "E1_1", "E1_0", "E2_0", "E0_0_cont"]  # parents first, else file order
     cont = calls(tmp_path)[-1]["args"]
-    assert "expert.parent=E0_0" in cont and "steps=4" in cont and cont[-2:] == ["logger=csv",
-                                                                               "seed=3"]
+    assert (
+        "expert.parent=E0_0" in cont and "steps=4" in cont and cont[-2:] == ["logger=csv", "seed=3"]
+    )
     steps = {o.stage: o.step for o in out}
     assert steps == {"E0_0": 5, "E1_1": 7, "E1_0": 7, "E2_0": 8, "E0_0_cont": 9}
     assert said[0].startswith("schedule toy: 5 stages") and "[4/5] E2_0: done" in said[-3]
 
 
-def test_finished_stages_are_skipped_and_a_partial_one_resumes(tmp_path: Path,
-                                                             fake: Path) -> None:
+def test_finished_stages_are_skipped_and_a_partial_one_resumes(tmp_path: Path, fake: Path) -> None:
     sched = schedule_from_config(TOY)
     run_schedule(sched, tmp_path / "R", python=str(fake), say=lambda s: None)
     # E2_0 "interrupted": node.json not at its target, a checkpoint left behind
@@ -92,27 +98,36 @@ def test_finished_stages_are_skipped_and_a_partial_one_resumes(tmp_path: Path,
     out = run_schedule(sched, tmp_path / "R", python=str(fake), say=said.append)
     assert [c["name"] for c in calls(tmp_path)] == ["E2_0"]
     assert [o.status for o in out] == ["skipped"] * 3 + ["trained", "skipped"]
-    assert any("E2_0: training +1 steps (global 7 → 8), resuming its checkpoint" in s
-               for s in said)
+    assert any("E2_0: training +1 steps (global 7 → 8), resuming its checkpoint" in s for s in said)
 
 
-def test_a_failed_stage_blocks_its_descendants_only(tmp_path: Path, fake: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_stage_blocks_its_descendants_only(
+    tmp_path: Path, fake: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("FAKE_FAIL", "E1_0")
     said: list[str] = []
-    out = {o.stage: o.status for o in run_schedule(schedule_from_config(TOY), tmp_path / "R",
-                                                   python=str(fake), say=said.append)}
-    assert out == {"E0_0": "trained", "E1_1": "trained", "E1_0": "failed", "E2_0": "blocked",
-                   "E0_0_cont": "trained"}
+    out = {
+        o.stage: o.status
+        for o in run_schedule(
+            schedule_from_config(TOY), tmp_path / "R", python=str(fake), say=said.append
+        )
+    }
+    assert out == {
+        "E0_0": "trained",
+        "E1_1": "trained",
+        "E1_0": "failed",
+        "E2_0": "blocked",
+        "E0_0_cont": "trained",
+    }
     assert "E2_0" not in [c["name"] for c in calls(tmp_path)]
     assert any("E1_0: FAILED" in s and "error: parent weights are corrupt" in s for s in said)
     # the failure's output is kept in the stage's log
     assert "corrupt" in (tmp_path / "R" / "E1_0" / "train.log").read_text()
 
 
-def test_run_main_exit_codes_and_bad_arguments(tmp_path: Path, fake: Path,
-                                               monkeypatch: pytest.MonkeyPatch,
-                                               capsys: pytest.CaptureFixture) -> None:
+def test_run_main_exit_codes_and_bad_arguments(
+    tmp_path: Path, fake: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     path = tmp_path / "toy.yaml"
     path.write_text(json.dumps(TOY))  # JSON is YAML
     monkeypatch.setattr(sys, "executable", str(fake))
@@ -130,8 +145,12 @@ def test_run_main_exit_codes_and_bad_arguments(tmp_path: Path, fake: Path,
 
 
 def test_cli_errors_are_one_line(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "ediff_train.experiments.schedule_cli", "run", "nope"],
-                          capture_output=True, text=True, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ediff_train.experiments.schedule_cli", "run", "nope"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: unknown schedule 'nope'")
     assert len(proc.stderr.strip().splitlines()) == 1
@@ -141,9 +160,11 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
 def test_killing_the_runner_stops_the_stage_it_runs(tmp_path: Path, fake: Path) -> None:
     path = tmp_path / "toy.yaml"
     path.write_text(json.dumps(TOY))
-    code = ("import sys; from ediff_train.experiments.runner import run_main; "
-            f"sys.executable = {str(fake)!r}; "
-            f"sys.exit(run_main({str(path)!r}, ['run_dir={tmp_path / 'R'}']))")
+    code = (
+        "import sys; from ediff_train.experiments.runner import run_main; "
+        f"sys.executable = {str(fake)!r}; "
+        f"sys.exit(run_main({str(path)!r}, ['run_dir={tmp_path / 'R'}']))"
+    )
     env = {**os.environ, "FAKE_HANG": "E1_1"}
     runner = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
@@ -180,8 +201,9 @@ def test_toy_experiments_are_scaled_and_their_ensembles_tile(name: str) -> None:
         tree = sum(st.steps for st in s.stages if st.name not in ("E0_0", "E0_0_cont"))
         assert s.targets()["E0_0_cont"] - root == tree == 300
         assert all("/ 1000" in st.source for st in s.stages)
-        assert [st.steps * 1000 for st in s.stages] == [st.steps for st in load_schedule("fig7")
-                                                        .stages]
+        assert [st.steps * 1000 for st in s.stages] == [
+            st.steps for st in load_schedule("fig7").stages
+        ]
     else:
         for label in ("config_c", "config_d"):
             spent = sum(claim_steps[n].steps for n in spec["ensembles"][label])

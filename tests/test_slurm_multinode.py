@@ -44,19 +44,31 @@ def starts(records: Path) -> list[list[dict]]:
 
 
 def test_two_node_job_splits_data_hands_off_once_and_requeues_on_both(
-        cluster2: SlurmCluster, tmp_path: Path, digits_root: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    cluster2: SlurmCluster, tmp_path: Path, digits_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     conf = tmp_path / "conf" / "schedule"
     conf.mkdir(parents=True)
-    (conf / "one.yaml").write_text(f"name: one\nstages:\n  - {{node: E0_0, steps: {STEPS}, "
-                                   "source: t}\n")
+    (conf / "one.yaml").write_text(
+        f"name: one\nstages:\n  - {{node: E0_0, steps: {STEPS}, source: t}}\n"
+    )
     records = tmp_path / "ranks"
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "tests"),
-                                                      os.environ.get("PYTHONPATH", "")]))
-    train = [*FAST, "+callbacks.ranks._target_=record_ranks.RecordRanks",
-             f"+callbacks.ranks.path={records}"]
-    submit(cluster2, tmp_path, SHARED_CACHE, f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
-           "schedule=one", "slurm.nodes=2", train=train)  # digits_root: the data is built
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
+    )
+    train = [
+        *FAST,
+        "+callbacks.ranks._target_=record_ranks.RecordRanks",
+        f"+callbacks.ranks.path={records}",
+    ]
+    submit(
+        cluster2,
+        tmp_path,
+        SHARED_CACHE,
+        f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
+        "schedule=one",
+        "slurm.nodes=2",
+        train=train,
+    )  # digits_root: the data is built
     jid = job_ids(tmp_path)["E0_0"]
     ndir = tmp_path / "R" / "E0_0"
     log = ndir / f"slurm-{jid}.out"
@@ -72,8 +84,12 @@ def test_two_node_job_splits_data_hands_off_once_and_requeues_on_both(
         assert [r["global_rank"] for r in run] == [0, 1]
         for r in run:
             assert r["world_size"] == 2 and r["num_nodes"] == 2 and r["local_rank"] == 0
-            assert r["node_rank"] == r["global_rank"] == int(r["env"]["SLURM_NODEID"]) \
+            assert (
+                r["node_rank"]
+                == r["global_rank"]
+                == int(r["env"]["SLURM_NODEID"])
                 == int(r["env"]["SLURM_PROCID"])
+            )
             assert r["env"]["MASTER_ADDR"] == "127.0.0.2"  # ediffn0's NodeAddr, from the sbatch
         assert [r["env"]["SLURMD_NODENAME"] for r in run] == ["ediffn0", "ediffn1"]
 
@@ -91,8 +107,9 @@ def test_two_node_job_splits_data_hands_off_once_and_requeues_on_both(
 
     # one hand-off (weights and the optimiser state a child starts from), from the finished run
     weights = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.safetensors"))
-    assert weights == [Path("R/E0_0/optimizer.safetensors"),
-                       Path("R/E0_0/weights.safetensors")], weights
+    assert weights == [Path("R/E0_0/optimizer.safetensors"), Path("R/E0_0/weights.safetensors")], (
+        weights
+    )
     _, _, meta = load_weights(ndir / "weights.safetensors")
     assert meta["step"] == STEPS
     assert read_state(ndir / "optimizer.safetensors")[1] == STEPS

@@ -28,6 +28,7 @@ def gaussian_denoiser(calls: list[int] | None = None):  # noqa: ANN201
             calls.append(1)
         s = sigma.double()
         return x * SD**2 / (s**2 + SD**2)
+
     return den
 
 
@@ -45,8 +46,9 @@ def error(name: str, steps: int) -> float:
     return float((out - exact(x_t, float(s[0]), float(s[-1]))).abs().max())
 
 
-@pytest.mark.parametrize("name, order", [("euler", 1), ("heun", 2), ("dpmpp_2m", 2),
-                                         ("deis_ab", 3), ("deis_rk3", 3)])
+@pytest.mark.parametrize(
+    "name, order", [("euler", 1), ("heun", 2), ("dpmpp_2m", 2), ("deis_ab", 3), ("deis_rk3", 3)]
+)
 def test_each_solver_converges_at_its_order(name: str, order: int) -> None:
     errs = [error(name, n) for n in (20, 40, 80)]
     slope = math.log2(errs[0] / errs[2]) / 2  # log-log fit over a 4x refinement
@@ -63,8 +65,9 @@ def test_step_to_zero_is_first_order_and_calls_are_counted() -> None:
         assert len(calls) == want_calls[name] and torch.isfinite(out).all(), name
         # the last step, σ → 0, is x = D(x, σ): exact for any multistep history
         last = torch.tensor([0.3, 0.0], dtype=torch.float64)
-        torch.testing.assert_close(solve(name, den, X0.clone(), last),
-                                   den(X0, last[:1].float()), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(
+            solve(name, den, X0.clone(), last), den(X0, last[:1].float()), rtol=1e-6, atol=1e-6
+        )
 
 
 def reference_heun(den, x, sigmas):  # noqa: ANN001, ANN201 - written from EDM's Algorithm 1
@@ -100,8 +103,7 @@ def reference_dpmpp_2m(den, x, sigmas):  # noqa: ANN001, ANN201 - in t = −ln �
     return out
 
 
-@pytest.mark.parametrize("name, ref", [("heun", reference_heun),
-                                       ("dpmpp_2m", reference_dpmpp_2m)])
+@pytest.mark.parametrize("name, ref", [("heun", reference_heun), ("dpmpp_2m", reference_dpmpp_2m)])
 def test_heun_and_dpmpp_match_reference_formulas(name: str, ref) -> None:  # noqa: ANN001
     den = gaussian_denoiser()
 
@@ -110,14 +112,19 @@ def test_heun_and_dpmpp_match_reference_formulas(name: str, ref) -> None:  # noq
 
     sig = karras_sigmas(18, 0.002, 80.0, 7.0)
     x_t = X0 * 80.0
-    torch.testing.assert_close(solve(name, den32, x_t.clone(), sig), ref(den32, x_t, sig),
-                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        solve(name, den32, x_t.clone(), sig), ref(den32, x_t, sig), rtol=1e-12, atol=1e-12
+    )
 
 
 def _cond(b: int) -> Conditioning:
-    return Conditioning(t5=torch.ones(b, 3, 4), t5_mask=torch.ones(b, 3, dtype=torch.bool),
-                        clip_txt=torch.ones(b, 77, 4), clip_pool=torch.ones(b, 2),
-                        clip_img=torch.zeros(b, 2))
+    return Conditioning(
+        t5=torch.ones(b, 3, 4),
+        t5_mask=torch.ones(b, 3, dtype=torch.bool),
+        clip_txt=torch.ones(b, 77, 4),
+        clip_pool=torch.ones(b, 2),
+        clip_img=torch.zeros(b, 2),
+    )
 
 
 class _Expert(torch.nn.Module):
@@ -134,8 +141,9 @@ class _Expert(torch.nn.Module):
 
 def test_guidance_per_expert_and_interval_apply_per_band() -> None:
     rows: list[int] = []
-    ens = Ensemble([parse_node("E1_0"), parse_node("E1_1")],
-                   [_Expert(10.0, rows), _Expert(20.0, rows)])
+    ens = Ensemble(
+        [parse_node("E1_0"), parse_node("E1_1")], [_Expert(10.0, rows), _Expert(20.0, rows)]
+    )
     cond = _cond(2)
     g = Guidance(5.0, {"E1_1": 3.0, "E1_0": 1.0})
     den = guided(ens, cond, cond.null(), g)
@@ -167,17 +175,26 @@ def test_text_modes_drop_the_other_encoder_and_null_drops_all() -> None:
         text_only(c, "bert")
 
 
-@pytest.mark.parametrize("args, message", [
-    (["solver=rk4"], "unknown solver 'rk4'"),
-    (["steps=0"], "steps must be ≥ 1"),
-    (["guidance_interval=[2,1]"], "guidance interval"),
-    (["style_image=missing.png"], "style_image missing.png does not exist"),
-])
-def test_sample_cli_refuses_bad_settings_first(tmp_path: Path, args: list[str],
-                                               message: str) -> None:
-    proc = subprocess.run([sys.executable, str(ROOT / "sample.py"), "run_dir=nowhere", *args],
-                          cwd=tmp_path, env=run_env(tmp_path), capture_output=True, text=True,
-                          timeout=120)
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["solver=rk4"], "unknown solver 'rk4'"),
+        (["steps=0"], "steps must be ≥ 1"),
+        (["guidance_interval=[2,1]"], "guidance interval"),
+        (["style_image=missing.png"], "style_image missing.png does not exist"),
+    ],
+)
+def test_sample_cli_refuses_bad_settings_first(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "sample.py"), "run_dir=nowhere", *args],
+        cwd=tmp_path,
+        env=run_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
 
@@ -186,8 +203,11 @@ class _ImageAware(torch.nn.Module):
     """1 where the caption is present, +10 where a style image is: the branches are visible."""
 
     def forward(self, x, sigma, cond):  # noqa: ANN001, ANN201
-        return (torch.zeros_like(x) + cond.clip_pool[:, :1, None, None]
-                + 10 * cond.clip_img[:, :1, None, None])
+        return (
+            torch.zeros_like(x)
+            + cond.clip_pool[:, :1, None, None]
+            + 10 * cond.clip_img[:, :1, None, None]
+        )
 
 
 def test_style_guidance_weighs_the_image_on_its_own(tmp_path: Path) -> None:
@@ -214,7 +234,8 @@ def test_prompt_switch_uses_a_then_b() -> None:
     s = switch_sigma(sig, 0.4)
     assert s == float(sig[4])
     seen = []
-    den = switched(lambda x, t: seen.append("A") or x * 0, lambda x, t: seen.append("B") or x * 0,
-                   s)
+    den = switched(
+        lambda x, t: seen.append("A") or x * 0, lambda x, t: seen.append("B") or x * 0, s
+    )
     solve("euler", den, torch.zeros(1, 1), sig)
     assert seen == ["A"] * 4 + ["B"] * 6

@@ -25,18 +25,33 @@ D = 8  # embedding widths of the toy conditioning
 
 def _net(self_attention: bool = True, size: int = 16) -> EfficientUNet:
     torch.manual_seed(0)
-    return EfficientUNet(size, 16, [1, 2, 2], [1, 2, 3], [size // 4], D, D, D, D, 16,
-                         self_attention=self_attention, head_channels=8)
+    return EfficientUNet(
+        size,
+        16,
+        [1, 2, 2],
+        [1, 2, 3],
+        [size // 4],
+        D,
+        D,
+        D,
+        D,
+        16,
+        self_attention=self_attention,
+        head_channels=8,
+    )
 
 
 def _cond(b: int, low: int = 8, sigma_aug: float | None = 0.1, seed: int = 0) -> Conditioning:
     g = torch.Generator().manual_seed(seed)
     return Conditioning(
-        t5=torch.randn(b, 3, D, generator=g), t5_mask=torch.ones(b, 3, dtype=torch.bool),
-        clip_txt=torch.randn(b, 77, D, generator=g), clip_pool=torch.randn(b, D, generator=g),
+        t5=torch.randn(b, 3, D, generator=g),
+        t5_mask=torch.ones(b, 3, dtype=torch.bool),
+        clip_txt=torch.randn(b, 77, D, generator=g),
+        clip_pool=torch.randn(b, D, generator=g),
         clip_img=torch.zeros(b, D),
         lowres=torch.rand(b, 3, low, low, generator=g) * 2 - 1,
-        sigma_aug=None if sigma_aug is None else torch.full((b,), sigma_aug))
+        sigma_aug=None if sigma_aug is None else torch.full((b,), sigma_aug),
+    )
 
 
 def _make_live(net: EfficientUNet) -> EfficientUNet:
@@ -58,8 +73,11 @@ def test_efficient_unet_shapes_blocks_and_full_convolution() -> None:
     # more residual blocks at lower resolution; down-sampling first in every deeper level
     counts = [sum(isinstance(m, ResBlock) for m in level) for level in net.down]
     assert counts == [1, 2, 3]
-    assert [type(level[0]).__name__ for level in net.down] == ["ResBlock", "Downsample",
-                                                               "Downsample"]
+    assert [type(level[0]).__name__ for level in net.down] == [
+        "ResBlock",
+        "Downsample",
+        "Downsample",
+    ]
     assert type(net.up[0][-1]).__name__ == "Upsample"  # up-sampling after the convolutions
     kinds = {type(m) for m in net.modules()}
     assert SelfAttention in kinds and CrossAttention in kinds
@@ -85,8 +103,16 @@ def test_lowres_influence_vanishes_as_sigma_aug_grows() -> None:
     def gap(level: float) -> float:
         s = torch.full((2,), level)
         ca = Conditioning(**{**vars(a), "lowres": corrupt(a.lowres, s, noise), "sigma_aug": s})
-        cb = Conditioning(**{**vars(b), "lowres": corrupt(b.lowres, s, noise), "sigma_aug": s,
-                             "t5": a.t5, "clip_txt": a.clip_txt, "clip_pool": a.clip_pool})
+        cb = Conditioning(
+            **{
+                **vars(b),
+                "lowres": corrupt(b.lowres, s, noise),
+                "sigma_aug": s,
+                "t5": a.t5,
+                "clip_txt": a.clip_txt,
+                "clip_pool": a.clip_pool,
+            }
+        )
         with torch.no_grad():
             return float((den(x, torch.tensor(1.0), ca) - den(x, torch.tensor(1.0), cb)).norm())
 
@@ -129,8 +155,11 @@ def test_training_step_draws_sigma_aug_and_hands_it_to_the_network() -> None:
     b = 64
     c = _cond(b)
     lowres = torch.rand(b, 3, 8, 8) * 2 - 1
-    batch = {**{k: v for k, v in vars(c).items() if k not in ("lowres", "sigma_aug")},
-             "image": torch.rand(b, 3, 16, 16) * 2 - 1, "lowres": lowres}
+    batch = {
+        **{k: v for k, v in vars(c).items() if k not in ("lowres", "sigma_aug")},
+        "image": torch.rand(b, 3, 16, 16) * 2 - 1,
+        "lowres": lowres,
+    }
     module.training_step(batch, 0)
     seen = spy.seen[-1]
     s = seen.sigma_aug
@@ -165,8 +194,7 @@ def test_sampling_fixes_sigma_aug_and_its_noise_for_every_step() -> None:
 def test_degradations_make_the_low_res_from_the_high_res_batch() -> None:
     from ediff_train.data.degrade import DegradationChain
 
-    sr = SRConditioner(NoiseAugment(sigma_min=0.002, sigma_max=0.002), DegradationChain(),
-                       factor=2)
+    sr = SRConditioner(NoiseAugment(sigma_min=0.002, sigma_max=0.002), DegradationChain(), factor=2)
     hires = torch.rand(6, 3, 32, 32) * 2 - 1
     cond = _cond(6, sigma_aug=None)
     a = sr.condition(cond, hires, None, torch.Generator().manual_seed(0))

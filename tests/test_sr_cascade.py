@@ -14,15 +14,28 @@ import torch
 from conftest import ROOT, SHARED_CACHE, run_env
 from PIL import Image
 
-FAST = ["logger=none", "data.num_workers=0", "sample.per_prompt=0", "monitor.every=0",
-        "data.batch_size=8", "checkpoint_every=100", "probe.enabled=false"]
+FAST = [
+    "logger=none",
+    "data.num_workers=0",
+    "sample.per_prompt=0",
+    "monitor.every=0",
+    "data.batch_size=8",
+    "checkpoint_every=100",
+    "probe.enabled=false",
+]
 # crisp-ink 32 px digits, untrained encoders (the SR stage's text path is not under test)
 SR_DATA = [f"data.root={SHARED_CACHE}/digits32_stroke_a0", "data.builder.align_steps=0"]
 
 
 def run(tmp: Path, script: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=tmp,
-                          env=run_env(tmp), capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *args],
+        cwd=tmp,
+        env=run_env(tmp),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def train(tmp: Path, *args: str) -> None:
@@ -39,8 +52,15 @@ def runs(tmp_path_factory: pytest.TempPathFactory, digits_root: Path) -> Path:
     train(tmp, *sr, "expert=E1_0", "steps=1")
     train(tmp, *sr, "expert=E1_1", "steps=1", "degrade=realesrgan")  # degraded low-res
     # SR1024's recipe: 16 px crops of 32 px images, low-res 8 px (4x), aligned 4 px crops
-    train(tmp, "preset=digits_sr_crops", "run_dir=crops", *SR_DATA, "data.image_size=32",
-          "data.lowres_size=8", "steps=2")
+    train(
+        tmp,
+        "preset=digits_sr_crops",
+        "run_dir=crops",
+        *SR_DATA,
+        "data.image_size=32",
+        "data.lowres_size=8",
+        "steps=2",
+    )
     return tmp
 
 
@@ -54,16 +74,29 @@ BASE = "{name: base, run_dir: base, experts: [E0_0], steps: 2, guidance: 2.0}"
 
 
 def test_config_b_style_cascade_routes_sr_steps_to_sr_experts(runs: Path) -> None:
-    spec = cascade_file(runs, "b", BASE, "{name: sr, run_dir: sr, experts: [E1_0, E1_1], "
-                        "steps: 6, guidance: 1.0, sigma_aug: 0.05}")
-    proc = run(runs, "sample.py", f"cascade={spec}", "n=2", "out=out_b",
-               'prompts=["the number 3","the number 7"]')
+    spec = cascade_file(
+        runs,
+        "b",
+        BASE,
+        "{name: sr, run_dir: sr, experts: [E1_0, E1_1], steps: 6, guidance: 1.0, sigma_aug: 0.05}",
+    )
+    proc = run(
+        runs,
+        "sample.py",
+        f"cascade={spec}",
+        "n=2",
+        "out=out_b",
+        'prompts=["the number 3","the number 7"]',
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     calls = dict(re.findall(r"(E1_[01]): (\d+)", proc.stdout.split("sr (")[1]))
     assert int(calls["E1_0"]) > 0 and int(calls["E1_1"]) > 0, proc.stdout
     assert int(calls["E1_0"]) + int(calls["E1_1"]) == 11  # Heun: 2 per step but the last
-    sizes = {d.name: Image.open(next((runs / "out_b" / d.name).glob("sample_*.png"))).size
-             for d in (runs / "out_b").iterdir() if d.is_dir() and d.name[0] != "."}
+    sizes = {
+        d.name: Image.open(next((runs / "out_b" / d.name).glob("sample_*.png"))).size
+        for d in (runs / "out_b").iterdir()
+        if d.is_dir() and d.name[0] != "."
+    }
     assert sizes == {"base": (16, 16), "sr": (32, 32)}
     assert len(list((runs / "out_b" / "sr").glob("sample_*.png"))) == 4
     assert (runs / "out_b" / "cascade.png").is_file()
@@ -72,24 +105,31 @@ def test_config_b_style_cascade_routes_sr_steps_to_sr_experts(runs: Path) -> Non
 def test_crop_trained_stage_samples_whole_images_four_times_the_crop(runs: Path) -> None:
     from ediff_train.sampling.cascade import Stage, load_stages, run_cascade
 
-    stages = load_stages([Stage(str(runs / "base"), ["E0_0"], steps=2, name="base"),
-                          Stage(str(runs / "crops"), ["E0_0"], steps=2, sigma_aug=0.0, size=64,
-                                name="crops")])
+    stages = load_stages(
+        [
+            Stage(str(runs / "base"), ["E0_0"], steps=2, name="base"),
+            Stage(str(runs / "crops"), ["E0_0"], steps=2, sigma_aug=0.0, size=64, name="crops"),
+        ]
+    )
     assert [s.image_size for s in stages] == [16, 64] and stages[1].lowres_size == 16
     out = run_cascade(stages, ["the number 3"])
     assert [tuple(o.shape) for o in out] == [(1, 3, 16, 16), (1, 3, 64, 64)]  # 4x the 16 crop
     assert torch.isfinite(out[1]).all() and 0 <= out[1].min() and out[1].max() <= 1
 
 
-@pytest.mark.parametrize("stages, message", [
-    ((BASE, "{run_dir: crops, experts: [E0_0], size: 32}"), "takes 8 px low-res images but base "
-                                                           "makes 16 px"),
-    (("{run_dir: sr, experts: [E0_0]}",), "first stage must be a base model"),
-    ((BASE, "{run_dir: sr, experts: [E0_0], sigma_aug: -0.5}"), "sigma_aug must be"),
-    ((BASE, BASE), "every stage after the first must be super-resolution"),
-])
-def test_bad_cascades_stop_with_one_line(runs: Path, stages: tuple[str, ...],
-                                         message: str) -> None:
+@pytest.mark.parametrize(
+    "stages, message",
+    [
+        (
+            (BASE, "{run_dir: crops, experts: [E0_0], size: 32}"),
+            "takes 8 px low-res images but base makes 16 px",
+        ),
+        (("{run_dir: sr, experts: [E0_0]}",), "first stage must be a base model"),
+        ((BASE, "{run_dir: sr, experts: [E0_0], sigma_aug: -0.5}"), "sigma_aug must be"),
+        ((BASE, BASE), "every stage after the first must be super-resolution"),
+    ],
+)
+def test_bad_cascades_stop_with_one_line(runs: Path, stages: tuple[str, ...], message: str) -> None:
     spec = cascade_file(runs, "bad", *stages)
     proc = run(runs, "sample.py", f"cascade={spec}", "n=1", "out=out_bad")
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
@@ -97,12 +137,23 @@ def test_bad_cascades_stop_with_one_line(runs: Path, stages: tuple[str, ...],
     assert not list((runs / "out_bad").rglob("*.png"))
 
 
-@pytest.mark.parametrize("args, message", [
-    (["model=sr_tiny", "data=shards", f"data.root={SHARED_CACHE}/digits16", "data.image_size=32",
-      "data.lowres_size=16"], "hold 16 px images, this stage trains at 32 px"),
-    (["preset=digits_sr32", *SR_DATA, "data.lowres_size=12"], "does not divide"),
-    (["data.lowres_size=8"], "not a super-resolution model"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            [
+                "model=sr_tiny",
+                "data=shards",
+                f"data.root={SHARED_CACHE}/digits16",
+                "data.image_size=32",
+                "data.lowres_size=16",
+            ],
+            "hold 16 px images, this stage trains at 32 px",
+        ),
+        (["preset=digits_sr32", *SR_DATA, "data.lowres_size=12"], "does not divide"),
+        (["data.lowres_size=8"], "not a super-resolution model"),
+    ],
+)
 def test_bad_sr_stage_stops_before_training(runs: Path, args: list[str], message: str) -> None:
     proc = run(runs, "train.py", *FAST, "run_dir=bad", "steps=1", *args)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
@@ -111,8 +162,18 @@ def test_bad_sr_stage_stops_before_training(runs: Path, args: list[str], message
 
 
 def test_evaluate_sr_reports_sr_beside_bicubic(runs: Path) -> None:
-    proc = run(runs, "evaluate.py", "run_dir=sr", "metric=sr", "sr.images=20", "batch_size=10",
-               "steps=3", "sr.sigma_aug=[0.002,0.5]", "metrics.classifier_steps=20", "out=ev")
+    proc = run(
+        runs,
+        "evaluate.py",
+        "run_dir=sr",
+        "metric=sr",
+        "sr.images=20",
+        "batch_size=10",
+        "steps=3",
+        "sr.sigma_aug=[0.002,0.5]",
+        "metrics.classifier_steps=20",
+        "out=ev",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     import json
 
@@ -139,8 +200,18 @@ def test_sampler_api_and_sample_cli_for_real_use(runs: Path) -> None:
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)  # an image ignores its batch
     assert not torch.allclose(a, s(prompts, seed=4, steps=3, solver="dpmpp_2m"))
     (runs / "prompts.txt").write_text("the number 1\n\nseven\n")
-    proc = run(runs, "sample.py", "run_dir=base", "prompts_file=prompts.txt", "n=2",
-               "seeds=[0,1]", "batch_size=3", "steps=2", "solver=euler", "out=real")
+    proc = run(
+        runs,
+        "sample.py",
+        "run_dir=base",
+        "prompts_file=prompts.txt",
+        "n=2",
+        "seeds=[0,1]",
+        "batch_size=3",
+        "steps=2",
+        "solver=euler",
+        "out=real",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for seed in (0, 1):
         folder = runs / "real" / f"seed{seed}"

@@ -18,16 +18,30 @@ from ediff_train.cli import register_nodes
 from ediff_train.errors import EdiffError
 from ediff_train.training.strategies import slurm_layout
 
-FAST = ["logger=csv", "data.num_workers=0", "sample.per_prompt=0", "data.batch_size=8",
-        "run_dir=R", "steps=2", "monitor.every=0", "probe.batches=1", "probe.batch_size=8"]
+FAST = [
+    "logger=csv",
+    "data.num_workers=0",
+    "sample.per_prompt=0",
+    "data.batch_size=8",
+    "run_dir=R",
+    "steps=2",
+    "monitor.every=0",
+    "probe.batches=1",
+    "probe.batch_size=8",
+]
 
 
 def train(tmp: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     flags = [a for a in args if a.startswith("-")]  # Hydra wants -m before the overrides
     overrides = [a for a in args if not a.startswith("-")]
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *flags, *FAST, *overrides],
-                          cwd=tmp, env=env or run_env(tmp), capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *flags, *FAST, *overrides],
+        cwd=tmp,
+        env=env or run_env(tmp),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -82,8 +96,10 @@ def test_slurm_layout() -> None:
 
 @pytest.mark.parametrize(
     "args, needle",
-    [(["strategy=deepspeed_stage_2"], "needs DeepSpeed"),
-     (["strategy=deepspeed_stage_3", "trainer=cpu"], "GPUs only")],
+    [
+        (["strategy=deepspeed_stage_2"], "needs DeepSpeed"),
+        (["strategy=deepspeed_stage_3", "trainer=cpu"], "GPUs only"),
+    ],
 )
 def test_bad_strategy_is_one_line_error(tmp_path: Path, args: list[str], needle: str) -> None:
     env = run_env(tmp_path)
@@ -113,8 +129,9 @@ def test_cpu_ranks_share_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
         torch.set_num_threads(7)
         assert share_cpu_threads({"accelerator": "cpu", "devices": 1}, {}) == 7
         assert share_cpu_threads({"accelerator": "gpu", "devices": 8}, {}) == 7
-        assert share_cpu_threads({"accelerator": "cpu", "devices": 2},
-                                 {"OMP_NUM_THREADS": "3"}) == 7
+        assert (
+            share_cpu_threads({"accelerator": "cpu", "devices": 2}, {"OMP_NUM_THREADS": "3"}) == 7
+        )
         assert share_cpu_threads({"accelerator": "cpu", "devices": 2}, {}) == max(1, cores // 2)
         assert torch.get_num_threads() == max(1, cores // 2)
         assert share_cpu_threads({"accelerator": "cpu", "devices": 4 * cores}, {}) == 1

@@ -19,20 +19,36 @@ from ediff_train.core.experts import parse_node
 from ediff_train.errors import EdiffError
 from ediff_train.run.weights import load_weights
 
-FAST = ["logger=csv", "data.num_workers=0", "sample.per_prompt=1", "sample.steps=3",
-        "checkpoint_every=5", "data.batch_size=16",
-        "monitor.every=0", "probe.batches=1", "probe.batch_size=8"]  # instruments: cheap here
+FAST = [
+    "logger=csv",
+    "data.num_workers=0",
+    "sample.per_prompt=1",
+    "sample.steps=3",
+    "checkpoint_every=5",
+    "data.batch_size=16",
+    "monitor.every=0",
+    "probe.batches=1",
+    "probe.batch_size=8",
+]  # instruments: cheap here
 
 
-def train(tmp: Path, *args: str, check: bool = True,
-          probes: bool = False) -> subprocess.CompletedProcess:
+def train(
+    tmp: Path, *args: str, check: bool = True, probes: bool = False
+) -> subprocess.CompletedProcess:
     """train.py in a subprocess; `probes`: tests/ on its path, for train_probes.Probe."""
     env = run_env(tmp)
     if probes:
         env["PYTHONPATH"] = os.pathsep.join(
-            [str(ROOT / "tests"), *filter(None, [env.get("PYTHONPATH")])])
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *FAST, *args], cwd=tmp,
-                          env=env, capture_output=True, text=True, timeout=600)
+            [str(ROOT / "tests"), *filter(None, [env.get("PYTHONPATH")])]
+        )
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *FAST, *args],
+        cwd=tmp,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
@@ -106,10 +122,19 @@ def test_nan_loss_stops_with_clear_error(tmp_path: Path) -> None:
     with one line, and the last checkpoint holds the weights after step 3 (the NaN step never
     reached the optimiser), not the initial ones."""
     dump = tmp_path / "probe.pt"
-    proc = train(tmp_path, "run_dir=N", "steps=8", "checkpoint_every=3", "sample.per_prompt=0",
-                 "+callbacks.probe._target_=train_probes.Probe", "+callbacks.probe.key=nan",
-                 "+callbacks.probe.nan_at=3", f"+callbacks.probe.dump={dump}",
-                 check=False, probes=True)
+    proc = train(
+        tmp_path,
+        "run_dir=N",
+        "steps=8",
+        "checkpoint_every=3",
+        "sample.per_prompt=0",
+        "+callbacks.probe._target_=train_probes.Probe",
+        "+callbacks.probe.key=nan",
+        "+callbacks.probe.nan_at=3",
+        f"+callbacks.probe.dump={dump}",
+        check=False,
+        probes=True,
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     err = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(err) == 1 and "loss is nan at step 3 of E0_0" in err[0], proc.stderr[-2000:]
@@ -119,8 +144,9 @@ def test_nan_loss_stops_with_clear_error(tmp_path: Path) -> None:
     w0, w3 = rec["weights"][0], rec["weights"][3]
     assert any(not torch.equal(w0[k], w3[k]) for k in w0)  # the steps changed the weights
     assert all(torch.equal(rec["at_exception"][k], w3[k]) for k in w3)
-    ckpt = torch.load(tmp_path / "N" / "E0_0" / "checkpoints" / "last.ckpt",
-                      map_location="cpu", weights_only=True)
+    ckpt = torch.load(
+        tmp_path / "N" / "E0_0" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
+    )
     assert ckpt["global_step"] == 3
     saved = {k.removeprefix("denoiser."): v for k, v in ckpt["state_dict"].items()}
     assert w3.keys() <= saved.keys() and all(torch.equal(saved[k].float(), w3[k]) for k in w3)
@@ -135,27 +161,42 @@ def test_manifest_expectations_name_the_configured_encoders() -> None:
     register_nodes(["E0_0"])
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         tiny = compose("train")
-        paper = compose("train", overrides=["encoders=t5xxl_clipl14",
-                                            "encoders.t5_path=/models/t5-v1_1-xxl"])
+        paper = compose(
+            "train", overrides=["encoders=t5xxl_clipl14", "encoders.t5_path=/models/t5-v1_1-xxl"]
+        )
     want = manifest_expectations(paper)
     assert want["t5_name"] == "t5-v1_1-xxl" and want["clip_name"] == "ViT-L-14"
     assert want["t5_dim"] == 4096 and manifest_expectations(tiny)["clip_name"] == "tiny-clip"
-    made = {"encoders": {"t5": {"name": "flan-t5-xxl", "dim": 4096},
-                         "clip": {"name": "ViT-L-14", "text_dim": 768, "pool_dim": 768,
-                                  "image_dim": 768}}}
-    with pytest.raises(EdiffError, match="t5.name is 'flan-t5-xxl' but the model expects "
-                                         "'t5-v1_1-xxl'$"):
+    made = {
+        "encoders": {
+            "t5": {"name": "flan-t5-xxl", "dim": 4096},
+            "clip": {"name": "ViT-L-14", "text_dim": 768, "pool_dim": 768, "image_dim": 768},
+        }
+    }
+    with pytest.raises(
+        EdiffError, match="t5.name is 'flan-t5-xxl' but the model expects 't5-v1_1-xxl'$"
+    ):
         check_manifest(made, want)
 
 
 @pytest.mark.parametrize(
     "args, needle",
-    [(["expert=E9_600"], "0–511"),
-     (["expert=E1_1", "run_dir=EMPTY"], "EMPTY/E0_0/weights.safetensors"),
-     (["encoders.dims.t5=48", "run_dir=D"], "t5.dim is 32 but the model expects 48"),
-     (["encoders=t5xxl_clipl14", "encoders.dims.t5=32", "encoders.dims.clip_txt=32",
-       "encoders.dims.clip_pool=24", "encoders.dims.clip_img=24", "run_dir=D"],
-      "clip.name is 'tiny-clip' but the model expects 'ViT-L-14'")],
+    [
+        (["expert=E9_600"], "0–511"),
+        (["expert=E1_1", "run_dir=EMPTY"], "EMPTY/E0_0/weights.safetensors"),
+        (["encoders.dims.t5=48", "run_dir=D"], "t5.dim is 32 but the model expects 48"),
+        (
+            [
+                "encoders=t5xxl_clipl14",
+                "encoders.dims.t5=32",
+                "encoders.dims.clip_txt=32",
+                "encoders.dims.clip_pool=24",
+                "encoders.dims.clip_img=24",
+                "run_dir=D",
+            ],
+            "clip.name is 'tiny-clip' but the model expects 'ViT-L-14'",
+        ),
+    ],
 )
 def test_bad_input_one_line_error(root_run: Path, args: list[str], needle: str) -> None:
     proc = train(root_run, *args, "steps=2", check=False)
@@ -181,25 +222,51 @@ def test_sample_cli_writes_pngs_and_grid(child_run: Path) -> None:
     root_run = child_run
     out = root_run / "samples"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "sample.py"), f"run_dir={root_run / 'R'}", "expert=E0_0",
-         "prompt=the number 3", "n=4", f"out={out}", "steps=3"],
-        cwd=root_run, env=run_env(root_run), capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            str(ROOT / "sample.py"),
+            f"run_dir={root_run / 'R'}",
+            "expert=E0_0",
+            "prompt=the number 3",
+            "n=4",
+            f"out={out}",
+            "steps=3",
+        ],
+        cwd=root_run,
+        env=run_env(root_run),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(p.name for p in out.glob("sample_*.png")) == [f"sample_{i:04d}.png"
-                                                                for i in range(4)]
+    assert sorted(p.name for p in out.glob("sample_*.png")) == [
+        f"sample_{i:04d}.png" for i in range(4)
+    ]
     assert (out / "grid.png").is_file() and "E0_0: 5" in proc.stdout  # 3 Heun steps = 5 calls
     bad = subprocess.run(
-        [sys.executable, str(ROOT / "sample.py"), f"run_dir={root_run / 'R'}",
-         "experts=[E0_0,E1_1]", f"out={out}"],
-        cwd=root_run, env=run_env(root_run), capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            str(ROOT / "sample.py"),
+            f"run_dir={root_run / 'R'}",
+            "experts=[E0_0,E1_1]",
+            f"out={out}",
+        ],
+        cwd=root_run,
+        env=run_env(root_run),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode != 0 and "overlap" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_guidance_per_expert_both_override_forms_compose() -> None:
     """The README's dict form and the `+key` form give the same per-expert scales."""
     want = {"E1_1": 7.0, "E1_0": 3.0}
-    for overrides in (["guidance_per_expert={E1_1: 7.0, E1_0: 3.0}"],
-                      ["+guidance_per_expert.E1_1=7.0", "+guidance_per_expert.E1_0=3.0"]):
+    for overrides in (
+        ["guidance_per_expert={E1_1: 7.0, E1_0: 3.0}"],
+        ["+guidance_per_expert.E1_1=7.0", "+guidance_per_expert.E1_0=3.0"],
+    ):
         with initialize_config_dir(str(ROOT / "conf" / "sampling"), version_base="1.3"):
             cfg = compose("config", overrides=overrides)
         assert dict(cfg.guidance_per_expert) == want, overrides
@@ -217,16 +284,34 @@ def test_sample_cli_guidance_per_expert_as_documented(pair_run: Path) -> None:
 
     run, out = pair_run / "R", pair_run / "guided"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "sample.py"), f"run_dir={run}", "experts=[E1_0,E1_1]",
-         "prompt=the number 3", "n=2", "steps=6", "guidance=9", "progress=false",
-         "guidance_per_expert={E1_1: 7.0, E1_0: 3.0}", f"out={out}"],
-        cwd=pair_run, env=run_env(pair_run), capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            str(ROOT / "sample.py"),
+            f"run_dir={run}",
+            "experts=[E1_0,E1_1]",
+            "prompt=the number 3",
+            "n=2",
+            "steps=6",
+            "guidance=9",
+            "progress=false",
+            "guidance_per_expert={E1_1: 7.0, E1_0: 3.0}",
+            f"out={out}",
+        ],
+        cwd=pair_run,
+        env=run_env(pair_run),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     settings = json.loads((out / "settings.json").read_text())
     assert settings["guidance"] == 9.0
     assert settings["guidance_per_expert"] == {"E1_1": 7.0, "E1_0": 3.0}
-    got = torch.from_numpy(np.stack([np.asarray(Image.open(out / f))
-                                     for f in settings["files"]])).permute(0, 3, 1, 2).float()
+    got = (
+        torch.from_numpy(np.stack([np.asarray(Image.open(out / f)) for f in settings["files"]]))
+        .permute(0, 3, 1, 2)
+        .float()
+    )
     sampler = Sampler.from_run(run, ["E1_0", "E1_1"])
 
     def pixels(per: dict[str, float]) -> torch.Tensor:

@@ -20,10 +20,16 @@ from train_probes import RECORDS
 from ediff_train.cli import register_nodes
 from ediff_train.run.weights import load_weights
 
-FAST = ["logger=none", "data.num_workers=0", "sample.per_prompt=0", "data.batch_size=4",
-        "monitor.every=0", "module.lr=3e-3",  # lr: EMA and raw weights visibly apart in 4 steps
-        "module.ema_halflife_images=null",  # the per-step EMA rule (images: test_handoff.py)
-        "probe.enabled=false"]
+FAST = [
+    "logger=none",
+    "data.num_workers=0",
+    "sample.per_prompt=0",
+    "data.batch_size=4",
+    "monitor.every=0",
+    "module.lr=3e-3",  # lr: EMA and raw weights visibly apart in 4 steps
+    "module.ema_halflife_images=null",  # the per-step EMA rule (images: test_handoff.py)
+    "probe.enabled=false",
+]
 DECAY = 0.9999  # conf/train.yaml module.ema_decay, with warmup min(decay, (1+n)/(10+n))
 
 
@@ -39,10 +45,17 @@ def train(run_dir: Path, data_root: Path, key: str, *overrides: str) -> None:
     """train.py's main on a composed config, in this process, with a Probe recording as `key`."""
     register_nodes(["E0_0"])
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[
-            *FAST, f"run_dir={run_dir}", f"data.root={data_root}",
-            "+callbacks.probe._target_=train_probes.Probe", f"+callbacks.probe.key={key}",
-            *overrides])
+        cfg = compose(
+            "train",
+            overrides=[
+                *FAST,
+                f"run_dir={run_dir}",
+                f"data.root={data_root}",
+                "+callbacks.probe._target_=train_probes.Probe",
+                f"+callbacks.probe.key={key}",
+                *overrides,
+            ],
+        )
     _train_script().main(cfg)
 
 
@@ -53,8 +66,9 @@ def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], tol: float = 0.
     return worst
 
 
-def reference_ema(ema0: dict[str, torch.Tensor], weights: dict[int, dict[str, torch.Tensor]],
-                  last: int) -> dict[str, torch.Tensor]:
+def reference_ema(
+    ema0: dict[str, torch.Tensor], weights: dict[int, dict[str, torch.Tensor]], last: int
+) -> dict[str, torch.Tensor]:
     """ema_n = d_n·ema_(n−1) + (1 − d_n)·w_n, d_n = min(DECAY, (1+n)/(10+n)), in float64."""
     ema = {k: v.double() for k, v in ema0.items()}
     for n in range(1, last + 1):
@@ -68,8 +82,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def resumed(tmp_path_factory: pytest.TempPathFactory,
-            digits_root: Path) -> Iterator[tuple[Path, tuple]]:
+def resumed(
+    tmp_path_factory: pytest.TempPathFactory, digits_root: Path
+) -> Iterator[tuple[Path, tuple]]:
     """A root trained 2 steps (its hand-off leaves last.ckpt at step 2), then the same node asked
     for 4: the second run must resume there. Yields the run dir and the first hand-off."""
     run = tmp_path_factory.mktemp("loop") / "R"
@@ -114,11 +129,18 @@ def test_plain_path_ema_equals_recomputed_average(resumed: tuple[Path, tuple]) -
 
 
 def test_nan_loss_mid_run_stops_before_the_optimiser_step(
-        tmp_path: Path, digits_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, digits_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     run = tmp_path / "R"
     with pytest.raises(SystemExit) as e:
-        train(run, digits_root, "loop_nan", "steps=4", "checkpoint_every=2",
-              "+callbacks.probe.nan_at=2")  # the third step's batch is NaN
+        train(
+            run,
+            digits_root,
+            "loop_nan",
+            "steps=4",
+            "checkpoint_every=2",
+            "+callbacks.probe.nan_at=2",
+        )  # the third step's batch is NaN
     assert e.value.code == 2
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
@@ -128,8 +150,9 @@ def test_nan_loss_mid_run_stops_before_the_optimiser_step(
     assert rec["optimizer_steps"] == [0, 1]  # the NaN step never reached the optimiser
     same(rec["at_exception"], rec["weights"][2])  # weights as they were before the NaN step
     assert all(torch.isfinite(v).all() for v in rec["at_exception"].values())
-    ckpt = torch.load(run / "E0_0" / "checkpoints" / "last.ckpt", map_location="cpu",
-                      weights_only=True)
+    ckpt = torch.load(
+        run / "E0_0" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
+    )
     assert ckpt["global_step"] == 2
     saved = {k.removeprefix("denoiser."): v for k, v in ckpt["state_dict"].items()}
     same(saved, rec["weights"][2])

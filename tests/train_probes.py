@@ -30,31 +30,41 @@ def parameters(module: LightningModule) -> dict[str, torch.Tensor]:
 class Probe(Callback):
     def __init__(self, key: str, nan_at: int | None = None, dump: str | None = None) -> None:
         self.nan_at, self.dump = nan_at, dump
-        self.rec: dict[str, Any] = {"optimizer_steps": [], "weights": {}, "ema0": None,
-                                    "losses": {}, "at_exception": None, "exception": None}
+        self.rec: dict[str, Any] = {
+            "optimizer_steps": [],
+            "weights": {},
+            "ema0": None,
+            "losses": {},
+            "at_exception": None,
+            "exception": None,
+        }
         RECORDS[key] = self.rec
 
-    def on_train_batch_start(self, trainer: Trainer, module: LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: Trainer, module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self.rec["ema0"] is None:  # after the module's on_train_start and any resume
             self.rec["ema0"] = module.ema_state.state_dict()
             self.rec["weights"][trainer.global_step] = parameters(module)
         if self.nan_at is not None and trainer.global_step == self.nan_at:
             batch["image"] = torch.full_like(batch["image"], float("nan"))
 
-    def on_before_optimizer_step(self, trainer: Trainer, module: LightningModule,
-                                 optimizer: Any) -> None:
+    def on_before_optimizer_step(
+        self, trainer: Trainer, module: LightningModule, optimizer: Any
+    ) -> None:
         self.rec["optimizer_steps"].append(trainer.global_step)
 
-    def on_train_batch_end(self, trainer: Trainer, module: LightningModule, outputs: Any,
-                           *args: Any) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, module: LightningModule, outputs: Any, *args: Any
+    ) -> None:
         self.rec["weights"][trainer.global_step] = parameters(module)
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if loss is not None:  # keyed by the step that computed it
             self.rec["losses"][trainer.global_step - 1] = float(loss.detach())
 
-    def on_exception(self, trainer: Trainer, module: LightningModule,
-                     exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: Trainer, module: LightningModule, exception: BaseException
+    ) -> None:
         self.rec["at_exception"] = parameters(module)
         self.rec["exception"] = exception
         self._dump()

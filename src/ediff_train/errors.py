@@ -44,8 +44,10 @@ def disk_full(path: str | os.PathLike | None, exc: BaseException | None = None) 
     code = "EDQUOT" if isinstance(exc, OSError) and exc.errno == errno.EDQUOT else "ENOSPC"
     where = Path(path) if path else None
     left = f" ({_free(where)} free there)" if where else ""
-    return DiskFull(f"disk full ({code}) while writing {where or 'a file'}{left}: free space and "
-                    "run the same command again to resume from the last complete checkpoint")
+    return DiskFull(
+        f"disk full ({code}) while writing {where or 'a file'}{left}: free space and "
+        "run the same command again to resume from the last complete checkpoint"
+    )
 
 
 def user_error(exc: BaseException) -> EdiffError | None:

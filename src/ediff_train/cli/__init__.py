@@ -123,8 +123,10 @@ def check_writable(path: str | Path, key: str) -> Path:
             pass
     except OSError as e:
         where = f": {e.filename}" if e.filename and str(e.filename) != str(path) else ""
-        raise EdiffError(f"{key}={path} cannot be created or written ({e.strerror or e}{where}); "
-                         f"choose a folder you can write to") from None
+        raise EdiffError(
+            f"{key}={path} cannot be created or written ({e.strerror or e}{where}); "
+            f"choose a folder you can write to"
+        ) from None
     return path
 
 
@@ -148,7 +150,8 @@ class WritableDirs(Callback):
         # Swept values are unknown here (each job's app checks its own); the sweep folder's
         # parent is fixed (its last part holds the time, which may tick before Hydra's mkdir).
         try:
-            check_writable(Path(str(OmegaConf.select(config, "hydra.sweep.dir"))).parent,
-                           "hydra.sweep.dir")
+            check_writable(
+                Path(str(OmegaConf.select(config, "hydra.sweep.dir"))).parent, "hydra.sweep.dir"
+            )
         except EdiffError as e:
             fail(str(e))

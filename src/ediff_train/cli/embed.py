@@ -23,8 +23,7 @@ def register_encoder_configs() -> None:
         cs.store(group="encoders", name=path.stem, node=OmegaConf.load(path))
 
 
-@hydra.main(config_path=str(REPO / "data_prep" / "conf"), config_name="embed",
-            version_base="1.3")
+@hydra.main(config_path=str(REPO / "data_prep" / "conf"), config_name="embed", version_base="1.3")
 @reporting_errors
 def main(cfg: DictConfig) -> None:
     import torch  # heavy imports only once the command line is valid
@@ -38,8 +37,10 @@ def main(cfg: DictConfig) -> None:
 
     missing = [k for k in ("input", "output") if OmegaConf.is_missing(cfg, k)]
     if missing:
-        raise EdiffError(f"set {' and '.join(f'{k}=...' for k in missing)} (input: a folder "
-                         "with captions.jsonl or .tar files; output: the shard folder to write)")
+        raise EdiffError(
+            f"set {' and '.join(f'{k}=...' for k in missing)} (input: a folder "
+            "with captions.jsonl or .tar files; output: the shard folder to write)"
+        )
     task_id, num_tasks = resolve_task(cfg.task_id, cfg.num_tasks)
     enc_cfg = OmegaConf.to_container(cfg.encoders, resolve=True)
     if enc_cfg.get("device") is None:  # embedding wants the GPU whenever there is one
@@ -48,22 +49,34 @@ def main(cfg: DictConfig) -> None:
         enc_cfg["dtype"] = "bf16" if enc_cfg["device"].startswith("cuda") else "fp32"
     stage = cfg.stage
     prep = PrepConfig(
-        input=cfg.input, output=cfg.output,
+        input=cfg.input,
+        output=cfg.output,
         image=ImageSpec(int(stage.size), int(stage.min_side), str(stage.format)),
-        unit_size=int(cfg.unit_size), batch_size=int(cfg.batch_size),
-        sort_window=int(cfg.sort_window), workers=int(cfg.workers),
-        clip_min_similarity=cfg.clip_min_similarity)
+        unit_size=int(cfg.unit_size),
+        batch_size=int(cfg.batch_size),
+        sort_window=int(cfg.sort_window),
+        workers=int(cfg.workers),
+        clip_min_similarity=cfg.clip_min_similarity,
+    )
     listing = list_input(prep.input, prep.unit_size)  # bad input fails before encoders load
     open_store(prep.output).check()  # so does an output URL without backend, bucket or access
     encoders = build_encoders(**enc_cfg)
-    print(f"encoders: {encoders.spec['t5']['name']} + {encoders.spec['clip']['name']} on "
-          f"{encoders.device} ({enc_cfg['dtype']}); stage {stage.size}px; task "
-          f"{task_id}/{num_tasks}", flush=True)
+    print(
+        f"encoders: {encoders.spec['t5']['name']} + {encoders.spec['clip']['name']} on "
+        f"{encoders.device} ({enc_cfg['dtype']}); stage {stage.size}px; task "
+        f"{task_id}/{num_tasks}",
+        flush=True,
+    )
     job = EmbedJob(prep, encoders, listing)
-    report = job.run(task_id, num_tasks, max_units=cfg.max_units, progress=bool(cfg.progress),
-                     finalize=bool(cfg.finalize), cpu_threads=cfg.cpu_threads)
+    report = job.run(
+        task_id,
+        num_tasks,
+        max_units=cfg.max_units,
+        progress=bool(cfg.progress),
+        finalize=bool(cfg.finalize),
+        cpu_threads=cfg.cpu_threads,
+    )
     print(report.summary(), flush=True)
-
 
 
 def run() -> None:

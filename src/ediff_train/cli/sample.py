@@ -64,8 +64,9 @@ def sampler_settings(cfg: DictConfig) -> Guidance:
         raise EdiffError(f"style_image {style} does not exist")
     interval = cfg.get("guidance_interval")
     per = {str(k): float(v) for k, v in (cfg.get("guidance_per_expert") or {}).items()}
-    g = Guidance(float(cfg.guidance), per,
-                 (float(interval[0]), float(interval[1])) if interval else None)
+    g = Guidance(
+        float(cfg.guidance), per, (float(interval[0]), float(interval[1])) if interval else None
+    )
     g.check(list(per))  # the interval's form; expert names are checked once loaded
     return g
 
@@ -75,8 +76,10 @@ def paint_regions(cfg: DictConfig) -> list[Region] | None:
     if cfg.get("paint_map"):
         return regions_from_colour_map(str(cfg.paint_map), dict(cfg.get("paint_legend") or {}))
     spec = cfg.get("paint") or []
-    return [Region(str(r["phrase"]), read_mask(str(r["mask"])), float(r.get("strength", 1.0)))
-            for r in spec] or None
+    return [
+        Region(str(r["phrase"]), read_mask(str(r["mask"])), float(r.get("strength", 1.0)))
+        for r in spec
+    ] or None
 
 
 def sample_cascade(cfg: DictConfig) -> None:
@@ -87,8 +90,10 @@ def sample_cascade(cfg: DictConfig) -> None:
     outputs = run_cascade(loaded, prompts, seed=int(cfg.seed), device=cfg.device)
     grid = write_cascade(loaded, outputs, prompts, cfg.out)
     sizes = " -> ".join(f"{ls.image_size}px" for ls in loaded)
-    print(f"{description}: wrote {len(prompts)} images per stage ({sizes}) and {grid} "
-          f"(expert calls: {call_report(loaded)})")
+    print(
+        f"{description}: wrote {len(prompts)} images per stage ({sizes}) and {grid} "
+        f"(expert calls: {call_report(loaded)})"
+    )
 
 
 @hydra.main(config_path=str(CONF_DIR / "sampling"), config_name="config", version_base="1.3")
@@ -102,33 +107,63 @@ def main(cfg: DictConfig) -> None:
     names = list(cfg.experts) if cfg.experts else [str(cfg.expert)]
     prompts = prompt_list(cfg)
     seeds = [int(x) for x in (cfg.get("seeds") or [cfg.seed])]
-    sampler = Sampler.from_run(cfg.run_dir, names, str(cfg.weights), str(cfg.device),
-                               offload=bool(cfg.get("offload", False)))
+    sampler = Sampler.from_run(
+        cfg.run_dir,
+        names,
+        str(cfg.weights),
+        str(cfg.device),
+        offload=bool(cfg.get("offload", False)),
+    )
     guidance.check(names)
     out = Path(str(cfg.out))
     for seed in seeds:
-        images = sampler([p for p in prompts for _ in range(per)], seed=seed,
-                         steps=int(cfg.steps), guidance=guidance, solver=str(cfg.solver),
-                         batch_size=int(cfg.batch_size), progress=bool(cfg.progress),
-                         sigma_min=float(cfg.sigma_min), sigma_max=float(cfg.sigma_max),
-                         rho=float(cfg.rho), order=int(cfg.order), text=str(cfg.text),
-                         style_image=cfg.get("style_image"),
-                         style_guidance=float(cfg.style_guidance), paint=regions,
-                         paint_weight=float(cfg.paint_weight))
+        images = sampler(
+            [p for p in prompts for _ in range(per)],
+            seed=seed,
+            steps=int(cfg.steps),
+            guidance=guidance,
+            solver=str(cfg.solver),
+            batch_size=int(cfg.batch_size),
+            progress=bool(cfg.progress),
+            sigma_min=float(cfg.sigma_min),
+            sigma_max=float(cfg.sigma_max),
+            rho=float(cfg.rho),
+            order=int(cfg.order),
+            text=str(cfg.text),
+            style_image=cfg.get("style_image"),
+            style_guidance=float(cfg.style_guidance),
+            paint=regions,
+            paint_weight=float(cfg.paint_weight),
+        )
         folder = out / f"seed{seed}" if len(seeds) > 1 else out
         grid = labelled_grid(images, prompts, per, upscale=max(1, 64 // images.shape[-1]))
         save_images(images, folder, grid=grid)
-        write_json(folder / "settings.json", {
-            "run_dir": str(cfg.run_dir), "experts": names, "weights": str(cfg.weights),
-            "prompts": prompts, "per_prompt": per, "seed": seed, "steps": int(cfg.steps),
-            "solver": str(cfg.solver), "order": int(cfg.order), "rho": float(cfg.rho),
-            "sigma_min": float(cfg.sigma_min), "sigma_max": float(cfg.sigma_max),
-            "guidance": float(cfg.guidance), "guidance_per_expert": guidance.per_expert,
-            "guidance_interval": guidance.interval, "text": str(cfg.text),
-            "style_image": cfg.get("style_image"), "style_guidance": float(cfg.style_guidance),
-            "paint": [{"phrase": r.phrase, "strength": r.strength} for r in regions or []],
-            "paint_weight": float(cfg.paint_weight),
-            "files": [f"sample_{i:04d}.png" for i in range(len(images))]})
+        write_json(
+            folder / "settings.json",
+            {
+                "run_dir": str(cfg.run_dir),
+                "experts": names,
+                "weights": str(cfg.weights),
+                "prompts": prompts,
+                "per_prompt": per,
+                "seed": seed,
+                "steps": int(cfg.steps),
+                "solver": str(cfg.solver),
+                "order": int(cfg.order),
+                "rho": float(cfg.rho),
+                "sigma_min": float(cfg.sigma_min),
+                "sigma_max": float(cfg.sigma_max),
+                "guidance": float(cfg.guidance),
+                "guidance_per_expert": guidance.per_expert,
+                "guidance_interval": guidance.interval,
+                "text": str(cfg.text),
+                "style_image": cfg.get("style_image"),
+                "style_guidance": float(cfg.style_guidance),
+                "paint": [{"phrase": r.phrase, "strength": r.strength} for r in regions or []],
+                "paint_weight": float(cfg.paint_weight),
+                "files": [f"sample_{i:04d}.png" for i in range(len(images))],
+            },
+        )
         print(f"wrote {len(images)} images, grid.png and settings.json to {folder}")
     print(f"expert calls: {', '.join(f'{k}: {v}' for k, v in sampler.expert_calls.items())}")
 

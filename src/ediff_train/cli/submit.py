@@ -76,8 +76,9 @@ def render(template: str, fields: dict[str, Any]) -> str:
 def _plain(value: Any, what: str) -> str:
     text = str(value)
     if any(c.isspace() for c in text):
-        raise EdiffError(f"{what} must not contain whitespace (it goes into an #SBATCH line): "
-                         f"{text!r}")
+        raise EdiffError(
+            f"{what} must not contain whitespace (it goes into an #SBATCH line): {text!r}"
+        )
     return text
 
 
@@ -89,11 +90,19 @@ def train_command(cfg: DictConfig, schedule: Schedule, stage: Stage, run_dir: Pa
     extra = cfg.train.args
     extra = shlex.split(extra) if isinstance(extra, str) else [str(a) for a in extra or []]
     return [
-        str(python), str(REPO / "train.py"), *stage.expert_args(),
-        f"run_dir={run_dir}", f"steps={stage.steps}",
-        f"experiment={cfg.experiment}", f"trainer={cfg.train.trainer}",
-        f"trainer.num_nodes={int(s.nodes)}", f"trainer.devices={tasks_per_node(cfg)}",
-        *schedule.overrides, *schedule.stage_overrides(stage), *stage.overrides, *extra,
+        str(python),
+        str(REPO / "train.py"),
+        *stage.expert_args(),
+        f"run_dir={run_dir}",
+        f"steps={stage.steps}",
+        f"experiment={cfg.experiment}",
+        f"trainer={cfg.train.trainer}",
+        f"trainer.num_nodes={int(s.nodes)}",
+        f"trainer.devices={tasks_per_node(cfg)}",
+        *schedule.overrides,
+        *schedule.stage_overrides(stage),
+        *stage.overrides,
+        *extra,
     ]
 
 
@@ -104,8 +113,7 @@ def tasks_per_node(cfg: DictConfig) -> int:
     return int(s.gpus_per_node or 0) or 1
 
 
-def script_for(cfg: DictConfig, schedule: Schedule, stage: Stage, run_dir: Path) -> tuple[
-        str, str]:
+def script_for(cfg: DictConfig, schedule: Schedule, stage: Stage, run_dir: Path) -> tuple[str, str]:
     """(rendered sbatch script, the srun command line in it) for one stage."""
     s = cfg.slurm
     ndir = node_dir(run_dir, stage.name)
@@ -190,16 +198,25 @@ def submit(jobs: list[Job], run_dir: Path) -> None:
                 _submit_one(job, run_dir, queued, ids)
                 ids[job.stage.name] = str(job.job_id)
     finally:
-        record = {j.stage.name: {"job_id": j.job_id, "action": j.action,
-                                 "target_step": j.target,
-                                 "after": ids.get(j.stage.parent or "")} for j in jobs}
+        record = {
+            j.stage.name: {
+                "job_id": j.job_id,
+                "action": j.action,
+                "target_step": j.target,
+                "after": ids.get(j.stage.parent or ""),
+            }
+            for j in jobs
+        }
         if ids:
-            write_json(run_dir / JOBS_JSON, {"submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                             "stages": record})
+            write_json(
+                run_dir / JOBS_JSON,
+                {"submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "stages": record},
+            )
 
 
-def _submit_one(job: Job, run_dir: Path, queued: dict[str, tuple[str, str, str]],
-                ids: dict[str, str]) -> None:
+def _submit_one(
+    job: Job, run_dir: Path, queued: dict[str, tuple[str, str, str]], ids: dict[str, str]
+) -> None:
     ndir = node_dir(run_dir, job.stage.name)
     found = queued.get(comment(ndir))
     if found and found[2] != NEVER:
@@ -218,8 +235,10 @@ def _submit_one(job: Job, run_dir: Path, queued: dict[str, tuple[str, str, str]]
 
 def report(schedule: Schedule, jobs: list[Job], run_dir: Path, dry_run: bool) -> str:
     scale = "" if schedule.scale == 1 else f" at scale {schedule.scale:g}"
-    head = (f"schedule {schedule.name}{scale}: {len(jobs)} stages in dependency order, "
-            f"run_dir {run_dir}" + (" (dry run: nothing submitted)" if dry_run else ""))
+    head = (
+        f"schedule {schedule.name}{scale}: {len(jobs)} stages in dependency order, "
+        f"run_dir {run_dir}" + (" (dry run: nothing submitted)" if dry_run else "")
+    )
     lines = [head]
     sbatch = [ln for ln in jobs[0].script.splitlines() if ln.startswith("#SBATCH")] if jobs else []
     lines += ["sbatch options (first job): " + " ".join(ln[8:] for ln in sbatch), ""]
@@ -260,7 +279,6 @@ def main(cfg: DictConfig) -> None:
     if not cfg.dry_run:
         submit(jobs, run_dir)
     print(report(schedule, jobs, run_dir, bool(cfg.dry_run)))
-
 
 
 def run() -> None:

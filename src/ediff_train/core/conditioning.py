@@ -44,8 +44,12 @@ class Conditioning:
 
     def rows(self, index: Tensor) -> Conditioning:
         """The bundle for a subset of the batch's rows."""
-        return Conditioning(**{f.name: None if getattr(self, f.name) is None
-                               else getattr(self, f.name)[index] for f in fields(self)})
+        return Conditioning(
+            **{
+                f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[index]
+                for f in fields(self)
+            }
+        )
 
     @property
     def batch_size(self) -> int:

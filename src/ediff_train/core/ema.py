@@ -148,8 +148,11 @@ class EMA:
     def update(self, decay: float) -> None:
         """ema ← decay·ema + (1 − decay)·weights, fragment by fragment (no communication)."""
         assert self._slots is not None and self._model is not None, "attach the EMA first"
-        live = [(frag, shadow) for _, frag, shadow in self._slots
-                if frag.numel and frag.read is not None]
+        live = [
+            (frag, shadow)
+            for _, frag, shadow in self._slots
+            if frag.numel and frag.read is not None
+        ]
         if live:  # one foreach launch, not one per tensor (on a GPU the launches add up)
             shadows = [shadow for _, shadow in live]
             values = [frag.read().to(shadow.device, shadow.dtype) for frag, shadow in live]

@@ -36,14 +36,18 @@ class LRSchedule:
 
     def __post_init__(self) -> None:
         if self.decay not in DECAYS:
-            raise EdiffError(f"module.lr_schedule.decay must be one of {', '.join(DECAYS)}, "
-                             f"got {self.decay!r}")
+            raise EdiffError(
+                f"module.lr_schedule.decay must be one of {', '.join(DECAYS)}, got {self.decay!r}"
+            )
         if self.warmup < 0 or self.total < 1 or self.ref < 0:
-            raise EdiffError(f"lr schedule needs warmup ≥ 0, total ≥ 1, ref ≥ 0 (got warmup="
-                             f"{self.warmup}, total={self.total}, ref={self.ref})")
+            raise EdiffError(
+                f"lr schedule needs warmup ≥ 0, total ≥ 1, ref ≥ 0 (got warmup="
+                f"{self.warmup}, total={self.total}, ref={self.ref})"
+            )
         if not 0.0 <= self.min_factor <= 1.0:
-            raise EdiffError(f"module.lr_schedule.min_factor must be in [0, 1], got "
-                             f"{self.min_factor}")
+            raise EdiffError(
+                f"module.lr_schedule.min_factor must be in [0, 1], got {self.min_factor}"
+            )
 
     def factor(self, n: int) -> float:
         """The multiplier of the base lr at this run's step n (0-based)."""
@@ -63,10 +67,18 @@ class LRSchedule:
 
     def record(self, base_lr: float, points: int = 11) -> dict[str, Any]:
         """The settings and the effective lr at a few of this run's steps, for node.json."""
-        steps = sorted({0, *(round(i * (self.total - 1) / (points - 1)) for i in range(points)),
-                        *([self.warmup - 1] if self.warmup > 0 else [])})
-        return {**asdict(self), "base_lr": base_lr,
-                "lr_at_step": [[s, base_lr * self.factor(s)] for s in steps if s < self.total]}
+        steps = sorted(
+            {
+                0,
+                *(round(i * (self.total - 1) / (points - 1)) for i in range(points)),
+                *([self.warmup - 1] if self.warmup > 0 else []),
+            }
+        )
+        return {
+            **asdict(self),
+            "base_lr": base_lr,
+            "lr_at_step": [[s, base_lr * self.factor(s)] for s in steps if s < self.total],
+        }
 
 
 def to_steps(value: float | int | None, unit: str, images_per_step: int) -> int:

@@ -27,8 +27,13 @@ def to_device(t: Tensor, device: torch.device) -> Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
-def adamw(params: list[nn.Parameter], lr: float, betas: tuple[float, float],
-          weight_decay: float, fusable: bool) -> torch.optim.AdamW:
+def adamw(
+    params: list[nn.Parameter],
+    lr: float,
+    betas: tuple[float, float],
+    weight_decay: float,
+    fusable: bool,
+) -> torch.optim.AdamW:
     """AdamW, fused (one kernel launch for all tensors) when `fusable` and every parameter is on
     a GPU; else PyTorch's default (foreach on CUDA, the plain loop on CPU: CPU runs unchanged).
 
@@ -36,8 +41,9 @@ def adamw(params: list[nn.Parameter], lr: float, betas: tuple[float, float],
     itself) and under a GradScaler (a fused step unscales inside, so clipping would see scaled
     gradients)."""
     fused = fusable and bool(params) and all(p.is_cuda for p in params)
-    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay,
-                             fused=True if fused else None)
+    return torch.optim.AdamW(
+        params, lr=lr, betas=betas, weight_decay=weight_decay, fused=True if fused else None
+    )
 
 
 def is_fused(optimizer: Any) -> bool:
@@ -108,8 +114,12 @@ class CompiledDenoiser:
     def _fall_back(self, e: BaseException) -> None:
         self._fn = None
         self.failure = _first_line(e)
-        print(f"warning: torch.compile (backend {self.backend!r}) failed, training the denoiser "
-              f"eagerly instead ({self.failure})", file=sys.stderr, flush=True)
+        print(
+            f"warning: torch.compile (backend {self.backend!r}) failed, training the denoiser "
+            f"eagerly instead ({self.failure})",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self._fn is None:

@@ -118,6 +118,7 @@ def deis_ab(denoiser: Denoiser, x: Tensor, sigmas: Tensor, order: int = 3) -> Te
 @torch.no_grad()
 def deis_rk3(denoiser: Denoiser, x: Tensor, sigmas: Tensor) -> Tensor:
     """Kutta's 3rd-order Runge–Kutta in σ (ρRK-3kutta); Euler on the step to σ = 0."""
+
     def f(xx: Tensor, sig: float) -> Tensor:
         return (xx - denoiser(xx, _s(torch.tensor(sig, dtype=torch.float64), xx))) / sig
 
@@ -134,7 +135,11 @@ def deis_rk3(denoiser: Denoiser, x: Tensor, sigmas: Tensor) -> Tensor:
 
 
 SOLVERS: dict[str, Callable[..., Tensor]] = {
-    "euler": euler, "heun": heun, "dpmpp_2m": dpmpp_2m, "deis_ab": deis_ab, "deis_rk3": deis_rk3,
+    "euler": euler,
+    "heun": heun,
+    "dpmpp_2m": dpmpp_2m,
+    "deis_ab": deis_ab,
+    "deis_rk3": deis_rk3,
 }
 CALLS_PER_STEP = {"euler": 1, "heun": 2, "dpmpp_2m": 1, "deis_ab": 1, "deis_rk3": 3}
 

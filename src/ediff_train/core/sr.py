@@ -47,8 +47,9 @@ def aug_noise_feature(sigma_aug: Tensor) -> Tensor:
     return sigma_aug.float().clamp(min=SIGMA_AUG_FLOOR).log() / 4.0
 
 
-def lowres_input(lowres: Tensor, sigma_aug: Tensor, size: tuple[int, int],
-                 sigma_data: float = SIGMA_DATA) -> Tensor:
+def lowres_input(
+    lowres: Tensor, sigma_aug: Tensor, size: tuple[int, int], sigma_data: float = SIGMA_DATA
+) -> Tensor:
     """The network's low-res channels: c_in(σ_aug)·lowres, bicubic up-sampled to `size`."""
     c_in = 1.0 / (sigma_aug.float() ** 2 + sigma_data**2).sqrt()
     scaled = lowres.float() * c_in.view(-1, 1, 1, 1)
@@ -67,11 +68,18 @@ def check_sigma_aug(value: float) -> float:
 class NoiseAugment:
     """The training law of σ_aug and the corruption itself (see the module docstring)."""
 
-    def __init__(self, p_mean: float = -3.0, p_std: float = 2.0, sigma_min: float = 0.002,
-                 sigma_max: float = 2.0) -> None:
+    def __init__(
+        self,
+        p_mean: float = -3.0,
+        p_std: float = 2.0,
+        sigma_min: float = 0.002,
+        sigma_max: float = 2.0,
+    ) -> None:
         if not 0 <= sigma_min <= sigma_max or p_std < 0:
-            raise EdiffError(f"noise augmentation needs 0 ≤ sigma_min ≤ sigma_max and p_std ≥ 0 "
-                             f"(got sigma_min={sigma_min}, sigma_max={sigma_max}, p_std={p_std})")
+            raise EdiffError(
+                f"noise augmentation needs 0 ≤ sigma_min ≤ sigma_max and p_std ≥ 0 "
+                f"(got sigma_min={sigma_min}, sigma_max={sigma_max}, p_std={p_std})"
+            )
         self.p_mean, self.p_std = float(p_mean), float(p_std)
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
 
@@ -82,8 +90,12 @@ class NoiseAugment:
         return sigma.clamp(self.sigma_min, self.sigma_max).float()
 
     def describe(self) -> dict[str, float]:
-        return {"p_mean": self.p_mean, "p_std": self.p_std, "sigma_min": self.sigma_min,
-                "sigma_max": self.sigma_max}
+        return {
+            "p_mean": self.p_mean,
+            "p_std": self.p_std,
+            "sigma_min": self.sigma_min,
+            "sigma_max": self.sigma_max,
+        }
 
 
 def corrupt(lowres: Tensor, sigma_aug: Tensor, noise: Tensor | None = None) -> Tensor:
@@ -102,29 +114,38 @@ class SRConditioner:
     batch itself by the stage's `factor` (high-res size / low-res size; a crop keeps it); then
     noise augmentation is applied."""
 
-    def __init__(self, augment: NoiseAugment | None = None, degrade: Any = None,
-                 factor: int | None = None) -> None:
+    def __init__(
+        self, augment: NoiseAugment | None = None, degrade: Any = None, factor: int | None = None
+    ) -> None:
         self.augment = augment or NoiseAugment()
         self.degrade = degrade
         self.factor = int(factor) if factor else None
         if degrade is not None and not self.factor:
-            raise EdiffError("degradations need the stage's factor (data.image_size / "
-                             "data.lowres_size)")
+            raise EdiffError(
+                "degradations need the stage's factor (data.image_size / data.lowres_size)"
+            )
 
-    def condition(self, cond: Conditioning, hires: Tensor, lowres: Tensor | None,
-                  generator: torch.Generator | None = None) -> Conditioning:
+    def condition(
+        self,
+        cond: Conditioning,
+        hires: Tensor,
+        lowres: Tensor | None,
+        generator: torch.Generator | None = None,
+    ) -> Conditioning:
         """`cond` with the augmented low-res and its σ_aug for a batch of high-res images."""
         if self.degrade is not None and self.factor:
-            lowres = self.degrade(hires, hires.shape[-1] // self.factor,
-                                  generator or torch.Generator())
+            lowres = self.degrade(
+                hires, hires.shape[-1] // self.factor, generator or torch.Generator()
+            )
         if lowres is None:
             raise EdiffError("an SR stage needs low-res images: set data.lowres_size")
         sigma_aug = to_device(self.augment.sample(hires.shape[0], generator), hires.device)
         return replace(cond, lowres=corrupt(lowres, sigma_aug), sigma_aug=sigma_aug)
 
 
-def sampling_condition(cond: Conditioning, lowres: Tensor, sigma_aug: float,
-                       seed: int = 0, noise: Tensor | None = None) -> Conditioning:
+def sampling_condition(
+    cond: Conditioning, lowres: Tensor, sigma_aug: float, seed: int = 0, noise: Tensor | None = None
+) -> Conditioning:
     """`cond` for sampling an SR stage from `lowres` [N,3,h,w] in [-1, 1]: augmented once at
     the stage's fixed level (seeded, or with the given unit noise)."""
     level = check_sigma_aug(sigma_aug)

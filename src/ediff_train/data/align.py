@@ -36,8 +36,10 @@ def _info_nce(a: Tensor, b: Tensor, scale: Tensor, groups: int) -> Tensor:
     b = F.normalize(b, dim=-1).view(groups, -1, b.shape[-1])
     logits = scale * a @ b.transpose(1, 2)  # [G, K, K]
     target = torch.arange(logits.shape[1]).expand(groups, -1)
-    return 0.5 * (F.cross_entropy(logits.flatten(0, 1), target.flatten())
-                  + F.cross_entropy(logits.transpose(1, 2).flatten(0, 1), target.flatten()))
+    return 0.5 * (
+        F.cross_entropy(logits.flatten(0, 1), target.flatten())
+        + F.cross_entropy(logits.transpose(1, 2).flatten(0, 1), target.flatten())
+    )
 
 
 def clip_text_short(clip: nn.Module, ids: Tensor) -> Tensor:
@@ -64,10 +66,17 @@ class _T5Head(nn.Module):
         return self.proj((hidden * m).sum(1) / m.sum(1).clamp(min=1))
 
 
-def align_encoders(enc: Encoders, images: Tensor, labels: Tensor,
-                   captions: Sequence[Sequence[str]], steps: int = 300, groups: int = 8,
-                   lr: float = 2e-3, seed: int = 0,
-                   holdout: tuple[Tensor, Tensor] | None = None) -> dict[str, Any]:
+def align_encoders(
+    enc: Encoders,
+    images: Tensor,
+    labels: Tensor,
+    captions: Sequence[Sequence[str]],
+    steps: int = 300,
+    groups: int = 8,
+    lr: float = 2e-3,
+    seed: int = 0,
+    holdout: tuple[Tensor, Tensor] | None = None,
+) -> dict[str, Any]:
     """Train `enc`'s CLIP and T5 in place on (image, caption-of-its-label) pairs.
 
     images [N,3,H,W] in [0,1]; labels [N] in 0..C-1; captions[c] are the wordings for class c.
@@ -84,8 +93,9 @@ def align_encoders(enc: Encoders, images: Tensor, labels: Tensor,
     head = _T5Head(enc.dims["t5"], enc.dims["clip_img"])
     ids = enc.clip_tokenizer(flat)
     t5_batch = enc.t5_tokenizer(flat, padding="longest", return_tensors="pt")
-    pixels = torch.cat([clip_pixels(enc.clip, images[i:i + 256])
-                        for i in range(0, len(images), 256)])
+    pixels = torch.cat(
+        [clip_pixels(enc.clip, images[i : i + 256]) for i in range(0, len(images), 256)]
+    )
     params = [*clip.parameters(), *t5.parameters(), *head.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
@@ -94,17 +104,25 @@ def align_encoders(enc: Encoders, images: Tensor, labels: Tensor,
         for g in opt.param_groups:  # short warm-up, then cosine decay
             g["lr"] = lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / steps))
         # G groups of one image per class, each with a random wording of its class
-        pick = torch.stack([ix[torch.randint(len(ix), (groups,), generator=gen)]
-                            for ix in by_class], 1).flatten()
+        pick = torch.stack(
+            [ix[torch.randint(len(ix), (groups,), generator=gen)] for ix in by_class], 1
+        ).flatten()
         cls = labels[pick]
-        cap = torch.stack([torch.nonzero(owner == int(c)).squeeze(1)[
-            torch.randint(int((owner == int(c)).sum()), (1,), generator=gen)] for c in cls])
+        cap = torch.stack(
+            [
+                torch.nonzero(owner == int(c)).squeeze(1)[
+                    torch.randint(int((owner == int(c)).sum()), (1,), generator=gen)
+                ]
+                for c in cls
+            ]
+        )
         cap = cap.squeeze(1)
         used, inverse = torch.unique(cap, return_inverse=True)
         img = clip.encode_image(pixels[pick])
         txt = clip_text_short(clip, ids[used])[inverse]
-        hidden = t5(input_ids=t5_batch["input_ids"][used],
-                    attention_mask=t5_batch["attention_mask"][used]).last_hidden_state
+        hidden = t5(
+            input_ids=t5_batch["input_ids"][used], attention_mask=t5_batch["attention_mask"][used]
+        ).last_hidden_state
         t5e = head(hidden, t5_batch["attention_mask"][used])[inverse]
         scale = clip.logit_scale.exp().clamp(max=100)
         loss = _info_nce(img, txt, scale, groups) + _info_nce(img, t5e, scale, groups)
@@ -114,17 +132,23 @@ def align_encoders(enc: Encoders, images: Tensor, labels: Tensor,
         losses.append(float(loss.detach()))
     clip.eval().requires_grad_(False)
     t5.eval().requires_grad_(False)
-    report: dict[str, Any] = {"steps": steps, "groups": groups, "lr": lr, "seed": seed,
-                              "final_loss": round(sum(losses[-20:]) / max(len(losses[-20:]), 1), 4),
-                              "seconds": round(time.perf_counter() - start, 1)}
+    report: dict[str, Any] = {
+        "steps": steps,
+        "groups": groups,
+        "lr": lr,
+        "seed": seed,
+        "final_loss": round(sum(losses[-20:]) / max(len(losses[-20:]), 1), 4),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
     if holdout is not None:
         report["zero_shot_accuracy"] = zero_shot_accuracy(enc, *holdout, captions)
     return report
 
 
 @torch.no_grad()
-def zero_shot_accuracy(enc: Encoders, images: Tensor, labels: Tensor,
-                       captions: Sequence[Sequence[str]]) -> float:
+def zero_shot_accuracy(
+    enc: Encoders, images: Tensor, labels: Tensor, captions: Sequence[Sequence[str]]
+) -> float:
     """CLIP's zero-shot test: each image is given the class whose mean caption embedding is
     closest (as CLIP's prompt ensembling does)."""
     pooled = enc.encode_text([c for cs in captions for c in cs])["clip_pool"]

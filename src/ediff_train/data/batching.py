@@ -45,12 +45,13 @@ def _shared_bytes(n: int) -> Tensor:
     return elem.new(elem._typed_storage()._new_shared(n, device=elem.device))
 
 
-def _carve(buf: Tensor, specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]]
-           ) -> dict[str, Tensor]:
+def _carve(
+    buf: Tensor, specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]]
+) -> dict[str, Tensor]:
     out, off = {}, 0
     for name, (shape, dtype) in specs.items():
         n = math.prod(shape) * dtype.itemsize
-        out[name] = buf[off:off + n].view(dtype).view(shape)
+        out[name] = buf[off : off + n].view(dtype).view(shape)
         off += -(-n // _ALIGN) * _ALIGN
     return out
 
@@ -71,8 +72,9 @@ class SlabPool:
         self.worker = worker
         self.slabs: list[Tensor | None] = [None] * flags.shape[1]
 
-    def carve(self, specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]]
-              ) -> tuple[dict[str, Tensor], int | None]:
+    def carve(
+        self, specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]]
+    ) -> tuple[dict[str, Tensor], int | None]:
         """Views into a free slab and its flat flag index (None: a fresh, unpooled buffer).
         One int rather than (worker, slab): the DataLoader turns tuples into lists."""
         need = _nbytes(specs)
@@ -97,8 +99,9 @@ class NonFiniteRows(ValueError):
         self.rows = rows
 
 
-def collate(samples: Sequence[Mapping[str, Any]], compact: bool = False,
-            pool: SlabPool | None = None) -> dict[str, Any]:
+def collate(
+    samples: Sequence[Mapping[str, Any]], compact: bool = False, pool: SlabPool | None = None
+) -> dict[str, Any]:
     """Stack decoded samples (numpy, see decode_sample); T5 zero-padded to the batch's longest
     sequence, mask True on real tokens. Raises NonFiniteRows if any embedding holds NaN/Inf.
 
@@ -112,7 +115,9 @@ def collate(samples: Sequence[Mapping[str, Any]], compact: bool = False,
     emb = torch.float16 if half else torch.float32
     first = samples[0]
     specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
-        "t5": ((b, lmax, d), emb), "t5_mask": ((b, lmax), torch.bool)}
+        "t5": ((b, lmax, d), emb),
+        "t5_mask": ((b, lmax), torch.bool),
+    }
     for name in ("clip_txt", "clip_pool", "clip_img"):
         specs[name] = ((b, *first[name].shape), emb)
     for name in ("image", "lowres"):

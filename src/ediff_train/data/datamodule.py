@@ -37,8 +37,9 @@ log = logging.getLogger(__name__)
 _PREP_STAGES = {64: "base64", 256: "sr256", 1024: "sr1024"}
 
 
-def check_image_size(manifest: dict, root: str | Path, image_size: int,
-                     lowres_size: int | None) -> None:
+def check_image_size(
+    manifest: dict, root: str | Path, image_size: int, lowres_size: int | None
+) -> None:
     """Refuse shards stored at another size than the stage trains at: smaller ones would be
     upscaled (blurred targets, e.g. an SR stage pointed at base-stage shards), larger ones are
     another stage's set (e.g. a base stage pointed at SR shards). No recorded size: no check."""
@@ -47,15 +48,23 @@ def check_image_size(manifest: dict, root: str | Path, image_size: int,
         return
     stored = int(stored)
     stage = _PREP_STAGES.get(image_size)
-    fix = (f"use data_prep stage={stage}" if stage else f"embed the images at {image_size} px")
+    fix = f"use data_prep stage={stage}" if stage else f"embed the images at {image_size} px"
     if stored < image_size:
-        guess = ("an SR stage pointed at base-stage shards?" if lowres_size is not None
-                 else "they would be upscaled, i.e. blurred:")
+        guess = (
+            "an SR stage pointed at base-stage shards?"
+            if lowres_size is not None
+            else "they would be upscaled, i.e. blurred:"
+        )
     else:
-        guess = ("a base stage pointed at SR-stage shards?" if lowres_size is None
-                 else "an SR stage pointed at a larger stage's shards?")
-    raise EdiffError(f"shards at {root} hold {stored} px images, this stage trains at "
-                     f"{image_size} px ({guess} {fix})")
+        guess = (
+            "a base stage pointed at SR-stage shards?"
+            if lowres_size is None
+            else "an SR stage pointed at a larger stage's shards?"
+        )
+    raise EdiffError(
+        f"shards at {root} hold {stored} px images, this stage trains at "
+        f"{image_size} px ({guess} {fix})"
+    )
 
 
 class ShardLoader(DataLoader):
@@ -73,17 +82,26 @@ class ShardLoader(DataLoader):
     epoch) names the first epoch when no position was restored (an older checkpoint).
     """
 
-    def __init__(self, dataset: ShardStream, num_workers: int = 0,
-                 epoch_fn: Callable[[], int | None] | None = None, expand: bool = True,
-                 consume_on_yield: bool = True, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        dataset: ShardStream,
+        num_workers: int = 0,
+        epoch_fn: Callable[[], int | None] | None = None,
+        expand: bool = True,
+        consume_on_yield: bool = True,
+        **kwargs: Any,
+    ) -> None:
         kwargs.setdefault("persistent_workers", num_workers > 0)
         super().__init__(dataset, batch_size=None, num_workers=num_workers, **kwargs)
         self.epoch_fn, self.expand = epoch_fn, expand
         self.consume_on_yield = consume_on_yield
         self.skips = SkipCounter()
-        self.position = StreamPosition(dataset.rank, dataset.identity(num_workers),
-                                       dataset.active_workers(num_workers),
-                                       dataset.batches_per_epoch)
+        self.position = StreamPosition(
+            dataset.rank,
+            dataset.identity(num_workers),
+            dataset.active_workers(num_workers),
+            dataset.batches_per_epoch,
+        )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         epoch = self.epoch_fn() if self.epoch_fn is not None else None
@@ -169,13 +187,28 @@ class ShardDataModule(L.LightningDataModule):
     `readahead` shards fetched ahead per worker, each request tried `retries` times.
     """
 
-    def __init__(self, root: str, batch_size: int, image_size: int, num_workers: int = 2,
-                 shuffle_buffer: int = 1000, seed: int = 0, batches_per_epoch: int | None = None,
-                 lowres_size: int | None = None, expect: dict | None = None,
-                 builder: Callable[[], Any] | None = None, cast_on_device: bool | None = None,
-                 val_root: str | None = None, val_fraction: float = 0.0,
-                 crop_size: int | None = None, readahead: int = 2, retries: int = 5,
-                 *, rank: int | None = None, world_size: int | None = None) -> None:
+    def __init__(
+        self,
+        root: str,
+        batch_size: int,
+        image_size: int,
+        num_workers: int = 2,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        batches_per_epoch: int | None = None,
+        lowres_size: int | None = None,
+        expect: dict | None = None,
+        builder: Callable[[], Any] | None = None,
+        cast_on_device: bool | None = None,
+        val_root: str | None = None,
+        val_fraction: float = 0.0,
+        crop_size: int | None = None,
+        readahead: int = 2,
+        retries: int = 5,
+        *,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
         super().__init__()
         check_sizes(image_size, lowres_size, crop_size)  # before any work
         self.crop_size = crop_size
@@ -213,8 +246,10 @@ class ShardDataModule(L.LightningDataModule):
         else:
             missing = [n for n in names if not (Path(self.root) / n).is_file()]
         if missing:
-            raise EdiffError(f"{len(missing)} shard(s) listed in {self.root}/manifest.json are "
-                             f"missing, e.g. {missing[0]}")
+            raise EdiffError(
+                f"{len(missing)} shard(s) listed in {self.root}/manifest.json are "
+                f"missing, e.g. {missing[0]}"
+            )
         self.manifest, self.dims = manifest, EmbedDims.from_manifest(manifest)
         self.shard_paths = [join(self.root, n) for n in names]
 
@@ -225,24 +260,42 @@ class ShardDataModule(L.LightningDataModule):
         rank, world = resolve_rank_world(self.rank, self.world_size)
         workers = usable_workers(len(self.shard_paths), world, self.num_workers)
         if workers < self.num_workers:
-            log.warning("only %d shard(s) per rank: using %d dataloader worker(s), not %d",
-                        len(self.shard_paths) // world, workers, self.num_workers)
+            log.warning(
+                "only %d shard(s) per rank: using %d dataloader worker(s), not %d",
+                len(self.shard_paths) // world,
+                workers,
+                self.num_workers,
+            )
         num_samples = self.manifest.get("num_samples", sum(self.manifest["shards"].values()))
         num_samples = int(num_samples * (1.0 - self.val_fraction))  # the key split holds out
         stream = ShardStream(
-            self.shard_paths, self.batch_size, self.image_size, self.dims,
+            self.shard_paths,
+            self.batch_size,
+            self.image_size,
+            self.dims,
             num_samples=int(num_samples),
-            batches_per_epoch=self.batches_per_epoch, shuffle_buffer=self.shuffle_buffer,
-            seed=self.seed, lowres_size=self.lowres_size, rank=rank, world=world,
+            batches_per_epoch=self.batches_per_epoch,
+            shuffle_buffer=self.shuffle_buffer,
+            seed=self.seed,
+            lowres_size=self.lowres_size,
+            rank=rank,
+            world=world,
             holdout=(self.val_fraction, False) if self.val_fraction else None,
-            crop_size=self.crop_size, readahead=self.readahead, retries=self.retries)
+            crop_size=self.crop_size,
+            readahead=self.readahead,
+            retries=self.retries,
+        )
         # under a trainer a batch is consumed when its step takes it (on_before_batch_transfer):
         # Lightning fetches one batch ahead, and that one must not count if the run stops now
         # on a GPU: pinned host batches, so the trainer's non-blocking copy does not wait
-        self._loader = ShardLoader(stream, num_workers=workers, epoch_fn=_trainer_epoch(self),
-                                   expand=not self._casts_on_device(),
-                                   consume_on_yield=self.trainer is None,
-                                   pin_memory=self._trains_on_cuda())
+        self._loader = ShardLoader(
+            stream,
+            num_workers=workers,
+            epoch_fn=_trainer_epoch(self),
+            expand=not self._casts_on_device(),
+            consume_on_yield=self.trainer is None,
+            pin_memory=self._trains_on_cuda(),
+        )
         return self._loader
 
     def validation(self) -> tuple[Path | str, float] | None:
@@ -260,12 +313,23 @@ class ShardDataModule(L.LightningDataModule):
         manifest = read_manifest(root)
         check_image_size(manifest, root, self.image_size, self.lowres_size)
         paths = [join(root, name) for name in sorted(manifest.get("shards") or {})]
-        stream = ShardStream(paths, batch_size or self.batch_size, self.image_size,
-                             EmbedDims.from_manifest(manifest), batches_per_epoch=num_batches,
-                             shuffle_buffer=0, seed=0, lowres_size=self.lowres_size, rank=0,
-                             world=1, holdout=(fraction, True) if fraction else None,
-                             crop_size=self.crop_size, centre_crop=True,
-                             readahead=self.readahead, retries=self.retries)
+        stream = ShardStream(
+            paths,
+            batch_size or self.batch_size,
+            self.image_size,
+            EmbedDims.from_manifest(manifest),
+            batches_per_epoch=num_batches,
+            shuffle_buffer=0,
+            seed=0,
+            lowres_size=self.lowres_size,
+            rank=0,
+            world=1,
+            holdout=(fraction, True) if fraction else None,
+            crop_size=self.crop_size,
+            centre_crop=True,
+            readahead=self.readahead,
+            retries=self.retries,
+        )
         return [{k: v for k, v in b.items() if k not in ("skipped", POSITION)} for b in stream]
 
     def _trains_on_cuda(self) -> bool:

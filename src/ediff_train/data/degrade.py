@@ -61,11 +61,17 @@ def _on_rows(x: Tensor, mask: Tensor, fn: Callable[[Tensor, Tensor], Tensor]) ->
     return out
 
 
-def blur_kernels(g: torch.Generator, n: int, kernel_sizes: Sequence[int] = (7, 21),
-                 sigma: Sequence[float] = (0.2, 3.0),
-                 kernel_probs: Sequence[float] = (0.45, 0.25, 0.12, 0.03, 0.12, 0.03),
-                 betag: Sequence[float] = (0.5, 4.0), betap: Sequence[float] = (1.0, 2.0),
-                 sinc_prob: float = 0.1, sinc_cutoff: Sequence[float] = (0.2, 1.0)) -> Tensor:
+def blur_kernels(
+    g: torch.Generator,
+    n: int,
+    kernel_sizes: Sequence[int] = (7, 21),
+    sigma: Sequence[float] = (0.2, 3.0),
+    kernel_probs: Sequence[float] = (0.45, 0.25, 0.12, 0.03, 0.12, 0.03),
+    betag: Sequence[float] = (0.5, 4.0),
+    betap: Sequence[float] = (1.0, 2.0),
+    sinc_prob: float = 0.1,
+    sinc_cutoff: Sequence[float] = (0.2, 1.0),
+) -> Tensor:
     """[n, K, K] normalised kernels, K = the largest size; each row has its own odd size in
     `kernel_sizes` (zero outside it), family from KERNELS by `kernel_probs`, σ per axis, rotation
     (anisotropic ones), shape β (generalised: exp(-q^β/2), plateau: 1/(1+q^β)), and with
@@ -78,8 +84,11 @@ def blur_kernels(g: torch.Generator, n: int, kernel_sizes: Sequence[int] = (7, 2
     sx = _uniform(g, n, *sigma)
     sy = torch.where(aniso, _uniform(g, n, *sigma), sx)
     theta = torch.where(aniso, _uniform(g, n, -math.pi, math.pi), torch.zeros(n))
-    bg = torch.where(torch.rand(n, generator=g) < 0.5, _uniform(g, n, betag[0], 1.0),
-                     _uniform(g, n, 1.0, betag[1]))
+    bg = torch.where(
+        torch.rand(n, generator=g) < 0.5,
+        _uniform(g, n, betag[0], 1.0),
+        _uniform(g, n, 1.0, betag[1]),
+    )
     beta = torch.where(family < 2, 1.0, torch.where(family < 4, bg, _uniform(g, n, *betap)))
     is_sinc = torch.rand(n, generator=g) < sinc_prob
     low = torch.where(half < 6, max(sinc_cutoff[0], 1 / 3), sinc_cutoff[0])
@@ -94,8 +103,11 @@ def blur_kernels(g: torch.Generator, n: int, kernel_sizes: Sequence[int] = (7, 2
     k = torch.where((family >= 4)[:, None, None], 1 / (1 + qb), torch.exp(-0.5 * qb))
     r = torch.sqrt(xx**2 + yy**2)
     wc = cutoff[:, None, None]
-    sinc = torch.where(r == 0, wc**2 / (4 * math.pi),
-                       wc * torch.special.bessel_j1(wc * r) / (2 * math.pi * r.clamp_min(1e-8)))
+    sinc = torch.where(
+        r == 0,
+        wc**2 / (4 * math.pi),
+        wc * torch.special.bessel_j1(wc * r) / (2 * math.pi * r.clamp_min(1e-8)),
+    )
     k = torch.where(is_sinc[:, None, None], sinc, k)
     inside = (xx.abs() <= half[:, None, None]) & (yy.abs() <= half[:, None, None])
     k = k * inside
@@ -108,15 +120,27 @@ class RandomBlur:
     """Blur each selected sample with its own kernel from `blur_kernels` (one batched filter2d,
     reflect padding as basicsr). A kernel wider than the image allows is cropped and renormed."""
 
-    def __init__(self, p: float = 1.0, kernel_sizes: Sequence[int] = (7, 21),
-                 sigma: Sequence[float] = (0.2, 3.0),
-                 kernel_probs: Sequence[float] = (0.45, 0.25, 0.12, 0.03, 0.12, 0.03),
-                 betag: Sequence[float] = (0.5, 4.0), betap: Sequence[float] = (1.0, 2.0),
-                 sinc_prob: float = 0.1, sinc_cutoff: Sequence[float] = (0.2, 1.0)) -> None:
+    def __init__(
+        self,
+        p: float = 1.0,
+        kernel_sizes: Sequence[int] = (7, 21),
+        sigma: Sequence[float] = (0.2, 3.0),
+        kernel_probs: Sequence[float] = (0.45, 0.25, 0.12, 0.03, 0.12, 0.03),
+        betag: Sequence[float] = (0.5, 4.0),
+        betap: Sequence[float] = (1.0, 2.0),
+        sinc_prob: float = 0.1,
+        sinc_cutoff: Sequence[float] = (0.2, 1.0),
+    ) -> None:
         self.p = p
-        self.kw = dict(kernel_sizes=tuple(kernel_sizes), sigma=tuple(sigma),
-                       kernel_probs=tuple(kernel_probs), betag=tuple(betag), betap=tuple(betap),
-                       sinc_prob=sinc_prob, sinc_cutoff=tuple(sinc_cutoff))
+        self.kw = dict(
+            kernel_sizes=tuple(kernel_sizes),
+            sigma=tuple(sigma),
+            kernel_probs=tuple(kernel_probs),
+            betag=tuple(betag),
+            betap=tuple(betap),
+            sinc_prob=sinc_prob,
+            sinc_cutoff=tuple(sinc_cutoff),
+        )
 
     def __call__(self, x: Tensor, g: torch.Generator, out_size: int | None = None) -> Tensor:
         mask = torch.rand(len(x), generator=g) < self.p
@@ -124,7 +148,7 @@ class RandomBlur:
         big, fit = k.shape[-1], 2 * min(x.shape[-2:]) - 1  # reflect pad needs side > k // 2
         if fit < big:
             c = (big - fit) // 2
-            k = k[:, c:c + fit, c:c + fit]
+            k = k[:, c : c + fit, c : c + fit]
             k = k / k.sum((1, 2), keepdim=True)
         return _on_rows(x, mask, lambda rows, idx: filter2d(rows, k[idx].to(x.device), "reflect"))
 
@@ -135,9 +159,13 @@ class RandomResize:
     (`relative_to`), with an interpolation mode per sample from `modes` (one call per mode).
     No anti-aliasing, as Real-ESRGAN: aliasing is part of the corruption."""
 
-    def __init__(self, scale_ranges: Sequence[Sequence[float]] = ((1.0, 1.0),),
-                 scale_probs: Sequence[float] = (1.0,), modes: Sequence[str] = MODES,
-                 relative_to: str = "input") -> None:
+    def __init__(
+        self,
+        scale_ranges: Sequence[Sequence[float]] = ((1.0, 1.0),),
+        scale_probs: Sequence[float] = (1.0,),
+        modes: Sequence[str] = MODES,
+        relative_to: str = "input",
+    ) -> None:
         if relative_to not in ("input", "output") or any(m not in MODES for m in modes):
             raise ValueError(f"relative_to in (input, output), modes in {MODES}")
         self.scale_ranges = [tuple(r) for r in scale_ranges]
@@ -168,8 +196,9 @@ class GaussianNoise:
     """Add N(0, σ²) with σ in `sigma`/255 per sample; with `gray_prob` the same noise in all
     three channels (luminance-only noise), else independent per channel."""
 
-    def __init__(self, sigma: Sequence[float] = (1.0, 30.0), gray_prob: float = 0.4,
-                 p: float = 1.0) -> None:
+    def __init__(
+        self, sigma: Sequence[float] = (1.0, 30.0), gray_prob: float = 0.4, p: float = 1.0
+    ) -> None:
         self.sigma, self.gray_prob, self.p = tuple(sigma), gray_prob, p
 
     def __call__(self, x: Tensor, g: torch.Generator, out_size: int | None = None) -> Tensor:
@@ -191,8 +220,13 @@ class PoissonNoise:
     """Shot noise: Poisson(levels·img)/levels − img on the 8-bit-rounded image, times a scale in
     `scale`; with `gray_prob` computed on the luminance and shared by the channels."""
 
-    def __init__(self, scale: Sequence[float] = (0.05, 3.0), gray_prob: float = 0.4,
-                 p: float = 1.0, levels: int = 256) -> None:
+    def __init__(
+        self,
+        scale: Sequence[float] = (0.05, 3.0),
+        gray_prob: float = 0.4,
+        p: float = 1.0,
+        levels: int = 256,
+    ) -> None:
         self.scale, self.gray_prob, self.p, self.levels = tuple(scale), gray_prob, p, levels
 
     def __call__(self, x: Tensor, g: torch.Generator, out_size: int | None = None) -> Tensor:
@@ -226,8 +260,11 @@ class RandomJPEG:
     def __call__(self, x: Tensor, g: torch.Generator, out_size: int | None = None) -> Tensor:
         mask = torch.rand(len(x), generator=g) < self.p
         q = _uniform(g, len(x), *self.quality)
-        return _on_rows(x, mask, lambda rows, idx: jpeg_codec_differentiable(
-            rows.clamp(0, 1), q[idx].to(rows.device)))
+        return _on_rows(
+            x,
+            mask,
+            lambda rows, idx: jpeg_codec_differentiable(rows.clamp(0, 1), q[idx].to(rows.device)),
+        )
 
 
 class OneOf:
@@ -277,8 +314,13 @@ def realesrgan_ops() -> list[Callable]:
         RandomBlur(p=0.8, sigma=(0.2, 1.5)),
         RandomResize(((1.0, 1.2), (0.3, 1.0), (1.0, 1.0)), (0.3, 0.4, 0.3), relative_to="output"),
         noise2,
-        OneOf([[final_resize, final_sinc, RandomJPEG((30, 95))],
-               [RandomJPEG((30, 95)), final_resize, final_sinc]], (0.5, 0.5)),
+        OneOf(
+            [
+                [final_resize, final_sinc, RandomJPEG((30, 95))],
+                [RandomJPEG((30, 95)), final_resize, final_sinc],
+            ],
+            (0.5, 0.5),
+        ),
     ]
 
 
@@ -299,8 +341,13 @@ class DegradationChain:
             for op in self.ops:
                 x = op(x, generator, out_size)
             if tuple(x.shape[-2:]) != (out_size, out_size):
-                x = F.interpolate(x, size=(out_size, out_size), mode="bicubic",
-                                  align_corners=False, antialias=True)
+                x = F.interpolate(
+                    x,
+                    size=(out_size, out_size),
+                    mode="bicubic",
+                    align_corners=False,
+                    antialias=True,
+                )
             x = x.clamp(0, 1)
             if self.quantize:
                 x = (x * 255).round() / 255

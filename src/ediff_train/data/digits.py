@@ -40,10 +40,21 @@ SOURCE = "sklearn.datasets.load_digits"
 ENCODER_SEED = 0  # the tiny encoders are the same for every digits build
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 TEMPLATES = (
-    "{n}", "{w}", "the number {n}", "the number {w}", "the digit {n}", "the digit {w}",
-    "a handwritten {w}", "a handwritten {n}", "handwritten digit {n}",
-    "a photo of the digit {w}", "the digit {n} written by hand", "a drawing of the number {w}",
-    "a white {w} on a black background", "a blurry handwritten {w}", "number {w}, written by hand",
+    "{n}",
+    "{w}",
+    "the number {n}",
+    "the number {w}",
+    "the digit {n}",
+    "the digit {w}",
+    "a handwritten {w}",
+    "a handwritten {n}",
+    "handwritten digit {n}",
+    "a photo of the digit {w}",
+    "the digit {n} written by hand",
+    "a drawing of the number {w}",
+    "a white {w} on a black background",
+    "a blurry handwritten {w}",
+    "number {w}, written by hand",
 )
 
 
@@ -78,6 +89,7 @@ def digit_images(image_size: int, stroke: float = 0.0) -> tuple[np.ndarray, np.n
 
 def _stroke(grey: np.ndarray, slope: float) -> np.ndarray:
     """Logistic contrast curve through (0, 0), (0.5, 0.5), (1, 1) on uint8 ink."""
+
     def curve(v: np.ndarray | float) -> np.ndarray:
         return 1.0 / (1.0 + np.exp(-slope * (np.asarray(v, dtype=np.float64) - 0.5)))
 
@@ -89,12 +101,22 @@ def _stroke(grey: np.ndarray, slope: float) -> np.ndarray:
 VAL_DIR = "val"
 
 
-def _params(image_size: int, seed: int, samples_per_shard: int, val_size: int,
-            align_steps: int, stroke: float = 0.0) -> dict[str, int | float]:
+def _params(
+    image_size: int,
+    seed: int,
+    samples_per_shard: int,
+    val_size: int,
+    align_steps: int,
+    stroke: float = 0.0,
+) -> dict[str, int | float]:
     out: dict[str, int | float] = {
-        "image_size": int(image_size), "seed": int(seed),
-        "samples_per_shard": int(samples_per_shard), "val_size": int(val_size),
-        "align_steps": int(align_steps), "version": DIGITS_VERSION}
+        "image_size": int(image_size),
+        "seed": int(seed),
+        "samples_per_shard": int(samples_per_shard),
+        "val_size": int(val_size),
+        "align_steps": int(align_steps),
+        "version": DIGITS_VERSION,
+    }
     if stroke:  # only when set, so builds made before `stroke` existed stay valid
         out["stroke"] = float(stroke)
     return out
@@ -176,23 +198,47 @@ def _write(out: Path, params: dict[str, int]) -> None:
     with one_thread():
         if params["align_steps"] > 0:
             holdout = (pixels[val], y[val]) if len(val) else None
-            report = align_encoders(enc, pixels[train], y[train],
-                                    [digit_captions(d) for d in range(10)],
-                                    steps=params["align_steps"], seed=seed, holdout=holdout)
+            report = align_encoders(
+                enc,
+                pixels[train],
+                y[train],
+                [digit_captions(d) for d in range(10)],
+                steps=params["align_steps"],
+                seed=seed,
+                holdout=holdout,
+            )
     # Embed with the saved-and-reloaded copy: exactly what sampling will load later.
     enc.save(out / "encoders")
     enc = Encoders.load(out / "encoders")
     extra = {"align": report} if report else {}
-    write_split(out, enc, train, images, pixels, labels, captions, params,
-                 validation=VAL_DIR if len(val) else None, **extra)
+    write_split(
+        out,
+        enc,
+        train,
+        images,
+        pixels,
+        labels,
+        captions,
+        params,
+        validation=VAL_DIR if len(val) else None,
+        **extra,
+    )
     if len(val):
-        write_split(out / VAL_DIR, enc, val, images, pixels, labels, captions, params,
-                     split="val")
+        write_split(out / VAL_DIR, enc, val, images, pixels, labels, captions, params, split="val")
 
 
-def write_split(out: Path, enc: Any, indices: np.ndarray, images: np.ndarray, pixels: Any,
-                 labels: np.ndarray, captions: list[str], params: dict[str, int],
-                 dataset: str = "digits", **extra: Any) -> None:
+def write_split(
+    out: Path,
+    enc: Any,
+    indices: np.ndarray,
+    images: np.ndarray,
+    pixels: Any,
+    labels: np.ndarray,
+    captions: list[str],
+    params: dict[str, int],
+    dataset: str = "digits",
+    **extra: Any,
+) -> None:
     """One shard set of the given sklearn indices, shuffled so every shard mixes all digits."""
     order = np.random.default_rng([params["seed"], 2, len(indices)]).permutation(indices)
     caps = [captions[i] for i in order]
@@ -201,22 +247,39 @@ def write_split(out: Path, enc: Any, indices: np.ndarray, images: np.ndarray, pi
         emb = enc.encode_text(unique, batch_size=256)
         img = enc.encode_image(pixels[order], batch_size=256)
     row = {c: j for j, c in enumerate(unique)}
-    writer = ShardWriter(out, enc.manifest_entry(), image_format="png",
-                         image_size=params["image_size"],
-                         samples_per_shard=params["samples_per_shard"])
+    writer = ShardWriter(
+        out,
+        enc.manifest_entry(),
+        image_format="png",
+        image_size=params["image_size"],
+        samples_per_shard=params["samples_per_shard"],
+    )
     with writer:
         for j, i in enumerate(order):
             r = row[caps[j]]
-            writer.write(f"digit{i:04d}", images[i], caps[j], emb["t5"][r], emb["clip_txt"][r],
-                         emb["clip_pool"][r], img[j],
-                         meta={"source": SOURCE, "index": int(i), "label": int(labels[i])})
-    writer.finish(created_by=f"ediff_train.data.{dataset}", dataset=dataset, params=params,
-                  **extra)
+            writer.write(
+                f"digit{i:04d}",
+                images[i],
+                caps[j],
+                emb["t5"][r],
+                emb["clip_txt"][r],
+                emb["clip_pool"][r],
+                img[j],
+                meta={"source": SOURCE, "index": int(i), "label": int(labels[i])},
+            )
+    writer.finish(created_by=f"ediff_train.data.{dataset}", dataset=dataset, params=params, **extra)
 
 
-def build_digits(root: str | os.PathLike, image_size: int = 16, seed: int = 0,
-                 samples_per_shard: int = 128, val_size: int = 297, align_steps: int = 300,
-                 force: bool = False, stroke: float = 0.0) -> Path:
+def build_digits(
+    root: str | os.PathLike,
+    image_size: int = 16,
+    seed: int = 0,
+    samples_per_shard: int = 128,
+    val_size: int = 297,
+    align_steps: int = 300,
+    force: bool = False,
+    stroke: float = 0.0,
+) -> Path:
     """Build (or find cached) the digits shard set at `root`; returns `root`.
 
     `seed` fixes the split, the sample order and each sample's caption wording; `val_size`
@@ -258,24 +321,41 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--samples-per-shard", type=int, default=128)
     p.add_argument("--val-size", type=int, default=297, help="images held out in val/")
-    p.add_argument("--align-steps", type=int, default=300,
-                   help="contrastive steps that give the tiny encoders meaning (0: random)")
+    p.add_argument(
+        "--align-steps",
+        type=int,
+        default=300,
+        help="contrastive steps that give the tiny encoders meaning (0: random)",
+    )
     p.add_argument("--force", action="store_true", help="rebuild even if a matching build exists")
-    p.add_argument("--stroke", type=float, default=0.0,
-                   help="crisp-ink contrast slope (the super-resolution toy uses 14; 0: off)")
+    p.add_argument(
+        "--stroke",
+        type=float,
+        default=0.0,
+        help="crisp-ink contrast slope (the super-resolution toy uses 14; 0: off)",
+    )
     a = p.parse_args(argv)
     start = time.perf_counter()
     try:
-        root = build_digits(a.root or default_root(a.image_size), a.image_size, a.seed,
-                            a.samples_per_shard, a.val_size, a.align_steps, a.force,
-                            a.stroke)
+        root = build_digits(
+            a.root or default_root(a.image_size),
+            a.image_size,
+            a.seed,
+            a.samples_per_shard,
+            a.val_size,
+            a.align_steps,
+            a.force,
+            a.stroke,
+        )
     except EdiffError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     m = read_manifest(root)
     held = read_manifest(root / VAL_DIR)["num_samples"] if m.get("validation") else 0
-    print(f"{root}: {m['num_samples']} training samples in {len(m['shards'])} shards, {held} "
-          f"held out ({time.perf_counter() - start:.1f} s); encoders: {m.get('align')}")
+    print(
+        f"{root}: {m['num_samples']} training samples in {len(m['shards'])} shards, {held} "
+        f"held out ({time.perf_counter() - start:.1f} s); encoders: {m.get('align')}"
+    )
     return 0
 
 

@@ -40,8 +40,9 @@ def _place(root: str | os.PathLike, name: str | None = None) -> Path | str:
     return Path(root) / name if name else Path(root)
 
 
-def validation_source(root: str | os.PathLike, val_root: str | os.PathLike | None = None,
-                      val_fraction: float = 0.0) -> tuple[Path | str, float] | None:
+def validation_source(
+    root: str | os.PathLike, val_root: str | os.PathLike | None = None, val_fraction: float = 0.0
+) -> tuple[Path | str, float] | None:
     """(shard set to read, key fraction) for validation, or None when none is configured.
 
     fraction 0 means "every sample of that shard set"; > 0 means "only the held-out keys"."""
@@ -57,11 +58,11 @@ def validation_source(root: str | os.PathLike, val_root: str | os.PathLike | Non
     return (_place(root, name), 0.0) if name else None
 
 
-def read_records(root: str | os.PathLike, fraction: float = 0.0,
-                 limit: int | None = None) -> list[dict[str, Any]]:
+def read_records(
+    root: str | os.PathLike, fraction: float = 0.0, limit: int | None = None
+) -> list[dict[str, Any]]:
     """Samples of a shard set as {key, image (uint8 HxWx3 as stored), caption, meta}, in
     shard order; with `fraction` > 0 only the key-hash held-out ones."""
-
 
     out: list[dict[str, Any]] = []
 
@@ -73,9 +74,14 @@ def read_records(root: str | os.PathLike, fraction: float = 0.0,
             return
         with Image.open(io.BytesIO(bytes(data))) as im:
             image = np.asarray(im.convert("RGB"), dtype=np.uint8)
-        out.append({"key": sample["__key__"], "image": image,
-                    "caption": bytes(sample.get("txt", b"")).decode("utf-8", "replace"),
-                    "meta": json.loads(bytes(sample.get("json", b"{}")) or b"{}")})
+        out.append(
+            {
+                "key": sample["__key__"],
+                "image": image,
+                "caption": bytes(sample.get("txt", b"")).decode("utf-8", "replace"),
+                "meta": json.loads(bytes(sample.get("json", b"{}")) or b"{}"),
+            }
+        )
 
     for name in sorted(read_manifest(root).get("shards") or {}):
         current: dict[str, Any] = {}

@@ -88,8 +88,9 @@ def read_source(data: bytes | bytearray | None, path: Path | None) -> bytes | by
         raise ImageSkip("missing_image", f"{path}: {e.strerror or e}") from None
 
 
-def prepare_image(data: bytes | bytearray, spec: ImageSpec,
-                  clip_size: tuple[int, int]) -> PreparedImage:
+def prepare_image(
+    data: bytes | bytearray, spec: ImageSpec, clip_size: tuple[int, int]
+) -> PreparedImage:
     """Decode, check the minimum side, make the stage image and CLIP's input image."""
     try:
         im = Image.open(io.BytesIO(data))
@@ -111,9 +112,14 @@ def prepare_image(data: bytes | bytearray, spec: ImageSpec,
     except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError
         detail = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ImageSkip("bad_image", detail) from None
-    keep = (fmt == _KEEP[spec.format] and mode == "RGB" and not rotated
-            and (width, height) == (spec.size, spec.size))
-    stored: bytes | np.ndarray = (bytes(data) if keep
-                                  else np.array(resize_crop(im, (spec.size, spec.size))))
+    keep = (
+        fmt == _KEEP[spec.format]
+        and mode == "RGB"
+        and not rotated
+        and (width, height) == (spec.size, spec.size)
+    )
+    stored: bytes | np.ndarray = (
+        bytes(data) if keep else np.array(resize_crop(im, (spec.size, spec.size)))
+    )
     clip = np.array(resize_crop(im, clip_size))
     return PreparedImage(stored, clip, width, height)

@@ -34,33 +34,46 @@ LAYOUT_VERSION = 1
 SIZE = 16
 
 
-def layout_sample(rng: np.random.Generator, grey: np.ndarray, labels: np.ndarray
-                  ) -> tuple[np.ndarray, int, int, str]:
+def layout_sample(
+    rng: np.random.Generator, grey: np.ndarray, labels: np.ndarray
+) -> tuple[np.ndarray, int, int, str]:
     """One canvas [16,16] uint8, its left and right digits, and its caption."""
     i, j = rng.integers(0, len(labels), 2)
     canvas = np.zeros((SIZE, SIZE), np.uint8)
     canvas[4:12, 0:8], canvas[4:12, 8:16] = grey[i], grey[j]
     a, b = int(labels[i]), int(labels[j])
     if rng.random() < 0.5:
-        text = (f"a {a} on the left and a {b} on the right" if rng.random() < 0.5
-                else f"a {b} on the right and a {a} on the left")
+        text = (
+            f"a {a} on the left and a {b} on the right"
+            if rng.random() < 0.5
+            else f"a {b} on the right and a {a} on the left"
+        )
     else:
         text = f"a {a} and a {b}" if rng.random() < 0.5 else f"a {b} and a {a}"
     return canvas, a, b, text
 
 
-def build_layout(root: str | os.PathLike, samples: int = 4000, seed: int = 0,
-                 val_size: int = 400, samples_per_shard: int = 256,
-                 encoders_from: str | os.PathLike | None = None) -> Path:
+def build_layout(
+    root: str | os.PathLike,
+    samples: int = 4000,
+    seed: int = 0,
+    val_size: int = 400,
+    samples_per_shard: int = 256,
+    encoders_from: str | os.PathLike | None = None,
+) -> Path:
     """Build (or find cached) the layout shard set at `root`. `encoders_from`: a digits build
     whose trained encoders embed the captions (default: the digits16 build next to `root`)."""
     from sklearn.datasets import load_digits
 
-
     root = Path(root).absolute()
-    params = {"image_size": SIZE, "seed": int(seed), "samples": int(samples),
-              "val_size": int(val_size), "samples_per_shard": int(samples_per_shard),
-              "version": LAYOUT_VERSION}
+    params = {
+        "image_size": SIZE,
+        "seed": int(seed),
+        "samples": int(samples),
+        "val_size": int(val_size),
+        "samples_per_shard": int(samples_per_shard),
+        "version": LAYOUT_VERSION,
+    }
     if is_built(root, params, dataset="layout"):
         return root
     digits_root = Path(encoders_from) if encoders_from else root.parent / "digits16"
@@ -83,10 +96,30 @@ def build_layout(root: str | os.PathLike, samples: int = 4000, seed: int = 0,
             enc = Encoders.load(digits_root / "encoders")
             shutil.copytree(digits_root / "encoders", tmp / "encoders")
             with one_thread():
-                write_split(tmp, enc, train, images, pixels, labels, captions, params,
-                            dataset="layout", validation=VAL_DIR)
-                write_split(tmp / VAL_DIR, enc, val, images, pixels, labels, captions, params,
-                            dataset="layout", split="val")
+                write_split(
+                    tmp,
+                    enc,
+                    train,
+                    images,
+                    pixels,
+                    labels,
+                    captions,
+                    params,
+                    dataset="layout",
+                    validation=VAL_DIR,
+                )
+                write_split(
+                    tmp / VAL_DIR,
+                    enc,
+                    val,
+                    images,
+                    pixels,
+                    labels,
+                    captions,
+                    params,
+                    dataset="layout",
+                    split="val",
+                )
             if root.exists():
                 shutil.rmtree(root)
             os.rename(tmp, root)

@@ -43,8 +43,15 @@ from ediff_train.io.remote import Retry, is_remote, shard_name
 log = logging.getLogger(__name__)
 
 # Why a sample (or the rest of a shard) was dropped; every batch reports all of them.
-SKIP_REASONS = ("truncated_tar", "bad_image", "bad_npy", "bad_shape", "nonfinite", "missing_field",
-                "unreadable_shard")
+SKIP_REASONS = (
+    "truncated_tar",
+    "bad_image",
+    "bad_npy",
+    "bad_shape",
+    "nonfinite",
+    "missing_field",
+    "unreadable_shard",
+)
 
 
 class SkipCounter:
@@ -58,8 +65,9 @@ class SkipCounter:
 
     def skip(self, reason: str, shard: str, key: str | None, detail: object = "") -> None:
         text = str(detail).splitlines()[0][:200] if str(detail) else ""
-        log.warning("skipped %s in %s: %s%s", key or "<shard>", shard, reason,
-                    f" ({text})" if text else "")
+        log.warning(
+            "skipped %s in %s: %s%s", key or "<shard>", shard, reason, f" ({text})" if text else ""
+        )
         self._total[reason] += 1
         self._pending[reason] += 1
 
@@ -78,6 +86,7 @@ class SkipCounter:
 
 
 # ----------------------------------------------------------------------------- assignment
+
 
 def resolve_rank_world(rank: int | None = None, world: int | None = None) -> tuple[int, int]:
     """Explicit values win, then initialised torch.distributed, then RANK/WORLD_SIZE, then 0/1."""
@@ -100,8 +109,10 @@ def _rng(*parts: object) -> random.Random:
 
 def check_shard_count(n_shards: int, world: int) -> None:
     if n_shards < world:
-        raise EdiffError(f"{n_shards} shard(s) for {world} ranks: each rank needs at least one "
-                         "shard; write the data into more, smaller shards")
+        raise EdiffError(
+            f"{n_shards} shard(s) for {world} ranks: each rank needs at least one "
+            "shard; write the data into more, smaller shards"
+        )
 
 
 def rank_shards(shards: Sequence[str], epoch: int, seed: int, rank: int, world: int) -> list[str]:
@@ -118,9 +129,16 @@ def usable_workers(n_shards: int, world: int, num_workers: int) -> int:
     return min(num_workers, n_shards // world)
 
 
-def worker_shards(shards: Sequence[str], epoch: int, seed: int, rank: int, world: int,
-                  worker: int, num_workers: int) -> list[str]:
-    return rank_shards(shards, epoch, seed, rank, world)[worker::max(num_workers, 1)]
+def worker_shards(
+    shards: Sequence[str],
+    epoch: int,
+    seed: int,
+    rank: int,
+    world: int,
+    worker: int,
+    num_workers: int,
+) -> list[str]:
+    return rank_shards(shards, epoch, seed, rank, world)[worker :: max(num_workers, 1)]
 
 
 def worker_quota(batches: int, worker: int, num_workers: int) -> int:
@@ -130,8 +148,10 @@ def worker_quota(batches: int, worker: int, num_workers: int) -> int:
 
 # ----------------------------------------------------------------------------- reading
 
-def read_shard(path: str, skips: SkipCounter, fetched: bytes | bytearray | None = None
-               ) -> Iterator[dict[str, Any]]:
+
+def read_shard(
+    path: str, skips: SkipCounter, fetched: bytes | bytearray | None = None
+) -> Iterator[dict[str, Any]]:
     """Raw samples ({ext: bytes-like, __key__, __shard__}) of one tar; a truncated or corrupt
     tar ends the shard there (counted once) and keeps every complete sample read before it.
     `fetched`: the shard's bytes when it was downloaded (remote shards)."""
@@ -157,8 +177,9 @@ def read_shard(path: str, skips: SkipCounter, fetched: bytes | bytearray | None 
         yield current
 
 
-def read_shards(paths: Sequence[str], skips: SkipCounter, retry: Retry, readahead: int
-                ) -> Iterator[dict[str, Any]]:
+def read_shards(
+    paths: Sequence[str], skips: SkipCounter, retry: Retry, readahead: int
+) -> Iterator[dict[str, Any]]:
     """Raw samples of `paths` in order: local ones mapped, remote ones fetched `readahead`
     shards ahead; a remote shard that cannot be fetched is skipped and counted."""
     if not paths or not is_remote(paths[0]):
@@ -167,8 +188,7 @@ def read_shards(paths: Sequence[str], skips: SkipCounter, retry: Retry, readahea
         return
     for url, data in prefetch(paths, retry, readahead):
         if isinstance(data, Exception):
-            skips.skip("unreadable_shard", shard_name(url), None,
-                       f"{type(data).__name__}: {data}")
+            skips.skip("unreadable_shard", shard_name(url), None, f"{type(data).__name__}: {data}")
         else:
             yield from read_shard(url, skips, data)
 
@@ -188,17 +208,31 @@ class ShardStream(IterableDataset):
     tried `retries` times (readahead.py).
     """
 
-    def __init__(self, shards: Sequence[str | os.PathLike], batch_size: int, image_size: int,
-                 dims: EmbedDims, *, num_samples: int | None = None,
-                 batches_per_epoch: int | None = None, shuffle_buffer: int = 1000, seed: int = 0,
-                 lowres_size: int | None = None, rank: int | None = None,
-                 world: int | None = None, holdout: tuple[float, bool] | None = None,
-                 crop_size: int | None = None, centre_crop: bool = False,
-                 readahead: int = 2, retries: int = 5) -> None:
+    def __init__(
+        self,
+        shards: Sequence[str | os.PathLike],
+        batch_size: int,
+        image_size: int,
+        dims: EmbedDims,
+        *,
+        num_samples: int | None = None,
+        batches_per_epoch: int | None = None,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        lowres_size: int | None = None,
+        rank: int | None = None,
+        world: int | None = None,
+        holdout: tuple[float, bool] | None = None,
+        crop_size: int | None = None,
+        centre_crop: bool = False,
+        readahead: int = 2,
+        retries: int = 5,
+    ) -> None:
         super().__init__()
         if batch_size < 1 or image_size < 1:
-            raise EdiffError(f"batch_size ({batch_size}) and image_size ({image_size}) "
-                             "must be >= 1")
+            raise EdiffError(
+                f"batch_size ({batch_size}) and image_size ({image_size}) must be >= 1"
+            )
         check_sizes(image_size, lowres_size, crop_size)
         self.crop_size, self.centre_crop = crop_size, centre_crop
         self.shards = sorted(os.fspath(s) for s in shards)
@@ -239,10 +273,16 @@ class ShardStream(IterableDataset):
     def identity(self, num_workers: int) -> dict[str, object]:
         """What fixes this rank's stream besides the epoch: a saved position fits only a
         stream with the same identity (position.StreamPosition)."""
-        return {"seed": self.seed, "shards": shards_digest(self.shards), "world": self.world,
-                "workers": self.active_workers(num_workers), "batch_size": self.batch_size,
-                "batches_per_epoch": self.batches_per_epoch,
-                "shuffle_buffer": self.shuffle_buffer, "holdout": list(self.holdout or ())}
+        return {
+            "seed": self.seed,
+            "shards": shards_digest(self.shards),
+            "world": self.world,
+            "workers": self.active_workers(num_workers),
+            "batch_size": self.batch_size,
+            "batches_per_epoch": self.batches_per_epoch,
+            "shuffle_buffer": self.shuffle_buffer,
+            "holdout": list(self.holdout or ()),
+        }
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -269,11 +309,11 @@ class ShardStream(IterableDataset):
             order = list(mine)
             if pass_no > 0:  # cycling: every later pass in a new order
                 _rng(*tag, "pass", pass_no).shuffle(order)
-            stream: Iterator[dict[str, Any]] = read_shards(order, skips, self.retry,
-                                                           self.readahead)
+            stream: Iterator[dict[str, Any]] = read_shards(order, skips, self.retry, self.readahead)
             if self.shuffle_buffer > 1:  # per pass, so one pass never leaks into the next
-                stream = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer,
-                                     rng=buffer_rng)(stream)
+                stream = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=buffer_rng)(
+                    stream
+                )
             made_before, fresh = made, drawn >= passed
             for raw in stream:
                 drawn += 1
@@ -284,10 +324,18 @@ class ShardStream(IterableDataset):
                 if self.holdout and in_holdout(raw["__key__"], self.holdout[0]) != self.holdout[1]:
                     continue
                 try:
-                    batch.append(decode_sample(
-                        raw, self.image_size, self.dims, self.lowres_size,
-                        crop_size=self.crop_size, seed=self.seed, epoch=epoch,
-                        centre_crop=self.centre_crop))
+                    batch.append(
+                        decode_sample(
+                            raw,
+                            self.image_size,
+                            self.dims,
+                            self.lowres_size,
+                            crop_size=self.crop_size,
+                            seed=self.seed,
+                            epoch=epoch,
+                            centre_crop=self.centre_crop,
+                        )
+                    )
                 except _Skip as s:
                     skips.skip(s.reason, raw["__shard__"], raw["__key__"], s)
                     continue
@@ -306,12 +354,21 @@ class ShardStream(IterableDataset):
                 if made >= quota:
                     return
             if made == made_before and fresh:  # a pass without a batch: anything usable?
-                _drop(batch, {i: f"{', '.join(bad)} hold NaN/Inf" for i, s in enumerate(batch)
-                              if (bad := nonfinite_fields(s))}, skips)
+                _drop(
+                    batch,
+                    {
+                        i: f"{', '.join(bad)} hold NaN/Inf"
+                        for i, s in enumerate(batch)
+                        if (bad := nonfinite_fields(s))
+                    },
+                    skips,
+                )
                 if not batch:
                     names = ", ".join(shard_name(p) for p in mine[:3])
-                    raise EdiffError(f"no usable sample in shards {names}"
-                                     f"{' ...' if len(mine) > 3 else ''} (see skip warnings)")
+                    raise EdiffError(
+                        f"no usable sample in shards {names}"
+                        f"{' ...' if len(mine) > 3 else ''} (see skip warnings)"
+                    )
 
 
 def _drop(batch: list[dict[str, Any]], bad: Mapping[int, str], skips: SkipCounter) -> None:

@@ -57,8 +57,9 @@ def read_manifest(root: str | os.PathLike, retry: Retry = RETRY) -> dict:
         except FileNotFoundError as e:  # the backend's reason when it says more (no bucket)
             why = brief(e)
             why = "" if why.strip("/") in str(path) else f" ({why})"
-            raise EdiffError(f"no shard set at {normalize(root)}: {path} does not exist"
-                             f"{why}") from None
+            raise EdiffError(
+                f"no shard set at {normalize(root)}: {path} does not exist{why}"
+            ) from None
         assert text is not None
     else:
         path = Path(root) / MANIFEST

@@ -46,7 +46,7 @@ class ResumePoint:
         if workers > MAX_WORKERS:
             raise ValueError(f"cannot resume {workers} workers per rank (max {MAX_WORKERS})")
         self.t[3:] = 0
-        self.t[3:3 + len(drawn)] = torch.tensor(list(drawn), dtype=torch.int64)
+        self.t[3 : 3 + len(drawn)] = torch.tensor(list(drawn), dtype=torch.int64)
         self.t[1], self.t[2] = consumed, workers
         self.t[0] = epoch  # last: the point is complete once it names an epoch
 
@@ -83,8 +83,9 @@ class StreamPosition:
     with a warning and the epoch starts at its beginning (what happened before positions existed).
     """
 
-    def __init__(self, rank: int, identity: Mapping[str, Any], workers: int,
-                 batches_per_epoch: int) -> None:
+    def __init__(
+        self, rank: int, identity: Mapping[str, Any], workers: int, batches_per_epoch: int
+    ) -> None:
         self.rank, self.workers, self.batches_per_epoch = rank, workers, batches_per_epoch
         self.identity = dict(identity)
         self.epoch, self.consumed = 0, 0
@@ -123,8 +124,13 @@ class StreamPosition:
         self.drawn[worker] = drawn
 
     def state_dict(self, skipped: Mapping[str, int]) -> dict[str, Any]:
-        own = {"rank": self.rank, "epoch": self.epoch, "consumed": self.consumed,
-               "drawn": list(self.drawn), "skipped": dict(skipped)}
+        own = {
+            "rank": self.rank,
+            "epoch": self.epoch,
+            "consumed": self.consumed,
+            "drawn": list(self.drawn),
+            "skipped": dict(skipped),
+        }
         return {"format": _FORMAT, "identity": self.identity, "ranks": _gather(own, self.rank)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> dict[str, int] | None:
@@ -140,8 +146,9 @@ class StreamPosition:
         elif str(self.rank) not in state.get("ranks", {}):
             why = f"no position saved for rank {self.rank}"
         if why is not None:
-            warnings.warn(f"data position not restored ({why}); the epoch starts over",
-                          stacklevel=3)
+            warnings.warn(
+                f"data position not restored ({why}); the epoch starts over", stacklevel=3
+            )
             return None
         self._restored = dict(state["ranks"][str(self.rank)])
         return {str(k): int(v) for k, v in self._restored.get("skipped", {}).items()}
@@ -151,4 +158,3 @@ def shards_digest(shards: Sequence[str]) -> str:
     """A short name for a shard list (by file name: the same set moved elsewhere matches)."""
     names = "\n".join(sorted(s.rsplit("/", 1)[-1] for s in shards))
     return f"{len(shards)}:{zlib.crc32(names.encode()):08x}"
-

@@ -44,8 +44,17 @@ PREP_FORMAT = "ediff-prep/1"
 JOB_FILE = "job.json"
 PARTS = "parts"
 ENCODERS_DIR = "encoders"
-SKIP_REASONS = ("missing_image", "bad_image", "too_small", "no_image", "no_caption",
-                "truncated_tar", "duplicate_key", "nonfinite", "low_similarity")
+SKIP_REASONS = (
+    "missing_image",
+    "bad_image",
+    "too_small",
+    "no_image",
+    "no_caption",
+    "truncated_tar",
+    "duplicate_key",
+    "nonfinite",
+    "low_similarity",
+)
 _PART_ONLY = ("unit", "source", "keys", "skipped", "bytes", "compute")
 _ONE_SHARD = 10**12  # samples_per_shard: a unit is exactly one shard
 
@@ -77,19 +86,24 @@ class TaskReport:
 
     def summary(self) -> str:
         skips = ", ".join(f"{r} {n}" for r, n in sorted(self.skipped.items()) if n) or "none"
-        lines = [f"task {self.task_id}/{self.num_tasks}: {self.embedded} of my "
-                 f"{self.units_mine} units embedded now, {self.done_before} were done before; "
-                 f"{self.written} samples written, skipped: {skips}"]
+        lines = [
+            f"task {self.task_id}/{self.num_tasks}: {self.embedded} of my "
+            f"{self.units_mine} units embedded now, {self.done_before} were done before; "
+            f"{self.written} samples written, skipped: {skips}"
+        ]
         if self.manifest is not None:
             lines.append(f"all {self.units_total} units done: {self.manifest}")
         else:
-            lines.append(f"{self.units_complete} of {self.units_total} units done; manifest.json "
-                         "is written when all are (re-run any task to finish)")
+            lines.append(
+                f"{self.units_complete} of {self.units_total} units done; manifest.json "
+                "is written when all are (re-run any task to finish)"
+            )
         return "\n".join(lines)
 
 
-def resolve_task(task_id: int | None, num_tasks: int | None,
-                 env: Mapping[str, str] | None = None) -> tuple[int, int]:
+def resolve_task(
+    task_id: int | None, num_tasks: int | None, env: Mapping[str, str] | None = None
+) -> tuple[int, int]:
     """Explicit values win, then SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT, then 0 / 1."""
     env = os.environ if env is None else env
     if task_id is None:
@@ -97,8 +111,10 @@ def resolve_task(task_id: int | None, num_tasks: int | None,
     if num_tasks is None:
         num_tasks = int(env.get("SLURM_ARRAY_TASK_COUNT", 1))
     if num_tasks < 1 or not 0 <= task_id < num_tasks:
-        raise EdiffError(f"task_id {task_id} is not in [0, num_tasks={num_tasks}); SLURM arrays "
-                         "must be numbered from 0 (--array=0-N), else set task_id and num_tasks")
+        raise EdiffError(
+            f"task_id {task_id} is not in [0, num_tasks={num_tasks}); SLURM arrays "
+            "must be numbered from 0 (--array=0-N), else set task_id and num_tasks"
+        )
     return task_id, num_tasks
 
 
@@ -113,8 +129,11 @@ class _Skips(Counter):
 
 def _diff(want: Any, have: Any, prefix: str = "") -> list[str]:
     if isinstance(want, dict) and isinstance(have, dict):
-        return [d for k in sorted(want.keys() | have.keys())
-                for d in _diff(want.get(k), have.get(k), f"{prefix}{k}.")]
+        return [
+            d
+            for k in sorted(want.keys() | have.keys())
+            for d in _diff(want.get(k), have.get(k), f"{prefix}{k}.")
+        ]
     return [] if want == have else [prefix.rstrip(".")]
 
 
@@ -136,20 +155,30 @@ class EmbedJob:
         self.cfg, self.enc = cfg, encoders
         self.listing = listing or list_input(cfg.input, cfg.unit_size)
         self.store = open_store(cfg.output)
-        if (isinstance(self.store, LocalStore)
-                and self.store.root.resolve() == self.listing.root.resolve()):
+        if (
+            isinstance(self.store, LocalStore)
+            and self.store.root.resolve() == self.listing.root.resolve()
+        ):
             raise EdiffError("output must not be the input folder")
         self.entry = encoders.manifest_entry()
         self._done: set[str] | None = None  # part files, from one listing per run
 
     # ------------------------------------------------------------------ settings and encoders
     def job_record(self) -> dict[str, Any]:
-        inp: dict[str, Any] = {"kind": self.listing.kind, "digest": self.listing.fingerprint,
-                               "units": len(self.listing.units)}
+        inp: dict[str, Any] = {
+            "kind": self.listing.kind,
+            "digest": self.listing.fingerprint,
+            "units": len(self.listing.units),
+        }
         if self.listing.kind == "jsonl":
             inp["unit_size"] = self.cfg.unit_size
-        return {"format": PREP_FORMAT, "input": inp, "image": asdict(self.cfg.image),
-                "clip_min_similarity": self.cfg.clip_min_similarity, "encoders": self.entry}
+        return {
+            "format": PREP_FORMAT,
+            "input": inp,
+            "image": asdict(self.cfg.image),
+            "clip_min_similarity": self.cfg.clip_min_similarity,
+            "encoders": self.entry,
+        }
 
     def _claim_output(self) -> None:
         """Create or check job.json, save the encoders next to the shards."""
@@ -159,9 +188,11 @@ class EmbedJob:
         have = load_json(self.store.read_text(JOB_FILE), str(self.store.place(JOB_FILE)))
         bad = _diff(record, have)
         if bad:
-            raise EdiffError(f"{self.store.root} was started with other settings "
-                             f"({', '.join(bad)} differ); continue it with the same ones, or use "
-                             "a new output")
+            raise EdiffError(
+                f"{self.store.root} was started with other settings "
+                f"({', '.join(bad)} differ); continue it with the same ones, or use "
+                "a new output"
+            )
         self._save_encoders()
 
     def _save_encoders(self) -> None:
@@ -186,9 +217,15 @@ class EmbedJob:
             self._done = set(self.store.names(PARTS))
         return f"{unit.index:06d}.json" in self._done
 
-    def run(self, task_id: int = 0, num_tasks: int = 1, max_units: int | None = None,
-            progress: bool = True, finalize: bool = True,
-            cpu_threads: int | None = None) -> TaskReport:
+    def run(
+        self,
+        task_id: int = 0,
+        num_tasks: int = 1,
+        max_units: int | None = None,
+        progress: bool = True,
+        finalize: bool = True,
+        cpu_threads: int | None = None,
+    ) -> TaskReport:
         """Embed this task's units that are not done yet; then finish the job if complete."""
 
         mine = [u for u in self.listing.units if u.index % num_tasks == task_id]
@@ -198,11 +235,17 @@ class EmbedJob:
         todo = [u for u in mine if not self.is_done(u)]
         report.done_before = len(mine) - len(todo)
         if max_units is not None:
-            todo = todo[:max(0, max_units)]
+            todo = todo[: max(0, max_units)]
         sizes = [u.size for u in todo]
         total = None if None in sizes else sum(sizes)  # type: ignore[arg-type]
-        bar = tqdm(total=total, unit="sample", disable=not progress or not todo,
-                   desc=f"task {task_id}/{num_tasks}", dynamic_ncols=True, smoothing=0.1)
+        bar = tqdm(
+            total=total,
+            unit="sample",
+            disable=not progress or not todo,
+            desc=f"task {task_id}/{num_tasks}",
+            dynamic_ncols=True,
+            smoothing=0.1,
+        )
         threads = ThreadPoolExecutor(self.cfg.workers) if self.cfg.workers > 0 else None
         try:
             with bar, _torch_threads(cpu_threads):
@@ -221,14 +264,18 @@ class EmbedJob:
         report.units_complete = sum(self.is_done(u) for u in self.listing.units)
         return report
 
-    def _run_unit(self, unit: Unit, bar: Any, threads: ThreadPoolExecutor | None
-                  ) -> dict[str, Any]:
+    def _run_unit(self, unit: Unit, bar: Any, threads: ThreadPoolExecutor | None) -> dict[str, Any]:
         name = f"{unit.index:06d}.tar"
         self.store.clean(name)  # temporaries left by a killed run
         skips, keys = _Skips(), []
-        writer = ShardWriter(self.store.staging, self.entry, image_format=self.cfg.image.format,
-                             image_size=self.cfg.image.size, samples_per_shard=_ONE_SHARD,
-                             start_index=unit.index)
+        writer = ShardWriter(
+            self.store.staging,
+            self.entry,
+            image_format=self.cfg.image.format,
+            image_size=self.cfg.image.size,
+            samples_per_shard=_ONE_SHARD,
+            start_index=unit.index,
+        )
         items = iter_unit(self.listing, unit, skips)
         seen: set[str] = set()
         with writer:
@@ -238,8 +285,12 @@ class EmbedJob:
                         skips("duplicate_key", item.key)
                         continue
                     seen.add(item.key)
-                    meta = {**item.meta, "original_width": image.width,
-                            "original_height": image.height, **emb.pop("meta")}
+                    meta = {
+                        **item.meta,
+                        "original_width": image.width,
+                        "original_height": image.height,
+                        **emb.pop("meta"),
+                    }
                     writer.write(item.key, image.stored, item.caption, meta=meta, **emb)
                     keys.append(item.key)
                 bar.update(len(window))
@@ -249,11 +300,17 @@ class EmbedJob:
         for n in writer.shards:
             self.store.publish(n)  # remote: uploaded whole, before the part that marks it done
         part = writer.manifest(**self._extras())
-        part.update(unit=unit.index, source=unit.name, keys=keys,
-                    skipped={r: int(skips.get(r, 0)) for r in SKIP_REASONS}, bytes=sizes,
-                    compute={"device": str(self.enc.device), "dtype": str(self.enc.dtype)})
-        self.store.write_text(f"{PARTS}/{unit.index:06d}.json",
-                              json.dumps(part, indent=1, sort_keys=True))
+        part.update(
+            unit=unit.index,
+            source=unit.name,
+            keys=keys,
+            skipped={r: int(skips.get(r, 0)) for r in SKIP_REASONS},
+            bytes=sizes,
+            compute={"device": str(self.enc.device), "dtype": str(self.enc.dtype)},
+        )
+        self.store.write_text(
+            f"{PARTS}/{unit.index:06d}.json", json.dumps(part, indent=1, sort_keys=True)
+        )
         return part
 
     def _prepare(self, item: Item) -> Any:
@@ -266,12 +323,13 @@ class EmbedJob:
             image.stored = encode_image(image.stored, self.cfg.image.format)[0]
         return image
 
-    def _embed_window(self, window: list[Item], skip: _Skips,
-                      threads: ThreadPoolExecutor | None
-                      ) -> list[tuple[Item, Any, dict[str, Any]]]:
+    def _embed_window(
+        self, window: list[Item], skip: _Skips, threads: ThreadPoolExecutor | None
+    ) -> list[tuple[Item, Any, dict[str, Any]]]:
         """Images prepared (in threads), captions embedded in batches of similar T5 length."""
-        prepared = list(threads.map(self._prepare, window) if threads else
-                        map(self._prepare, window))
+        prepared = list(
+            threads.map(self._prepare, window) if threads else map(self._prepare, window)
+        )
         ok = []
         for item, image in zip(window, prepared):
             if isinstance(image, ImageSkip):
@@ -286,29 +344,33 @@ class EmbedJob:
             if e is None:
                 skip("nonfinite", item.key, "an embedding overflows float16")
                 continue
-            if (self.cfg.clip_min_similarity is not None
-                    and e["meta"]["clip_similarity"] < self.cfg.clip_min_similarity):
+            if (
+                self.cfg.clip_min_similarity is not None
+                and e["meta"]["clip_similarity"] < self.cfg.clip_min_similarity
+            ):
                 skip("low_similarity", item.key, f"{e['meta']['clip_similarity']:.3f}")
                 continue
             out.append((item, image, e))
         return out
 
-    def _encode(self, captions: list[str], clip_images: list[np.ndarray]
-                ) -> list[dict[str, Any] | None]:
+    def _encode(
+        self, captions: list[str], clip_images: list[np.ndarray]
+    ) -> list[dict[str, Any] | None]:
         enc, bs = self.enc, self.cfg.batch_size
         ids = enc.t5_tokenizer(captions, truncation=True, max_length=enc.t5_max_length)
         order = sorted(range(len(captions)), key=lambda i: len(ids["input_ids"][i]))
         rows: list[dict[str, Any]] = [{} for _ in captions]
         for start in range(0, len(order), bs):
-            chunk = order[start:start + bs]
+            chunk = order[start : start + bs]
             text = enc.encode_text([captions[i] for i in chunk], batch_size=len(chunk))
             for j, i in enumerate(chunk):
-                rows[i].update(t5=text["t5"][j], clip_txt=text["clip_txt"][j],
-                               clip_pool=text["clip_pool"][j])
+                rows[i].update(
+                    t5=text["t5"][j], clip_txt=text["clip_txt"][j], clip_pool=text["clip_pool"][j]
+                )
         for start in range(0, len(clip_images), bs):
-            x = torch.from_numpy(np.stack(clip_images[start:start + bs])).permute(0, 3, 1, 2)
+            x = torch.from_numpy(np.stack(clip_images[start : start + bs])).permute(0, 3, 1, 2)
             img = enc.encode_image(x.float().div_(255.0), batch_size=bs)
-            for j, row in enumerate(rows[start:start + bs]):
+            for j, row in enumerate(rows[start : start + bs]):
                 row["clip_img"] = img[j]
         out: list[dict[str, Any] | None] = []
         for row in rows:
@@ -323,36 +385,46 @@ class EmbedJob:
     # ------------------------------------------------------------------ finishing
     def _extras(self) -> dict[str, Any]:
         job = self.job_record()
-        return {"created_by": "data_prep/embed.py",
-                "prep": {k: job[k] for k in ("input", "image", "clip_min_similarity")}}
+        return {
+            "created_by": "data_prep/embed.py",
+            "prep": {k: job[k] for k in ("input", "image", "clip_min_similarity")},
+        }
 
     def finalize(self) -> Path | str | None:
         """manifest.json from all unit parts, if every unit is done; None otherwise."""
         if not all(self.is_done(u) for u in self.listing.units):
             return None
         names = [f"{PARTS}/{u.index:06d}.json" for u in self.listing.units]
-        parts = [load_json(text, str(self.store.place(n)))
-                 for n, text in zip(names, self.store.read_many(names))]
+        parts = [
+            load_json(text, str(self.store.place(n)))
+            for n, text in zip(names, self.store.read_many(names))
+        ]
         owner: dict[str, int] = {}
         stored = self.store.names()
         for part in parts:
             for name, size in part["bytes"].items():
                 if stored.get(name) != size:
-                    raise EdiffError(f"{self.store.place(name)} is missing or changed since its "
-                                     f"unit finished; delete {PARTS}/{part['unit']:06d}.json "
-                                     "and re-run")
+                    raise EdiffError(
+                        f"{self.store.place(name)} is missing or changed since its "
+                        f"unit finished; delete {PARTS}/{part['unit']:06d}.json "
+                        "and re-run"
+                    )
             for key in part["keys"]:
                 if key in owner:
-                    raise EdiffError(f"sample key {key!r} occurs in units {owner[key]} and "
-                                     f"{part['unit']}; input keys must be unique")
+                    raise EdiffError(
+                        f"sample key {key!r} occurs in units {owner[key]} and "
+                        f"{part['unit']}; input keys must be unique"
+                    )
                 owner[key] = part["unit"]
-        merged = merge_manifests([{k: v for k, v in p.items() if k not in _PART_ONLY}
-                                  for p in parts])
+        merged = merge_manifests(
+            [{k: v for k, v in p.items() if k not in _PART_ONLY} for p in parts]
+        )
         skipped = sum((Counter(p["skipped"]) for p in parts), Counter())
         merged["skipped"] = {r: int(skipped.get(r, 0)) for r in SKIP_REASONS}
         merged["units"] = len(parts)
-        text = json.dumps({**merged, "num_samples": sum(merged["shards"].values())},
-                          indent=1, sort_keys=True)
+        text = json.dumps(
+            {**merged, "num_samples": sum(merged["shards"].values())}, indent=1, sort_keys=True
+        )
         if self.store.read_text(MANIFEST) != text:  # a finished job's re-run changes no file
             self.store.write_text(MANIFEST, text)
         return self.store.place(MANIFEST)

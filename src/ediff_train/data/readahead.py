@@ -40,13 +40,17 @@ def fetch(url: str, retry: Retry = RETRY, chunk: int = CHUNK) -> bytes | bytearr
     buf = bytearray(size)
     todo = [(s, min(s + chunk, size)) for s in range(0, size, chunk)]
     for attempt in range(1, max(1, retry.attempts) + 1):
-        got = fs.cat_ranges([path] * len(todo), [s for s, _ in todo], [e for _, e in todo],
-                            on_error="return")
+        got = fs.cat_ranges(
+            [path] * len(todo), [s for s, _ in todo], [e for _, e in todo], on_error="return"
+        )
         failed, error = [], None
         for (start, end), part in zip(todo, got):
             if isinstance(part, BaseException) or len(part) != end - start:
-                error = part if isinstance(part, BaseException) else OSError(
-                    f"range {start}-{end}: got {len(part)} bytes")
+                error = (
+                    part
+                    if isinstance(part, BaseException)
+                    else OSError(f"range {start}-{end}: got {len(part)} bytes")
+                )
                 failed.append((start, end))
             else:
                 buf[start:end] = part
@@ -59,8 +63,9 @@ def fetch(url: str, retry: Retry = RETRY, chunk: int = CHUNK) -> bytes | bytearr
     raise AssertionError("unreachable")
 
 
-def prefetch(urls: Sequence[str], retry: Retry = RETRY, depth: int = 2
-             ) -> Iterator[tuple[str, bytes | bytearray | Exception]]:
+def prefetch(
+    urls: Sequence[str], retry: Retry = RETRY, depth: int = 2
+) -> Iterator[tuple[str, bytes | bytearray | Exception]]:
     """(url, bytes or the error that stopped its download) in order: while the caller reads one
     shard, the next `depth` are downloading (0: each is fetched when asked for, no read-ahead).
     The next download starts when the caller asks for the next shard, not before."""

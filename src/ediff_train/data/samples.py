@@ -39,17 +39,25 @@ class EmbedDims:
         enc = manifest.get("encoders", {})
         t5, clip = enc.get("t5", {}), enc.get("clip", {})
         try:
-            return cls(t5=int(t5["dim"]), clip_txt=int(clip["text_dim"]),
-                       clip_pool=int(clip["pool_dim"]), clip_img=int(clip["image_dim"]),
-                       t5_max_length=t5.get("max_length"),
-                       context_length=int(clip.get("context_length", 77)))
+            return cls(
+                t5=int(t5["dim"]),
+                clip_txt=int(clip["text_dim"]),
+                clip_pool=int(clip["pool_dim"]),
+                clip_img=int(clip["image_dim"]),
+                t5_max_length=t5.get("max_length"),
+                context_length=int(clip.get("context_length", 77)),
+            )
         except (KeyError, TypeError, ValueError) as e:
             raise EdiffError(f"manifest lacks embedding dims ({e!r} missing or invalid)") from None
 
     def shape(self, name: str) -> tuple[int, ...]:
         """Expected shape; -1 marks T5's free token count."""
-        return {"t5": (-1, self.t5), "clip_txt": (self.context_length, self.clip_txt),
-                "clip_pool": (self.clip_pool,), "clip_img": (self.clip_img,)}[name]
+        return {
+            "t5": (-1, self.t5),
+            "clip_txt": (self.context_length, self.clip_txt),
+            "clip_pool": (self.clip_pool,),
+            "clip_img": (self.clip_img,),
+        }[name]
 
 
 class _Skip(Exception):
@@ -106,8 +114,7 @@ def image_array(im: Image.Image) -> np.ndarray:
     return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
 
 
-def _load_embedding(name: str, data: bytes | bytearray | memoryview, dims: EmbedDims
-                    ) -> np.ndarray:
+def _load_embedding(name: str, data: bytes | bytearray | memoryview, dims: EmbedDims) -> np.ndarray:
     """The stored array in its own dtype (float16 in our shards; float64 → float32), checked
     for shape; a read-only view of the shard's bytes where possible. NaN/Inf is found later,
     by `collate`, while the batch copy has the data in cache."""
@@ -127,8 +134,10 @@ def _load_embedding(name: str, data: bytes | bytearray | memoryview, dims: Embed
 
 
 # A float is NaN or ±Inf exactly when its exponent bits are all ones.
-_EXPONENT = {np.dtype(np.float16): (np.uint16, 0x7C00),
-             np.dtype(np.float32): (np.uint32, 0x7F800000)}
+_EXPONENT = {
+    np.dtype(np.float16): (np.uint16, 0x7C00),
+    np.dtype(np.float32): (np.uint32, 0x7F800000),
+}
 
 
 def all_finite(arr: np.ndarray) -> bool:
@@ -146,8 +155,9 @@ def nonfinite_fields(sample: Mapping[str, Any]) -> list[str]:
     return [name for name in EMBEDDINGS if not all_finite(sample[name])]
 
 
-def check_sizes(image_size: int, lowres_size: int | None = None,
-                crop_size: int | None = None) -> int:
+def check_sizes(
+    image_size: int, lowres_size: int | None = None, crop_size: int | None = None
+) -> int:
     """Refuse sizes that cannot give exactly aligned (low-res, high-res) pairs; returns the
     upscaling factor (1 without a low-res).
 
@@ -161,24 +171,37 @@ def check_sizes(image_size: int, lowres_size: int | None = None,
     factor = 1
     if lowres_size is not None:
         if not 1 <= lowres_size < image_size:
-            raise EdiffError(f"lowres_size {lowres_size} must lie in [1, image_size="
-                             f"{image_size}): a super-resolution stage upsamples")
+            raise EdiffError(
+                f"lowres_size {lowres_size} must lie in [1, image_size="
+                f"{image_size}): a super-resolution stage upsamples"
+            )
         if image_size % lowres_size:
-            raise EdiffError(f"lowres_size {lowres_size} does not divide image_size "
-                             f"{image_size}: low-res and high-res pixels would not align")
+            raise EdiffError(
+                f"lowres_size {lowres_size} does not divide image_size "
+                f"{image_size}: low-res and high-res pixels would not align"
+            )
         factor = image_size // lowres_size
     if crop_size is not None:
         if not 1 <= crop_size <= image_size:
             raise EdiffError(f"crop_size {crop_size} must lie in [1, image_size={image_size}]")
         if crop_size % factor:
-            raise EdiffError(f"crop_size {crop_size} is not a multiple of image_size // "
-                             f"lowres_size = {image_size} // {lowres_size} = {factor}: "
-                             "its low-res crop would not align")
+            raise EdiffError(
+                f"crop_size {crop_size} is not a multiple of image_size // "
+                f"lowres_size = {image_size} // {lowres_size} = {factor}: "
+                "its low-res crop would not align"
+            )
     return factor
 
 
-def crop_offset(image_size: int, crop_size: int, factor: int, key: str, seed: int = 0,
-                epoch: int = 0, centre: bool = False) -> tuple[int, int]:
+def crop_offset(
+    image_size: int,
+    crop_size: int,
+    factor: int,
+    key: str,
+    seed: int = 0,
+    epoch: int = 0,
+    centre: bool = False,
+) -> tuple[int, int]:
     """Top-left (y, x) of a crop, both multiples of `factor` so the low-res crop starts at a
     whole low-res pixel. Random offsets hash (seed, epoch, key): the same crop of a sample on
     every run, rank and worker, another one next epoch. `centre`: the aligned centre crop."""
@@ -186,13 +209,23 @@ def crop_offset(image_size: int, crop_size: int, factor: int, key: str, seed: in
     if centre:
         return (n - 1) // 2 * factor, (n - 1) // 2 * factor
     h = hashlib.blake2b(f"{seed}/{epoch}/{key}".encode(), digest_size=16).digest()
-    return (int.from_bytes(h[:8], "little") % n * factor,
-            int.from_bytes(h[8:], "little") % n * factor)
+    return (
+        int.from_bytes(h[:8], "little") % n * factor,
+        int.from_bytes(h[8:], "little") % n * factor,
+    )
 
 
-def decode_sample(raw: Mapping[str, Any], image_size: int, dims: EmbedDims,
-                  lowres_size: int | None = None, *, crop_size: int | None = None,
-                  seed: int = 0, epoch: int = 0, centre_crop: bool = False) -> dict[str, Any]:
+def decode_sample(
+    raw: Mapping[str, Any],
+    image_size: int,
+    dims: EmbedDims,
+    lowres_size: int | None = None,
+    *,
+    crop_size: int | None = None,
+    seed: int = 0,
+    epoch: int = 0,
+    centre_crop: bool = False,
+) -> dict[str, Any]:
     """Raw tar members → numpy arrays; raises _Skip with a reason for anything unusable
     except NaN/Inf in an embedding, which `collate` finds (see batching.py).
 
@@ -204,19 +237,22 @@ def decode_sample(raw: Mapping[str, Any], image_size: int, dims: EmbedDims,
     missing = missing_fields(raw)
     if missing:
         raise _Skip("missing_field", "no " + ", ".join(missing))
-    out: dict[str, Any] = {name: _load_embedding(name, raw[f"{name}.npy"], dims)
-                           for name in EMBEDDINGS}
+    out: dict[str, Any] = {
+        name: _load_embedding(name, raw[f"{name}.npy"], dims) for name in EMBEDDINGS
+    }
     ext = next(e for e in IMAGE_EXTS if e in raw)
     try:
         im = load_image(raw[ext], image_size, ext)
     except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError
         raise _Skip("bad_image", f"{ext}: {e}") from None
-    low = (im.resize((lowres_size, lowres_size), Image.Resampling.BICUBIC)
-           if lowres_size is not None else None)
+    low = (
+        im.resize((lowres_size, lowres_size), Image.Resampling.BICUBIC)
+        if lowres_size is not None
+        else None
+    )
     if crop_size is not None and crop_size < image_size:
         f = image_size // lowres_size if lowres_size is not None else 1
-        oy, ox = crop_offset(image_size, crop_size, f, raw["__key__"], seed, epoch,
-                             centre_crop)
+        oy, ox = crop_offset(image_size, crop_size, f, raw["__key__"], seed, epoch, centre_crop)
         im = im.crop((ox, oy, ox + crop_size, oy + crop_size))
         if low is not None:
             c = crop_size // f
@@ -225,7 +261,10 @@ def decode_sample(raw: Mapping[str, Any], image_size: int, dims: EmbedDims,
     if low is not None:
         out["lowres"] = image_array(low)
     txt = raw.get("txt", b"")
-    out["caption"] = (bytes(txt).decode("utf-8", "replace")
-                      if isinstance(txt, (bytes, bytearray, memoryview)) else str(txt))
+    out["caption"] = (
+        bytes(txt).decode("utf-8", "replace")
+        if isinstance(txt, (bytes, bytearray, memoryview))
+        else str(txt)
+    )
     out["key"], out["shard"] = raw["__key__"], raw["__shard__"]
     return out

@@ -71,9 +71,16 @@ class ShardWriter:
     is discarded and no manifest is written.
     """
 
-    def __init__(self, root: str | os.PathLike, encoders: dict[str, dict[str, Any]],
-                 image_format: str = "png", image_size: int | None = None,
-                 samples_per_shard: int = 1000, start_index: int = 0, prefix: str = "") -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        encoders: dict[str, dict[str, Any]],
+        image_format: str = "png",
+        image_size: int | None = None,
+        samples_per_shard: int = 1000,
+        start_index: int = 0,
+        prefix: str = "",
+    ) -> None:
         if image_format not in IMAGE_FORMATS:
             raise EdiffError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
         if samples_per_shard < 1:
@@ -95,10 +102,12 @@ class ShardWriter:
         self._count = 0
         self._keys: set[str] = set()
         t5, clip = encoders["t5"], encoders["clip"]
-        self._shapes = {"t5": (None, int(t5["dim"])),
-                        "clip_txt": (int(clip.get("context_length", 77)), int(clip["text_dim"])),
-                        "clip_pool": (int(clip["pool_dim"]),),
-                        "clip_img": (int(clip["image_dim"]),)}
+        self._shapes = {
+            "t5": (None, int(t5["dim"])),
+            "clip_txt": (int(clip.get("context_length", 77)), int(clip["text_dim"])),
+            "clip_pool": (int(clip["pool_dim"]),),
+            "clip_img": (int(clip["image_dim"]),),
+        }
 
     def _open(self) -> None:
         name = f"{self.prefix}{self.index:06d}.tar"
@@ -125,8 +134,17 @@ class ShardWriter:
         self._tar, self._tmp = None, None
         self.index += 1
 
-    def write(self, key: str, image: Any, caption: str, t5: Any, clip_txt: Any, clip_pool: Any,
-              clip_img: Any, meta: dict[str, Any] | None = None) -> None:
+    def write(
+        self,
+        key: str,
+        image: Any,
+        caption: str,
+        t5: Any,
+        clip_txt: Any,
+        clip_pool: Any,
+        clip_img: Any,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
         """Add one sample. Embeddings: tensors or arrays of any float dtype (stored float16)."""
         if not key or "." in key or "/" in key:
             raise EdiffError(f"sample key {key!r} must be non-empty without '.' or '/'")
@@ -135,8 +153,9 @@ class ShardWriter:
         arrays = {n: _f16(v, n) for n, v in zip(EMBEDDINGS, (t5, clip_txt, clip_pool, clip_img))}
         for n, arr in arrays.items():
             want = self._shapes[n]
-            if arr.ndim != len(want) or any(w is not None and w != s
-                                            for w, s in zip(want, arr.shape)):
+            if arr.ndim != len(want) or any(
+                w is not None and w != s for w, s in zip(want, arr.shape)
+            ):
                 shown = tuple("L" if w is None else w for w in want)
                 raise EdiffError(f"sample {key}: {n} has shape {arr.shape}, expected {shown}")
         if arrays["t5"].shape[0] < 1:

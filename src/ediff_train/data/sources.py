@@ -89,8 +89,10 @@ def list_input(path: str | Path, unit_size: int = 5000) -> Listing:
     jsonl = root / CAPTIONS
     tars = sorted(p for p in root.glob("*.tar") if p.is_file())
     if jsonl.is_file() and tars:
-        raise EdiffError(f"input {root} holds both {CAPTIONS} and .tar files; point input at "
-                         f"one of them (input={jsonl} for the captions)")
+        raise EdiffError(
+            f"input {root} holds both {CAPTIONS} and .tar files; point input at "
+            f"one of them (input={jsonl} for the captions)"
+        )
     if jsonl.is_file():
         return _list_jsonl(jsonl, unit_size)
     if tars:
@@ -120,9 +122,9 @@ def _list_jsonl(path: Path, unit_size: int) -> Listing:
             raise EdiffError(f"{where}: expected a JSON object, got {type(obj).__name__}")
         image, caption = obj.get("image"), obj.get("caption")
         if not isinstance(image, str) or not image:
-            raise EdiffError(f"{where}: \"image\" must be a relative image path")
+            raise EdiffError(f'{where}: "image" must be a relative image path')
         if not isinstance(caption, str):
-            raise EdiffError(f"{where}: \"caption\" must be a string")
+            raise EdiffError(f'{where}: "caption" must be a string')
         key = _check_key(obj["key"], where) if "key" in obj else f"{lineno:09d}"
         if key in seen:
             raise EdiffError(f"{where}: key {key!r} already used on line {seen[key]}")
@@ -131,10 +133,15 @@ def _list_jsonl(path: Path, unit_size: int) -> Listing:
     if not records:
         raise EdiffError(f"{path} holds no captions")
     units = tuple(
-        Unit(i, f"{path.name} records {start + 1}-{start + len(chunk)}", tuple(chunk),
-             size=len(chunk))
+        Unit(
+            i,
+            f"{path.name} records {start + 1}-{start + len(chunk)}",
+            tuple(chunk),
+            size=len(chunk),
+        )
         for i, start in enumerate(range(0, len(records), unit_size))
-        for chunk in [records[start:start + unit_size]])
+        for chunk in [records[start : start + unit_size]]
+    )
     digest = hashlib.sha256(raw).hexdigest()
     return Listing("jsonl", path.parent, units, f"sha256:{digest}")
 

@@ -122,8 +122,10 @@ class RemoteStore:
         try:
             self.fs.info(bucket)
         except FileNotFoundError:
-            raise EdiffError(f"output {self.root}: bucket {bucket} does not exist (or is not "
-                             "visible with these credentials); create it first") from None
+            raise EdiffError(
+                f"output {self.root}: bucket {bucket} does not exist (or is not "
+                "visible with these credentials); create it first"
+            ) from None
         except Exception as e:
             raise describe(self.root, e) from None
         listing(self.root)

@@ -33,7 +33,8 @@ _ZERO_BLOCK = bytes(BLOCK)
 _REGULAR = (b"0", b"\0", b"7")
 _NPY_MAGIC = b"\x93NUMPY"
 _NPY_HEADER = re.compile(
-    rb"\{'descr': '(<f[248])', 'fortran_order': False, 'shape': \(([0-9, ]*)\), \}\s*$")
+    rb"\{'descr': '(<f[248])', 'fortran_order': False, 'shape': \(([0-9, ]*)\), \}\s*$"
+)
 
 
 def is_plain_tar(head: bytes | bytearray | memoryview) -> bool:
@@ -52,8 +53,15 @@ def _number(field: bytes) -> int:
 # bytes adler32 is 1 + sum (no modulo, no high half): a C-speed byte sum, in three spans.
 def _checksum_ok(header: bytes) -> bool:
     want = _number(header[148:156])
-    unsigned = ((zlib.adler32(header[0:148]) & 0xFFFF) + (zlib.adler32(header[156:356]) & 0xFFFF)
-                + (zlib.adler32(header[356:512]) & 0xFFFF)) - 3 + 8 * 32
+    unsigned = (
+        (
+            (zlib.adler32(header[0:148]) & 0xFFFF)
+            + (zlib.adler32(header[156:356]) & 0xFFFF)
+            + (zlib.adler32(header[356:512]) & 0xFFFF)
+        )
+        - 3
+        + 8 * 32
+    )
     if want == unsigned:
         return True
     high = int((np.frombuffer(header, np.uint8) >= 128).sum())  # old tars summed signed bytes
@@ -66,7 +74,7 @@ def _pax_fields(data: bytes) -> dict[str, str]:
     while pos < len(data):
         space = data.index(b" ", pos)
         length = int(data[pos:space])
-        key, _, value = data[space + 1:pos + length - 1].partition(b"=")
+        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
         out[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
         pos += length
     return out
@@ -90,7 +98,7 @@ def iter_tar(data: bytes | bytearray | memoryview | mmap.mmap) -> Iterator[tuple
     while True:
         if pos + BLOCK > end:
             raise tarfile.ReadError("no end-of-archive marker: the tar was cut short")
-        header = bytes(view[pos:pos + BLOCK])  # 512 bytes: slicing bytes beats memoryview
+        header = bytes(view[pos : pos + BLOCK])  # 512 bytes: slicing bytes beats memoryview
         if header == _ZERO_BLOCK:
             return
         if not _checksum_ok(header):
@@ -101,7 +109,7 @@ def iter_tar(data: bytes | bytearray | memoryview | mmap.mmap) -> Iterator[tuple
         pos = start + size + (-size % BLOCK)
         if pos > end:
             raise tarfile.ReadError("unexpected end of data in a member")
-        body = view[start:start + size]
+        body = view[start : start + size]
         if kind == b"x":
             pax = _pax_fields(bytes(body))
             continue
@@ -134,8 +142,9 @@ def map_file(path: str | PathLike[str]) -> mmap.mmap | bytes:
             return f.read()
 
 
-def tar_members(path: str | PathLike[str] | bytes | bytearray
-                ) -> Iterator[tuple[str, memoryview | bytes]]:
+def tar_members(
+    path: str | PathLike[str] | bytes | bytearray,
+) -> Iterator[tuple[str, memoryview | bytes]]:
     """(name, contents) of each regular member of the tar at `path` (or held in memory: a
     fetched remote shard), in order. Plain tars (all shards we write, img2dataset's) are mapped
     and parsed in place; compressed ones stream through tarfile. Raises tarfile.ReadError /
@@ -145,8 +154,11 @@ def tar_members(path: str | PathLike[str] | bytes | bytearray
     if is_plain_tar(memoryview(data)[:BLOCK]):
         yield from iter_tar(data)
         return
-    with (tarfile.open(fileobj=io.BytesIO(data), mode="r|*") if held
-          else tarfile.open(path, mode="r|*")) as tf:
+    with (
+        tarfile.open(fileobj=io.BytesIO(data), mode="r|*")
+        if held
+        else tarfile.open(path, mode="r|*")
+    ) as tf:
         for info in tf:
             if info.isreg():
                 member = tf.extractfile(info)
@@ -160,7 +172,7 @@ def split_key(name: str) -> tuple[str | None, str]:
     dot = name.find(".", slash)
     if dot <= slash:
         return None, ""
-    return name[:dot], name[dot + 1:]
+    return name[:dot], name[dot + 1 :]
 
 
 @functools.lru_cache(maxsize=1024)
@@ -184,13 +196,15 @@ def read_npy(data: bytes | bytearray | memoryview) -> np.ndarray:
     if view[:6] == _NPY_MAGIC and view[6] in (1, 2, 3):
         start = 10 if view[6] == 1 else 12
         hlen = int.from_bytes(view[8:start], "little")
-        layout = _npy_layout(bytes(view[start:start + hlen]))
+        layout = _npy_layout(bytes(view[start : start + hlen]))
         if layout is not None:
             dtype, dims = layout
             count = math.prod(dims)
             offset = start + hlen
             if len(view) - offset != count * dtype.itemsize:
-                raise ValueError(f"npy data holds {len(view) - offset} bytes, header says "
-                                 f"{count * dtype.itemsize}")
+                raise ValueError(
+                    f"npy data holds {len(view) - offset} bytes, header says "
+                    f"{count * dtype.itemsize}"
+                )
             return np.frombuffer(view, dtype=dtype, count=count, offset=offset).reshape(dims)
     return np.load(io.BytesIO(bytes(view)), allow_pickle=False)

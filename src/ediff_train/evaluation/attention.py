@@ -44,8 +44,7 @@ class AttentionRecorder:
             p = probs[: self.rows]
             layers.append(torch.stack([p[..., sl[g]].sum(-1).mean() for g in CONTEXT_ORDER]))
 
-        out = self.model(x, sigma, cond, cross_attn_bias=lambda h, w: AttentionHook(
-            record=record))
+        out = self.model(x, sigma, cond, cross_attn_bias=lambda h, w: AttentionHook(record=record))
         share = torch.stack(layers).mean(0)
         entry = {"sigma": float(sigma.reshape(-1)[0])}
         entry |= {g: float(v) for g, v in zip(CONTEXT_ORDER, share)}
@@ -66,18 +65,32 @@ def evaluate_attention(cfg: DictConfig) -> dict[str, Any]:
     prompts = [str(p) for p in cfg.attention.prompts]
     cond = embed_prompts(load_encoders(train_cfg), prompts).to(device)
     rec = AttentionRecorder(model, len(prompts))
-    generate(rec, cond, int(train_cfg.data.image_size), steps=int(cfg.steps),
-             guidance=float(cfg.attention.guidance), seed=int(cfg.seed))
-    report = {"metric": "attention", "run": spec["label"], "node_steps": spec["steps"],
-              "prompts": prompts, "steps": int(cfg.steps),
-              "guidance": float(cfg.attention.guidance), "solver": "heun",
-              "groups": list(CONTEXT_ORDER), "calls": rec.records}
+    generate(
+        rec,
+        cond,
+        int(train_cfg.data.image_size),
+        steps=int(cfg.steps),
+        guidance=float(cfg.attention.guidance),
+        seed=int(cfg.seed),
+    )
+    report = {
+        "metric": "attention",
+        "run": spec["label"],
+        "node_steps": spec["steps"],
+        "prompts": prompts,
+        "steps": int(cfg.steps),
+        "guidance": float(cfg.attention.guidance),
+        "solver": "heun",
+        "groups": list(CONTEXT_ORDER),
+        "calls": rec.records,
+    }
     out = Path(str(cfg.out))
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "attention.json", report)
     with (out / "attention.csv").open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["sigma", *CONTEXT_ORDER, "expert"],
-                           extrasaction="ignore")
+        w = csv.DictWriter(
+            fh, fieldnames=["sigma", *CONTEXT_ORDER, "expert"], extrasaction="ignore"
+        )
         w.writeheader()
         w.writerows(rec.records)
     attention_plot(rec.records, spec["label"], out / "attention.png")

@@ -22,18 +22,27 @@ def run_specs(cfg: DictConfig) -> list[dict[str, Any]]:
     An entry "path/to/run/E0_0" names a node of another run dir."""
     first = list(cfg.experts) if cfg.get("experts") else [str(cfg.expert)]
     specs = []
-    for names in [first, *[list(c) if not isinstance(c, str) else [c]
-                           for c in (cfg.get("compare") or [])]]:
+    for names in [
+        first,
+        *[list(c) if not isinstance(c, str) else [c] for c in (cfg.get("compare") or [])],
+    ]:
         dirs = [Path(n) if "/" in str(n) else Path(cfg.run_dir) / str(n) for n in names]
         for d in dirs:
             if not (d / WEIGHTS).is_file():
-                raise EdiffError(f"no trained node at {d} (weights.safetensors missing); "
-                                 f"train it first or fix run_dir/experts")
+                raise EdiffError(
+                    f"no trained node at {d} (weights.safetensors missing); "
+                    f"train it first or fix run_dir/experts"
+                )
         # the tiling is checked here, before anything is generated or written
         Router([node_from_config(load_train_config(d).expert) for d in dirs])
         label = "+".join(d.name if d.parent == Path(cfg.run_dir) else str(d) for d in dirs)
-        specs.append({"label": label, "dirs": dirs,
-                      "steps": {d.name: read_node_json(d).get("step") for d in dirs}})
+        specs.append(
+            {
+                "label": label,
+                "dirs": dirs,
+                "steps": {d.name: read_node_json(d).get("step") for d in dirs},
+            }
+        )
     return specs
 
 
@@ -73,10 +82,12 @@ def log_wandb(cfg: DictConfig, report: dict[str, Any], plots: list[Path]) -> Non
     import wandb
 
     os.environ.setdefault("WANDB_MODE", "offline")
-    run = wandb.init(project=str(cfg.get("wandb_project") or "ediff-train-eval"),
-                     dir=str(cfg.out), config={"metric": report["metric"],
-                                               **report.get("settings", {})},
-                     name=f"{report['metric']}:{','.join(r['label'] for r in report['runs'])}")
+    run = wandb.init(
+        project=str(cfg.get("wandb_project") or "ediff-train-eval"),
+        dir=str(cfg.out),
+        config={"metric": report["metric"], **report.get("settings", {})},
+        name=f"{report['metric']}:{','.join(r['label'] for r in report['runs'])}",
+    )
     try:
         data: dict[str, Any] = {p.stem: wandb.Image(str(p)) for p in plots if p.is_file()}
         for r in report["runs"]:

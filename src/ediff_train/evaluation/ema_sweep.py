@@ -35,8 +35,10 @@ def _sigma_rels(cfg: DictConfig) -> list[float]:
     values = cfg.ema.sigma_rels
     values = list(values) if OmegaConf.is_list(values) or isinstance(values, list) else [values]
     if not values:
-        raise EdiffError("ema.sigma_rels is empty: give the EMA widths to sweep, e.g. "
-                         "ema.sigma_rels=[0.05,0.075,0.1]")
+        raise EdiffError(
+            "ema.sigma_rels is empty: give the EMA widths to sweep, e.g. "
+            "ema.sigma_rels=[0.05,0.075,0.1]"
+        )
     return [float(v) for v in values]
 
 
@@ -47,11 +49,22 @@ def _expert(ndir: Path, ema: dict[str, torch.Tensor]) -> torch.nn.Module:
     return denoiser.eval().requires_grad_(False)
 
 
-def _row(label: str, sigma_rel: float | str, sigmas: list[float], loss: list[float],
-         bands: list[tuple[str, float, float]], plans: list[Plan]) -> dict[str, Any]:
-    return {"sigma_rel": sigma_rel, "mean_loss": sum(loss) / len(loss), "loss": loss,
-            "band_means": band_means(sigmas, loss, bands),
-            "posthoc": [p.record() for p in plans], "run": label}
+def _row(
+    label: str,
+    sigma_rel: float | str,
+    sigmas: list[float],
+    loss: list[float],
+    bands: list[tuple[str, float, float]],
+    plans: list[Plan],
+) -> dict[str, Any]:
+    return {
+        "sigma_rel": sigma_rel,
+        "mean_loss": sum(loss) / len(loss),
+        "loss": loss,
+        "band_means": band_means(sigmas, loss, bands),
+        "posthoc": [p.record() for p in plans],
+        "run": label,
+    }
 
 
 def evaluate_ema_sweep(cfg: DictConfig) -> dict[str, Any]:
@@ -62,15 +75,20 @@ def evaluate_ema_sweep(cfg: DictConfig) -> dict[str, Any]:
     device = pick_device(str(cfg.device))
     specs = run_specs(cfg)
     # every reconstruction is planned before any image is read: a bad σ_rel or step is one line
-    plans = {str(d): [plan(lineage_snapshots(d), s, step, d.name) for s in sigma_rels]
-             for spec in specs for d in spec["dirs"]}
+    plans = {
+        str(d): [plan(lineage_snapshots(d), s, step, d.name) for s in sigma_rels]
+        for spec in specs
+        for d in spec["dirs"]
+    }
     train_cfg = load_train_config(specs[0]["dirs"][0])
     data = instantiate(train_cfg.data, builder=None, _convert_="object")
     bs = int(c.batch_size)
     batches = data.val_batches(max(1, int(c.images) // bs), bs)
     if not batches:
-        raise EdiffError(f"no held-out data for {train_cfg.data.root}: set data.val_root or "
-                         "data.val_fraction when training (digits builds hold out val/)")
+        raise EdiffError(
+            f"no held-out data for {train_cfg.data.root}: set data.val_root or "
+            "data.val_fraction when training (digits builds hold out val/)"
+        )
     sigmas = sigma_grid(int(c.sigmas), float(c.sigma_min), float(c.sigma_max))
     runs = []
     for spec in specs:
@@ -78,26 +96,55 @@ def evaluate_ema_sweep(cfg: DictConfig) -> dict[str, Any]:
         nodes = [n for n, _ in stored]
         bands = [(n.name, *n.sigma_interval) for n in nodes]
         model = Ensemble(nodes, [m for _, m in stored]).to(device)
-        rows = [_row(spec["label"], STORED, sigmas,
-                     loss_by_sigma(model, batches, sigmas, int(cfg.seed), device), bands, [])]
+        rows = [
+            _row(
+                spec["label"],
+                STORED,
+                sigmas,
+                loss_by_sigma(model, batches, sigmas, int(cfg.seed), device),
+                bands,
+                [],
+            )
+        ]
         rebuilt = [combine(plans[str(d)]) for d in spec["dirs"]]  # each snapshot read once
         for i, s in enumerate(sigma_rels):
             experts = [_expert(d, rebuilt[j][i]) for j, d in enumerate(spec["dirs"])]
             model = Ensemble(nodes, experts).to(device)
             loss = loss_by_sigma(model, batches, sigmas, int(cfg.seed), device)
-            rows.append(_row(spec["label"], s, sigmas, loss, bands,
-                             [plans[str(d)][i] for d in spec["dirs"]]))
+            rows.append(
+                _row(
+                    spec["label"], s, sigmas, loss, bands, [plans[str(d)][i] for d in spec["dirs"]]
+                )
+            )
         best = min(rows[1:], key=lambda r: r["mean_loss"])
-        print(f"{spec['label']}: " + ", ".join(
-            f"σ_rel {r['sigma_rel']:g} {r['mean_loss']:.4f}" if r["sigma_rel"] != STORED
-            else f"stored EMA {r['mean_loss']:.4f}" for r in rows)
-            + f" (best σ_rel {best['sigma_rel']:g})")
-        runs.append({"label": spec["label"], "nodes": [str(d) for d in spec["dirs"]],
-                     "node_steps": spec["steps"], "best_sigma_rel": best["sigma_rel"],
-                     "rows": rows})
-    report = {"metric": "ema_sweep", "sigma_rels": sigma_rels, "step": step, "sigmas": sigmas,
-              "images": sum(b["image"].shape[0] for b in batches), "seed": int(cfg.seed),
-              "runs": runs}
+        print(
+            f"{spec['label']}: "
+            + ", ".join(
+                f"σ_rel {r['sigma_rel']:g} {r['mean_loss']:.4f}"
+                if r["sigma_rel"] != STORED
+                else f"stored EMA {r['mean_loss']:.4f}"
+                for r in rows
+            )
+            + f" (best σ_rel {best['sigma_rel']:g})"
+        )
+        runs.append(
+            {
+                "label": spec["label"],
+                "nodes": [str(d) for d in spec["dirs"]],
+                "node_steps": spec["steps"],
+                "best_sigma_rel": best["sigma_rel"],
+                "rows": rows,
+            }
+        )
+    report = {
+        "metric": "ema_sweep",
+        "sigma_rels": sigma_rels,
+        "step": step,
+        "sigmas": sigmas,
+        "images": sum(b["image"].shape[0] for b in batches),
+        "seed": int(cfg.seed),
+        "runs": runs,
+    }
     write_report(Path(str(cfg.out)), report)
     log_wandb(cfg, report, [])
     return report
@@ -111,8 +158,9 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
     for run in report["runs"]:
         for r in run["rows"]:
             sr = r["sigma_rel"] if isinstance(r["sigma_rel"], str) else f"{r['sigma_rel']:g}"
-            lines.append([run["label"], sr, f"{r['mean_loss']:.6g}",
-                          *[f"{v:.6g}" for v in r["loss"]]])
+            lines.append(
+                [run["label"], sr, f"{r['mean_loss']:.6g}", *[f"{v:.6g}" for v in r["loss"]]]
+            )
     text = io.StringIO()
     csv.writer(text, lineterminator="\n").writerows(lines)
     write_text(out / "ema_sweep.csv", text.getvalue())

@@ -26,20 +26,16 @@ from ediff_train.evaluation.common import (
 from ediff_train.io.files import write_json
 from ediff_train.metrics import scorers
 from ediff_train.metrics.captions import Item
-from ediff_train.metrics.generation import (
-    claim_folder,
-    generate_items,
-    rank_world,
-    wait_for_images,
-)
+from ediff_train.metrics.generation import claim_folder, generate_items, rank_world, wait_for_images
 from ediff_train.metrics.plots import fid_clip_plot
 from ediff_train.run.weights import load_encoders, load_train_config
 from ediff_train.sampling.ensemble import Ensemble
 from ediff_train.sampling.generation import embed_prompts, generate
 
 
-def build_scorer(cfg: DictConfig, train_cfg: Any, items: list[Item], size: int,
-                 device: torch.device) -> Any:
+def build_scorer(
+    cfg: DictConfig, train_cfg: Any, items: list[Item], size: int, device: torch.device
+) -> Any:
     """Digits analogues for digits data (backend auto/digits), else Inception + CLIP."""
 
     m = cfg.metrics
@@ -59,12 +55,20 @@ def build_scorer(cfg: DictConfig, train_cfg: Any, items: list[Item], size: int,
     else:
         reference = sorted({it.image for it in items if it.image})
     if not reference:
-        raise EdiffError("FID needs real images: set metrics.reference=/path/to/folder or use "
-                         "a captions file whose lines name images")
+        raise EdiffError(
+            "FID needs real images: set metrics.reference=/path/to/folder or use "
+            "a captions file whose lines name images"
+        )
     cache = os.environ.get("EDIFF_CACHE") or Path.home() / ".cache" / "ediff_train"
-    return scorers.RealScorer(m.get("inception_weights"), str(m.clip_model),
-                              m.get("clip_checkpoint"), reference,
-                              int(m.get("reference_size") or size), cache, device)
+    return scorers.RealScorer(
+        m.get("inception_weights"),
+        str(m.clip_model),
+        m.get("clip_checkpoint"),
+        reference,
+        int(m.get("reference_size") or size),
+        cache,
+        device,
+    )
 
 
 def evaluate_images(cfg: DictConfig) -> dict[str, Any] | None:
@@ -87,22 +91,48 @@ def evaluate_images(cfg: DictConfig) -> dict[str, Any] | None:
         for g in scales:
             folder = out / spec["label"] / f"guidance_{g:g}"
 
-            def sample(captions: list[str], noise: torch.Tensor, g: float = g,
-                       model: Ensemble = model) -> torch.Tensor:
+            def sample(
+                captions: list[str], noise: torch.Tensor, g: float = g, model: Ensemble = model
+            ) -> torch.Tensor:
                 cond = embed_prompts(encoders, captions).to(device)
-                return generate(model, cond, size, steps=int(cfg.steps), guidance=g,
-                                sigma_min=float(cfg.sigma_min), sigma_max=float(cfg.sigma_max),
-                                rho=float(cfg.rho), noise=noise)
+                return generate(
+                    model,
+                    cond,
+                    size,
+                    steps=int(cfg.steps),
+                    guidance=g,
+                    sigma_min=float(cfg.sigma_min),
+                    sigma_max=float(cfg.sigma_max),
+                    rho=float(cfg.rho),
+                    noise=noise,
+                )
 
-            claim_folder(folder, {
-                "nodes": [str(d.resolve()) for d in spec["dirs"]], "node_steps": spec["steps"],
-                "weights": str(cfg.weights), "guidance": g, "steps": int(cfg.steps),
-                "sigma_min": float(cfg.sigma_min), "sigma_max": float(cfg.sigma_max),
-                "rho": float(cfg.rho), "seed": int(cfg.seed), "captions": described,
-                "size": size})
+            claim_folder(
+                folder,
+                {
+                    "nodes": [str(d.resolve()) for d in spec["dirs"]],
+                    "node_steps": spec["steps"],
+                    "weights": str(cfg.weights),
+                    "guidance": g,
+                    "steps": int(cfg.steps),
+                    "sigma_min": float(cfg.sigma_min),
+                    "sigma_max": float(cfg.sigma_max),
+                    "rho": float(cfg.rho),
+                    "seed": int(cfg.seed),
+                    "captions": described,
+                    "size": size,
+                },
+            )
             timings[f"{spec['label']}@{g:g}"] = generate_items(
-                sample, items, folder, (3, size, size), seed=int(cfg.seed),
-                batch_size=int(cfg.batch_size), rank=rank, world=world)
+                sample,
+                items,
+                folder,
+                (3, size, size),
+                seed=int(cfg.seed),
+                batch_size=int(cfg.batch_size),
+                rank=rank,
+                world=world,
+            )
     if scorer is None:
         return None
     runs = []
@@ -111,23 +141,49 @@ def evaluate_images(cfg: DictConfig) -> dict[str, Any] | None:
         for g in scales:
             folder = out / spec["label"] / f"guidance_{g:g}"
             wait_for_images(folder, items, float(cfg.wait_timeout))
-            row = {"guidance": g, **scorer.score(folder, items),
-                   "generation": timings[f"{spec['label']}@{g:g}"]}
+            row = {
+                "guidance": g,
+                **scorer.score(folder, items),
+                "generation": timings[f"{spec['label']}@{g:g}"],
+            }
             rows.append(row)
-            print(f"{spec['label']} guidance {g:g}: " + ", ".join(
-                f"{k} {row[k]}" for k in (scorer.y_key, scorer.x_key)))
-        runs.append({"label": spec["label"], "nodes": [str(d) for d in spec["dirs"]],
-                     "node_steps": spec["steps"], "rows": rows})
+            print(
+                f"{spec['label']} guidance {g:g}: "
+                + ", ".join(f"{k} {row[k]}" for k in (scorer.y_key, scorer.x_key))
+            )
+        runs.append(
+            {
+                "label": spec["label"],
+                "nodes": [str(d) for d in spec["dirs"]],
+                "node_steps": spec["steps"],
+                "rows": rows,
+            }
+        )
     report = {
-        "metric": "images", "scorer": scorer.name, "captions": described, "images": len(items),
-        "settings": {"weights": str(cfg.weights), "solver": "heun (EDM)", "steps": int(cfg.steps),
-                     "sigma_min": float(cfg.sigma_min), "sigma_max": float(cfg.sigma_max),
-                     "rho": float(cfg.rho), "seed": int(cfg.seed), "guidance": scales,
-                     "ranks": world, "device": str(device)},
-        "machine": {"host": platform.node(), "cpu_threads": torch.get_num_threads(),
-                    "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-                    "torch": torch.__version__},
-        "runs": runs, **({"classifier": scorer.info} if hasattr(scorer, "info") else {}),
+        "metric": "images",
+        "scorer": scorer.name,
+        "captions": described,
+        "images": len(items),
+        "settings": {
+            "weights": str(cfg.weights),
+            "solver": "heun (EDM)",
+            "steps": int(cfg.steps),
+            "sigma_min": float(cfg.sigma_min),
+            "sigma_max": float(cfg.sigma_max),
+            "rho": float(cfg.rho),
+            "seed": int(cfg.seed),
+            "guidance": scales,
+            "ranks": world,
+            "device": str(device),
+        },
+        "machine": {
+            "host": platform.node(),
+            "cpu_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "torch": torch.__version__,
+        },
+        "runs": runs,
+        **({"classifier": scorer.info} if hasattr(scorer, "info") else {}),
         "written": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     write_reports(out, report, scorer)
@@ -146,9 +202,14 @@ def write_reports(out: Path, report: dict[str, Any], scorer: Any) -> None:
         w.writerow(["run", "guidance", *keys, "images"])
         for run in report["runs"]:
             for row in run["rows"]:
-                w.writerow([run["label"], row["guidance"], *[row[k] for k in keys],
-                            row["images"]])
+                w.writerow([run["label"], row["guidance"], *[row[k] for k in keys], row["images"]])
     os.replace(tmp, out / "sweep.csv")
-    fid_clip_plot(report["runs"], scorer.x_key, scorer.y_key, scorer.x_label, scorer.y_label,
-                  out / "fid_clip.png")
+    fid_clip_plot(
+        report["runs"],
+        scorer.x_key,
+        scorer.y_key,
+        scorer.x_label,
+        scorer.y_label,
+        out / "fid_clip.png",
+    )
     print(f"wrote {out / 'eval.json'}, {out / 'sweep.csv'} and {out / 'fid_clip.png'}")

@@ -36,6 +36,7 @@ from ediff_train.sampling.pipeline import Sampler
 
 def halves(images: Tensor) -> tuple[Tensor, Tensor]:
     """The left and right scan areas of 16 px layout canvases, at 16 px for the classifier."""
+
     def up(x: Tensor) -> Tensor:
         return F.interpolate(x, size=(16, 16), mode="bicubic", align_corners=False).clamp(0, 1)
 
@@ -59,8 +60,10 @@ def placement_counts(read: tuple[Tensor, Tensor], left: int, right: int) -> Tens
 def placement_scores(counts: Tensor, samples: int) -> dict[str, float]:
     """`in_painted_half` and `both_halves` from summed `placement_counts` over `samples`."""
     half, both = (int(v) for v in counts[:2])
-    return {"in_painted_half": round(half / (2 * samples), 4),
-            "both_halves": round(both / samples, 4)}
+    return {
+        "in_painted_half": round(half / (2 * samples), 4),
+        "both_halves": round(both / samples, 4),
+    }
 
 
 class MaskMass:
@@ -85,11 +88,14 @@ class MaskMass:
 
 
 def layout_regions(a: int, b: int, swap: bool) -> list[Region]:
-    """"a" painted into the left half and "b" into the right (or the other way round)."""
+    """ "a" painted into the left half and "b" into the right (or the other way round)."""
     left = torch.zeros(16, 16)
     left[:, :8] = 1.0
-    return ([Region(str(a), 1.0 - left), Region(str(b), left)] if swap
-            else [Region(str(a), left), Region(str(b), 1.0 - left)])
+    return (
+        [Region(str(a), 1.0 - left), Region(str(b), left)]
+        if swap
+        else [Region(str(a), left), Region(str(b), 1.0 - left)]
+    )
 
 
 def evaluate_paint(cfg: DictConfig) -> dict[str, Any]:
@@ -99,15 +105,19 @@ def evaluate_paint(cfg: DictConfig) -> dict[str, Any]:
     train_cfg = load_train_config(spec["dirs"][0])
     digits_root = Path(str(train_cfg.data.root)).parent / "digits16"
     val = validation_source(digits_root, None)
-    classifier, _ = load_or_train(digits_root, val[0] if val else digits_root / "val",
-                                  int(cfg.metrics.classifier_steps))
+    classifier, _ = load_or_train(
+        digits_root, val[0] if val else digits_root / "val", int(cfg.metrics.classifier_steps)
+    )
     sampler = Sampler.from_run(cfg.run_dir, [d.name for d in spec["dirs"]], str(cfg.weights))
     pairs = digit_pairs(int(c.pairs), torch.Generator().manual_seed(int(cfg.seed)))
     weights = [float(w) for w in (c.weight if OmegaConf.is_list(c.weight) else [c.weight])]
     # unpainted = w′ 0: no bias; the attention is recorded beside the fused output (the plain
     # sampler's images, bit for bit)
-    runs = [("unpainted", 0.0, False)] + [(f"{kind} w'={w:g}", w, kind == "swapped")
-                                          for w in weights for kind in ("painted", "swapped")]
+    runs = [("unpainted", 0.0, False)] + [
+        (f"{kind} w'={w:g}", w, kind == "swapped")
+        for w in weights
+        for kind in ("painted", "swapped")
+    ]
     counts = {name: torch.zeros(3, dtype=torch.long) for name, _, _ in runs}
     mass = {name: MaskMass(int(c.per_pair)) for name, _, _ in runs}
     grid: list[tuple[str, Tensor]] = []  # the first pairs, unpainted and at the first w′
@@ -115,9 +125,16 @@ def evaluate_paint(cfg: DictConfig) -> dict[str, Any]:
     for k, (a, b) in enumerate(pairs):
         prompts = [f"a {a} and a {b}"] * int(c.per_pair)
         for name, w, swap in runs:
-            images = sampler(prompts, seed=int(cfg.seed) + k, steps=int(cfg.steps),
-                             guidance=float(c.guidance), paint=layout_regions(a, b, swap),
-                             paint_weight=w, paint_record=mass[name], first_index=0)
+            images = sampler(
+                prompts,
+                seed=int(cfg.seed) + k,
+                steps=int(cfg.steps),
+                guidance=float(c.guidance),
+                paint=layout_regions(a, b, swap),
+                paint_weight=w,
+                paint_record=mass[name],
+                first_index=0,
+            )
             if k < int(c.grid_pairs) and w in (0.0, weights[0]):
                 lt, rt = (b, a) if swap else (a, b)
                 how = f"painted {lt} left, {rt} right, w'={w:g}" if w else "unpainted"
@@ -126,34 +143,47 @@ def evaluate_paint(cfg: DictConfig) -> dict[str, Any]:
             if name == "unpainted":
                 base = read
             want_l, want_r = (b, a) if swap else (a, b)
-            counts[name] += torch.cat([placement_counts(read, want_l, want_r),
-                                       placement_counts(base, want_l, want_r)[:1]])
+            counts[name] += torch.cat(
+                [placement_counts(read, want_l, want_r), placement_counts(base, want_l, want_r)[:1]]
+            )
         n += len(prompts)
     results = {}
     for name, w, swap in runs:
         score = placement_scores(counts[name], n)
         results[name] = {
-            "paint_weight": w, "in_painted_half": score["in_painted_half"],
+            "paint_weight": w,
+            "in_painted_half": score["in_painted_half"],
             "unpainted_in_same_half": round(int(counts[name][2]) / (2 * n), 4),
-            "both_halves": score["both_halves"], "mass_inside": round(mass[name].mean(), 4),
-            "unpainted_mass_inside": round(mass["unpainted"].mean(mirrored=swap), 4)}
-    report = {"metric": "paint", "run": spec["label"], "samples_per_run": n,
-              "pairs": len(pairs), "guidance": float(c.guidance), "steps": int(cfg.steps),
-              "seed": int(cfg.seed), "runs": results,
-              "meaning": "in_painted_half: share of (sample, phrase) whose painted half reads as "
-                         "that digit (unpainted: left = first-named); both_halves: both right; "
-                         "mass_inside: attention share an in-mask image token gives its phrase"}
+            "both_halves": score["both_halves"],
+            "mass_inside": round(mass[name].mean(), 4),
+            "unpainted_mass_inside": round(mass["unpainted"].mean(mirrored=swap), 4),
+        }
+    report = {
+        "metric": "paint",
+        "run": spec["label"],
+        "samples_per_run": n,
+        "pairs": len(pairs),
+        "guidance": float(c.guidance),
+        "steps": int(cfg.steps),
+        "seed": int(cfg.seed),
+        "runs": results,
+        "meaning": "in_painted_half: share of (sample, phrase) whose painted half reads as "
+        "that digit (unpainted: left = first-named); both_halves: both right; "
+        "mass_inside: attention share an in-mask image token gives its phrase",
+    }
     out = Path(str(cfg.out))
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "paint.json", report)
     if grid:
-
-        labelled_grid(torch.cat([g for _, g in grid]), [t for t, _ in grid],
-                      int(c.per_pair), upscale=4).save(out / "paint_grid.png")
+        labelled_grid(
+            torch.cat([g for _, g in grid]), [t for t, _ in grid], int(c.per_pair), upscale=4
+        ).save(out / "paint_grid.png")
     for name, r in results.items():
-        print(f"{name:16s} in painted half {r['in_painted_half']:.3f} (unpainted "
-              f"{r['unpainted_in_same_half']:.3f})  both halves {r['both_halves']:.3f}  "
-              f"attention inside {r['mass_inside']:.3f} (unpainted "
-              f"{r['unpainted_mass_inside']:.3f})")
+        print(
+            f"{name:16s} in painted half {r['in_painted_half']:.3f} (unpainted "
+            f"{r['unpainted_in_same_half']:.3f})  both halves {r['both_halves']:.3f}  "
+            f"attention inside {r['mass_inside']:.3f} (unpainted "
+            f"{r['unpainted_mass_inside']:.3f})"
+        )
     print(f"wrote {out / 'paint.json'}")
     return report

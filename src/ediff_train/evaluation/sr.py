@@ -47,12 +47,11 @@ def psnr(a: Tensor, b: Tensor) -> Tensor:
 
 @torch.no_grad()
 def _features(model: Any, images: Tensor) -> Tensor:
-    return torch.cat([model.features(images[i:i + 512]) for i in range(0, len(images), 512)])
+    return torch.cat([model.features(images[i : i + 512]) for i in range(0, len(images), 512)])
 
 
 def evaluate_sr(cfg: DictConfig) -> dict[str, Any]:
     """PSNR and digits-FID of an SR stage (each σ_aug asked) vs bicubic on held-out pairs."""
-
 
     c = cfg.sr
     device = pick_device(str(cfg.device))
@@ -70,39 +69,66 @@ def evaluate_sr(cfg: DictConfig) -> dict[str, Any]:
     size = truth.shape[-1]
     model = load_spec(spec, str(cfg.weights), device)
     outputs: dict[str, Tensor] = {"bicubic": upsample(low, size)}
-    levels = [float(s) for s in (c.sigma_aug if not isinstance(c.sigma_aug, (int, float))
-                                 else [c.sigma_aug])]
+    levels = [
+        float(s)
+        for s in (c.sigma_aug if not isinstance(c.sigma_aug, (int, float)) else [c.sigma_aug])
+    ]
     for level in levels:
         parts, start = [], 0
         for b in batches:
             n = b["image"].shape[0]
             cond = Conditioning.from_batch(b).without_image().to(device)
-            parts.append(generate(model, cond, image_size=size, steps=int(cfg.steps),
-                                  guidance=float(c.guidance), seed=int(cfg.seed) + start,
-                                  lowres=low[start:start + n], sigma_aug=level).cpu())
+            parts.append(
+                generate(
+                    model,
+                    cond,
+                    image_size=size,
+                    steps=int(cfg.steps),
+                    guidance=float(c.guidance),
+                    seed=int(cfg.seed) + start,
+                    lowres=low[start : start + n],
+                    sigma_aug=level,
+                ).cpu()
+            )
             start += n
         outputs[f"SR σ_aug={level:g}"] = torch.cat(parts)
     classifier = classifier_for(train_cfg, size, int(cfg.metrics.classifier_steps))
-    labels = torch.tensor([prompt_digit(cap) if prompt_digit(cap) is not None else -1
-                           for b in batches for cap in b["caption"]])
+    labels = torch.tensor(
+        [
+            prompt_digit(cap) if prompt_digit(cap) is not None else -1
+            for b in batches
+            for cap in b["caption"]
+        ]
+    )
     rows = []
     ref = FeatureStats().update(_features(classifier, truth)) if classifier else None
     for name, images in outputs.items():
-        row: dict[str, Any] = {"method": name, "psnr_db": round(float(psnr(images, truth)
-                                                                      .mean()), 3)}
+        row: dict[str, Any] = {
+            "method": name,
+            "psnr_db": round(float(psnr(images, truth).mean()), 3),
+        }
         if classifier is not None:
             feats = _features(classifier, images)
             row["digits_fid"] = round(fid_from_stats(FeatureStats().update(feats), ref), 3)
             known = labels >= 0
             guess = classifier.head(feats).argmax(1)
-            row["digit_accuracy"] = round(float((guess[known] == labels[known]).float()
-                                                .mean()), 4)
+            row["digit_accuracy"] = round(float((guess[known] == labels[known]).float().mean()), 4)
         rows.append(row)
-    report = {"metric": "sr", "run": spec["label"], "nodes": [str(d) for d in spec["dirs"]],
-              "node_steps": spec["steps"], "images": len(truth), "low_res": low.shape[-1],
-              "high_res": size, "steps": int(cfg.steps), "guidance": float(c.guidance),
-              "seed": int(cfg.seed), "weights": str(cfg.weights), "rows": rows,
-              "digits_fid_features": f"digit classifier at {size} px" if classifier else None}
+    report = {
+        "metric": "sr",
+        "run": spec["label"],
+        "nodes": [str(d) for d in spec["dirs"]],
+        "node_steps": spec["steps"],
+        "images": len(truth),
+        "low_res": low.shape[-1],
+        "high_res": size,
+        "steps": int(cfg.steps),
+        "guidance": float(c.guidance),
+        "seed": int(cfg.seed),
+        "weights": str(cfg.weights),
+        "rows": rows,
+        "digits_fid_features": f"digit classifier at {size} px" if classifier else None,
+    }
     out = Path(str(cfg.out))
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "sr.json", report)
@@ -110,7 +136,8 @@ def evaluate_sr(cfg: DictConfig) -> dict[str, Any]:
     grid = {"low-res": low[:k], "bicubic": outputs["bicubic"][:k]}
     grid |= {name: v[:k] for name, v in outputs.items() if name != "bicubic"}
     comparison_rows({**grid, "high-res": truth[:k]}, upscale=max(1, 64 // size)).save(
-        out / "sr_samples.png")
+        out / "sr_samples.png"
+    )
     for r in rows:
         print("  ".join(f"{k}={v}" for k, v in r.items()))
     print(f"wrote {out / 'sr.json'} and {out / 'sr_samples.png'}")
@@ -126,27 +153,41 @@ def evaluate_cascade(cfg: DictConfig) -> dict[str, Any]:
     loaded = load_stages(stages, device)
     items, described = caption_set(cfg)
     base_size = loaded[0].image_size
-    classifier = classifier_for(loaded[0].train_cfg, base_size,
-                                     int(cfg.metrics.classifier_steps))
+    classifier = classifier_for(loaded[0].train_cfg, base_size, int(cfg.metrics.classifier_steps))
     if classifier is None:
         raise EdiffError("metric=cascade scores digits cascades (a digits base stage)")
     bs = int(cfg.batch_size)
     right = [0] * len(loaded)
     for i in range(0, len(items), bs):
-        chunk = items[i:i + bs]
-        outs = run_cascade(loaded, [it.caption for it in chunk], seed=int(cfg.seed) + i,
-                           device=device)
+        chunk = items[i : i + bs]
+        outs = run_cascade(
+            loaded, [it.caption for it in chunk], seed=int(cfg.seed) + i, device=device
+        )
         want = torch.tensor([it.digit for it in chunk])
         for k, images in enumerate(outs):  # the classifier resizes (antialiased) to base size
             right[k] += int((classifier(images.cpu()).argmax(1) == want).sum())
     acc = [round(r / len(items), 4) for r in right]
-    report = {"metric": "cascade", "cascade": str(cfg.cascade), "description": description,
-              "captions": described, "images": len(items), "seed": int(cfg.seed),
-              "stages": [{"name": ls.stage.name, "run_dir": ls.stage.run_dir,
-                          "experts": ls.stage.experts, "size": ls.image_size,
-                          "steps": ls.stage.steps, "guidance": ls.stage.guidance,
-                          "sigma_aug": ls.stage.sigma_aug, "prompt_accuracy": a}
-                         for ls, a in zip(loaded, acc)]}
+    report = {
+        "metric": "cascade",
+        "cascade": str(cfg.cascade),
+        "description": description,
+        "captions": described,
+        "images": len(items),
+        "seed": int(cfg.seed),
+        "stages": [
+            {
+                "name": ls.stage.name,
+                "run_dir": ls.stage.run_dir,
+                "experts": ls.stage.experts,
+                "size": ls.image_size,
+                "steps": ls.stage.steps,
+                "guidance": ls.stage.guidance,
+                "sigma_aug": ls.stage.sigma_aug,
+                "prompt_accuracy": a,
+            }
+            for ls, a in zip(loaded, acc)
+        ],
+    }
     out = Path(str(cfg.out))
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "cascade.json", report)

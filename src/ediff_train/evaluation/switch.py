@@ -26,8 +26,10 @@ from ediff_train.sampling.guidance import guided
 
 def switched(first: Denoiser, then: Denoiser, sigma_switch: float) -> Denoiser:
     """`first` while σ ≥ sigma_switch, `then` below it."""
+
     def den(x: Tensor, sigma: Tensor) -> Tensor:
         return (first if float(sigma.reshape(-1)[0]) >= sigma_switch else then)(x, sigma)
+
     return den
 
 
@@ -67,14 +69,28 @@ def evaluate_switch(cfg: DictConfig) -> dict[str, Any]:
         out = solve("heun", switched(den_a, den_b, s), noise.clone(), sigmas)
         with torch.no_grad():
             guess = classifier((out.float().cpu() * 0.5 + 0.5).clamp(0, 1)).argmax(1)
-        rows.append({"fraction_with_A": f, "switch_sigma": s,
-                     "reads_as_A": round(float((guess == want_a).float().mean()), 4),
-                     "reads_as_B": round(float((guess == want_b).float().mean()), 4)})
-        print(f"f={f:.2f} (switch at σ={s:.4g}): A {rows[-1]['reads_as_A']:.3f}, "
-              f"B {rows[-1]['reads_as_B']:.3f}")
-    report = {"metric": "switch", "run": spec["label"], "pairs": pairs, "per_pair": per,
-              "steps": int(cfg.steps), "guidance": float(c.guidance), "seed": int(cfg.seed),
-              "rows": rows}
+        rows.append(
+            {
+                "fraction_with_A": f,
+                "switch_sigma": s,
+                "reads_as_A": round(float((guess == want_a).float().mean()), 4),
+                "reads_as_B": round(float((guess == want_b).float().mean()), 4),
+            }
+        )
+        print(
+            f"f={f:.2f} (switch at σ={s:.4g}): A {rows[-1]['reads_as_A']:.3f}, "
+            f"B {rows[-1]['reads_as_B']:.3f}"
+        )
+    report = {
+        "metric": "switch",
+        "run": spec["label"],
+        "pairs": pairs,
+        "per_pair": per,
+        "steps": int(cfg.steps),
+        "guidance": float(c.guidance),
+        "seed": int(cfg.seed),
+        "rows": rows,
+    }
     out_dir = Path(str(cfg.out))
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "switch.json", report)

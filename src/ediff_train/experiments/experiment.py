@@ -42,40 +42,62 @@ def experiment_spec(name: str) -> dict[str, Any]:
     raw = yaml.safe_load(schedule_path(name).read_text()) or {}
     spec = raw.get("experiment")
     if not isinstance(spec, dict) or not spec.get("ensembles"):
-        raise EdiffError(f"schedule {name} has no experiment: section naming ensembles to "
-                         "evaluate (see conf/schedule/fig7_toy.yaml)")
+        raise EdiffError(
+            f"schedule {name} has no experiment: section naming ensembles to "
+            "evaluate (see conf/schedule/fig7_toy.yaml)"
+        )
     ensembles = {str(k): [str(n) for n in v] for k, v in spec["ensembles"].items()}
     stages = {s["name"] if s.get("name") else s["node"] for s in raw.get("stages", [])}
     for label, names in ensembles.items():
         missing = [n for n in names if n not in stages]
         if missing:
-            raise EdiffError(f"experiment {name}: ensemble {label} names {missing}, not stages "
-                             f"of the schedule ({', '.join(sorted(stages))})")
+            raise EdiffError(
+                f"experiment {name}: ensemble {label} names {missing}, not stages "
+                f"of the schedule ({', '.join(sorted(stages))})"
+            )
     for key in ("claim", "baseline"):
         if spec.get(key) not in ensembles:
-            raise EdiffError(f"experiment {name}: {key}: must name one of its ensembles "
-                             f"({', '.join(ensembles)}), got {spec.get(key)!r}")
+            raise EdiffError(
+                f"experiment {name}: {key}: must name one of its ensembles "
+                f"({', '.join(ensembles)}), got {spec.get(key)!r}"
+            )
     if spec.get("control") is not None and spec["control"] not in ensembles:
-        raise EdiffError(f"experiment {name}: control: must name one of its ensembles "
-                         f"({', '.join(ensembles)}), got {spec['control']!r}")
+        raise EdiffError(
+            f"experiment {name}: control: must name one of its ensembles "
+            f"({', '.join(ensembles)}), got {spec['control']!r}"
+        )
     gate = spec.get("gate")
     if gate is not None:
         if not isinstance(gate, dict) or not {"root", "continued", "max_gain"} <= set(gate):
-            raise EdiffError(f"experiment {name}: gate: needs root:, continued: (ensembles) and "
-                             "max_gain: (e.g. 0.03 = at most 3 % lower held-out loss)")
+            raise EdiffError(
+                f"experiment {name}: gate: needs root:, continued: (ensembles) and "
+                "max_gain: (e.g. 0.03 = at most 3 % lower held-out loss)"
+            )
         for key in ("root", "continued"):
             if gate[key] not in ensembles:
-                raise EdiffError(f"experiment {name}: gate.{key}: must name one of its "
-                                 f"ensembles ({', '.join(ensembles)}), got {gate[key]!r}")
-    return {"seeds": int(spec.get("seeds", 3)), "claim": str(spec["claim"]),
-            "baseline": str(spec["baseline"]), "ensembles": ensembles,
-            "control": spec.get("control"), "gate": gate,
-            "images": list(spec.get("images") or ensembles),
-            "evaluate": dict(spec.get("evaluate") or {})}
+                raise EdiffError(
+                    f"experiment {name}: gate.{key}: must name one of its "
+                    f"ensembles ({', '.join(ensembles)}), got {gate[key]!r}"
+                )
+    return {
+        "seeds": int(spec.get("seeds", 3)),
+        "claim": str(spec["claim"]),
+        "baseline": str(spec["baseline"]),
+        "ensembles": ensembles,
+        "control": spec.get("control"),
+        "gate": gate,
+        "images": list(spec.get("images") or ensembles),
+        "evaluate": dict(spec.get("evaluate") or {}),
+    }
 
 
-def eval_config(spec: dict[str, Any], seed_dir: Path, out: Path, overrides: Sequence[str],
-                names: Sequence[str] | None = None) -> Any:
+def eval_config(
+    spec: dict[str, Any],
+    seed_dir: Path,
+    out: Path,
+    overrides: Sequence[str],
+    names: Sequence[str] | None = None,
+) -> Any:
     """evaluate.py's config for one seed: its defaults, the experiment's settings, the caller's;
     over the ensembles `names` (default: all, in the file's order)."""
 
@@ -88,8 +110,9 @@ def eval_config(spec: dict[str, Any], seed_dir: Path, out: Path, overrides: Sequ
     return cfg
 
 
-def evaluate_seed(spec: dict[str, Any], seed_dir: Path, out: Path,
-                  overrides: Sequence[str]) -> dict[str, Any]:
+def evaluate_seed(
+    spec: dict[str, Any], seed_dir: Path, out: Path, overrides: Sequence[str]
+) -> dict[str, Any]:
     """Images (guidance sweep) and loss by σ for every ensemble of one seed's run dir."""
 
     cfg = eval_config(spec, seed_dir, out, overrides)
@@ -101,8 +124,15 @@ def evaluate_seed(spec: dict[str, Any], seed_dir: Path, out: Path,
 
 
 def parse_args(args: Sequence[str]) -> dict[str, Any]:
-    opts: dict[str, Any] = {"seeds": None, "run_dir": None, "report_dir": None, "scale": 1.0,
-                            "report_only": False, "eval": [], "train": []}
+    opts: dict[str, Any] = {
+        "seeds": None,
+        "run_dir": None,
+        "report_dir": None,
+        "scale": 1.0,
+        "report_only": False,
+        "eval": [],
+        "train": [],
+    }
     for arg in args:
         key, eq, value = arg.partition("=")
         if not eq:
@@ -147,18 +177,25 @@ def run_experiment(name: str, args: Sequence[str]) -> Path:
         outcomes = run_schedule(schedule, seed_dir, [f"seed={seed}", *opts["train"]])
         bad = [o.stage for o in outcomes if o.status in ("failed", "blocked")]
         if bad:
-            raise EdiffError(f"seed {seed}: stages {', '.join(bad)} did not finish (see "
-                             f"their train.log under {seed_dir}); rerun to resume")
+            raise EdiffError(
+                f"seed {seed}: stages {', '.join(bad)} did not finish (see "
+                f"their train.log under {seed_dir}); rerun to resume"
+            )
     per_seed = []
     for seed in range(seeds):
         seed_dir = run_dir / f"seed{seed}"
         print(f"== seed {seed}: evaluating {seed_dir}")
         targets = schedule.targets()
-        unfinished = [s.name for s in schedule.stages if s.name in needed
-                      and (done_step(seed_dir, s) or -1) < targets[s.name]]
+        unfinished = [
+            s.name
+            for s in schedule.stages
+            if s.name in needed and (done_step(seed_dir, s) or -1) < targets[s.name]
+        ]
         if unfinished:
-            raise EdiffError(f"seed {seed}: {', '.join(unfinished)} not trained in {seed_dir} "
-                             "(run without report_only=true to train them)")
+            raise EdiffError(
+                f"seed {seed}: {', '.join(unfinished)} not trained in {seed_dir} "
+                "(run without report_only=true to train them)"
+            )
         result = evaluate_seed(spec, seed_dir, report_dir / f"seed{seed}", opts["eval"])
         per_seed.append({"seed": seed, "run_dir": str(seed_dir), **result})
     write_summary(report_dir, schedule.name, schedule, spec, per_seed)
@@ -169,10 +206,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="ediff-experiment",
         description="Train a schedule over seeds and compare its ensembles (report under "
-        "run_dir/report/).")
+        "run_dir/report/).",
+    )
     p.add_argument("name", help="a schedule with an experiment: section (fig7_toy, configs_toy)")
-    p.add_argument("args", nargs="*", help="seeds=N run_dir=D scale=S report_only=true "
-                   "eval.KEY=V, and train.py overrides")
+    p.add_argument(
+        "args",
+        nargs="*",
+        help="seeds=N run_dir=D scale=S report_only=true eval.KEY=V, and train.py overrides",
+    )
     a = p.parse_args(argv)
 
     def task() -> int:

@@ -46,13 +46,27 @@ def done_step(run_dir: Path, stage: Stage) -> int | None:
     return int(step) if isinstance(step, int) else None
 
 
-def train_command(schedule: Schedule, stage: Stage, run_dir: Path, extra: Sequence[str] = (),
-                  python: str | None = None) -> list[str]:
+def train_command(
+    schedule: Schedule,
+    stage: Stage,
+    run_dir: Path,
+    extra: Sequence[str] = (),
+    python: str | None = None,
+) -> list[str]:
     """`python train.py ...` for one stage: node, run_dir, steps, then the schedule's overrides,
     the stage's and the caller's (last wins), as the SLURM jobs get them."""
-    return [python or sys.executable, str(TRAIN_PY), *stage.expert_args(),
-            f"run_dir={run_dir}", f"steps={stage.steps}", f"experiment={schedule.name}",
-            *schedule.overrides, *schedule.stage_overrides(stage), *stage.overrides, *extra]
+    return [
+        python or sys.executable,
+        str(TRAIN_PY),
+        *stage.expert_args(),
+        f"run_dir={run_dir}",
+        f"steps={stage.steps}",
+        f"experiment={schedule.name}",
+        *schedule.overrides,
+        *schedule.stage_overrides(stage),
+        *stage.overrides,
+        *extra,
+    ]
 
 
 @dataclass
@@ -65,7 +79,6 @@ class Outcome:
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
     try:
-
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
         pass
@@ -78,8 +91,9 @@ def _run_stage(cmd: list[str], log: Path, verbose: bool) -> int:
         fh.flush()
         out = None if verbose else fh
         preexec = _die_with_parent if sys.platform.startswith("linux") else None
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT if out
-                                else None, preexec_fn=preexec)
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT if out else None, preexec_fn=preexec
+        )
         try:
             return proc.wait()
         except BaseException:  # Ctrl-C or SIGTERM: stop the stage, its checkpoint stays
@@ -101,9 +115,14 @@ def _last_error(log: Path) -> str:
     return (errors or lines or [""])[-1][:300]
 
 
-def run_schedule(schedule: Schedule, run_dir: str | Path, extra: Sequence[str] = (),
-                 python: str | None = None, verbose: bool = False,
-                 say: Callable[[str], None] = print) -> list[Outcome]:
+def run_schedule(
+    schedule: Schedule,
+    run_dir: str | Path,
+    extra: Sequence[str] = (),
+    python: str | None = None,
+    verbose: bool = False,
+    say: Callable[[str], None] = print,
+) -> list[Outcome]:
     """Train every unfinished stage in order; returns what happened to each."""
     run_dir = Path(run_dir).expanduser().resolve()
     targets = schedule.targets()
@@ -127,11 +146,15 @@ def run_schedule(schedule: Schedule, run_dir: str | Path, extra: Sequence[str] =
         ndir = node_dir(run_dir, stage.name)
         resuming = (ndir / CKPT_DIR).is_dir() and any((ndir / CKPT_DIR).iterdir())
         start = targets[stage.parent] if stage.parent else 0
-        say(f"{head}: training +{stage.steps:,} steps (global {start:,} → {target:,})"
-            + (", resuming its checkpoint" if resuming else "") + f"; log {ndir / LOG}")
+        say(
+            f"{head}: training +{stage.steps:,} steps (global {start:,} → {target:,})"
+            + (", resuming its checkpoint" if resuming else "")
+            + f"; log {ndir / LOG}"
+        )
         t0 = time.monotonic()
-        code = _run_stage(train_command(schedule, stage, run_dir, extra, python), ndir / LOG,
-                          verbose)
+        code = _run_stage(
+            train_command(schedule, stage, run_dir, extra, python), ndir / LOG, verbose
+        )
         seconds = time.monotonic() - t0
         step = done_step(run_dir, stage)
         if code == 0 and step is not None and step >= target:
@@ -176,10 +199,15 @@ def run_main(name: str, args: Sequence[str], verbose: bool = False) -> int:
     trained = sum(o.status == "trained" for o in outcomes)
     skipped = sum(o.status == "skipped" for o in outcomes)
     if bad:
-        print(f"error: schedule {schedule.name}: {len(bad)} stages did not finish "
-              f"({', '.join(bad)}); fix the first failure and run again: finished stages are "
-              "skipped", file=sys.stderr)
+        print(
+            f"error: schedule {schedule.name}: {len(bad)} stages did not finish "
+            f"({', '.join(bad)}); fix the first failure and run again: finished stages are "
+            "skipped",
+            file=sys.stderr,
+        )
         return 1
-    print(f"schedule {schedule.name}: all {len(outcomes)} stages finished "
-          f"({trained} trained now, {skipped} already done)")
+    print(
+        f"schedule {schedule.name}: all {len(outcomes)} stages finished "
+        f"({trained} trained now, {skipped} already done)"
+    )
     return 0

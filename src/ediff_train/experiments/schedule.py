@@ -40,8 +40,7 @@ _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 _NODE_NAME = re.compile(r"^(E\d+_\d+|not_.*)$")
 
 
-_STAGE_KEYS = {"node", "name", "parent", "steps", "source", "overrides", "continue",
-               "branch_step"}
+_STAGE_KEYS = {"node", "name", "parent", "steps", "source", "overrides", "continue", "branch_step"}
 
 
 @dataclass(frozen=True)
@@ -73,8 +72,13 @@ class Stage:
             return args
         # its own directory: the node's quantiles as a custom interval (see the module doc)
         ((lo, hi),) = node.pieces
-        return ["expert=interval", f"expert.name={self.name}", f"expert.u_lo={lo!r}",
-                f"expert.u_hi={hi!r}", f"expert.parent={self.parent}"]
+        return [
+            "expert=interval",
+            f"expert.name={self.name}",
+            f"expert.u_lo={lo!r}",
+            f"expert.u_hi={hi!r}",
+            f"expert.parent={self.parent}",
+        ]
 
     def train_args(self, run_dir: str | Path) -> list[str]:
         """All train.py overrides for this stage: node, `run_dir=`, `steps=`, its own overrides."""
@@ -130,8 +134,7 @@ class Schedule:
         plus its own steps."""
         out: dict[str, int] = {}
         for s in self.stages:  # parents come first
-            start = s.branch_step if s.branch_step is not None else out[s.parent] if s.parent \
-                else 0
+            start = s.branch_step if s.branch_step is not None else out[s.parent] if s.parent else 0
             out[s.name] = start + s.steps
         for s in self.stages:
             if s.branch_step is not None:
@@ -140,7 +143,8 @@ class Schedule:
                     raise EdiffError(
                         f"schedule {self.name}: stage {s.name}: branch_step {s.branch_step} "
                         f"must lie inside its parent {s.parent}'s run ({lo}, "
-                        f"{out[s.parent]}) exclusive")  # type: ignore[index]
+                        f"{out[s.parent]}) exclusive"
+                    )  # type: ignore[index]
         return out
 
     def scaled(self, factor: float) -> Schedule:
@@ -148,11 +152,18 @@ class Schedule:
         factor = float(factor)
         if not (math.isfinite(factor) and factor > 0):
             raise EdiffError(f"scale must be a positive number, got {factor}")
+
         def scale(n: int) -> int:
             return max(1, math.floor(n * factor + 0.5))
 
-        stages = tuple(replace(s, steps=scale(s.steps), branch_step=None if s.branch_step is None
-                               else scale(s.branch_step)) for s in self.stages)
+        stages = tuple(
+            replace(
+                s,
+                steps=scale(s.steps),
+                branch_step=None if s.branch_step is None else scale(s.branch_step),
+            )
+            for s in self.stages
+        )
         return replace(self, stages=stages, scale=self.scale * factor)
 
     def walk(self) -> Iterator[tuple[str, Stage]]:
@@ -171,14 +182,20 @@ class Schedule:
     def tree(self, notes: bool = True) -> str:
         """The schedule as a tree: σ interval, steps, global step at the end, source."""
         targets = self.targets()
-        rows = [(prefix + _label(s), _sigma(s.node), f"{s.steps:,}", f"{targets[s.name]:,}",
-                 s.source) for prefix, s in self.walk()]
+        rows = [
+            (prefix + _label(s), _sigma(s.node), f"{s.steps:,}", f"{targets[s.name]:,}", s.source)
+            for prefix, s in self.walk()
+        ]
         head = ("stage", "σ interval", "steps", "→ step", "where the count comes from")
         widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
 
         def line(r: tuple[str, ...]) -> str:
-            cells = [r[0].ljust(widths[0]), r[1].ljust(widths[1]), r[2].rjust(widths[2]),
-                     r[3].rjust(widths[3])]
+            cells = [
+                r[0].ljust(widths[0]),
+                r[1].ljust(widths[1]),
+                r[2].rjust(widths[2]),
+                r[3].rjust(widths[3]),
+            ]
             return "  ".join(cells + ([r[4]] if notes else [])).rstrip()
 
         scale = "" if self.scale == 1 else f" at scale {self.scale:g}"
@@ -192,8 +209,11 @@ class Schedule:
 def _label(stage: Stage) -> str:
     if stage.name == stage.node.name:
         return stage.name
-    return f"{stage.name} ({stage.node.name} continued)" if stage.continues else \
-        f"{stage.name} (as {stage.node.name})"
+    return (
+        f"{stage.name} ({stage.node.name} continued)"
+        if stage.continues
+        else f"{stage.name} (as {stage.node.name})"
+    )
 
 
 def _sigma(node: Node) -> str:
@@ -236,15 +256,22 @@ def _check_stage(stage: Stage, stages: Mapping[str, Stage]) -> None:
                 f"pick a run name such as {stage.node.name}_cont"
             )
     if stage.branch_step is not None and (
-            isinstance(stage.branch_step, bool) or not isinstance(stage.branch_step, int)
-            or stage.parent is None or stage.continues):
-        raise EdiffError(f"{where}: branch_step must be a whole number (a tree step of its "
-                         "parent stage's run), on a child stage, not a continuation")
+        isinstance(stage.branch_step, bool)
+        or not isinstance(stage.branch_step, int)
+        or stage.parent is None
+        or stage.continues
+    ):
+        raise EdiffError(
+            f"{where}: branch_step must be a whole number (a tree step of its "
+            "parent stage's run), on a child stage, not a continuation"
+        )
     if stage.continues:
         parent = stages.get(stage.parent or "")
         if parent is None or parent.node.pieces != stage.node.pieces or stage.name == parent.name:
-            raise EdiffError(f"{where}: continue: true goes on with its parent stage's run, so it "
-                             "needs a parent stage of the same node and a name of its own")
+            raise EdiffError(
+                f"{where}: continue: true goes on with its parent stage's run, so it "
+                "needs a parent stage of the same node and a name of its own"
+            )
 
 
 def _toposort(stages: tuple[Stage, ...]) -> list[Stage]:
@@ -301,7 +328,6 @@ def _flag(value: Any, where: str) -> bool:
 def schedule_from_config(cfg: Mapping[str, Any], name: str | None = None) -> Schedule:
     """A validated schedule from a loaded `conf/schedule/*.yaml` (or the `schedule:` group)."""
     if hasattr(cfg, "_metadata"):  # an OmegaConf node: plain containers from here on
-
         cfg = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     name = str(cfg.get("name") or name or "schedule")
     raw = cfg.get("stages")
@@ -312,8 +338,12 @@ def schedule_from_config(cfg: Mapping[str, Any], name: str | None = None) -> Sch
     except EdiffError as e:
         raise EdiffError(f"schedule {name}: {e}") from None
     try:
-        return Schedule(name, str(cfg.get("description") or ""), stages,
-                        tuple(str(o) for o in cfg.get("overrides") or ()))
+        return Schedule(
+            name,
+            str(cfg.get("description") or ""),
+            stages,
+            tuple(str(o) for o in cfg.get("overrides") or ()),
+        )
     except EdiffError as e:
         msg = str(e) if str(e).startswith("schedule ") else f"schedule {name}: {e}"
         raise EdiffError(msg) from None

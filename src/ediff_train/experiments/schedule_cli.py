@@ -15,7 +15,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "run":
         return _run(argv[1:])
     p = argparse.ArgumentParser(
-        description="Print a training schedule as a tree (or `run NAME ...` to train it here).")
+        description="Print a training schedule as a tree (or `run NAME ...` to train it here)."
+    )
     p.add_argument("name", help=f"one of {', '.join(available())}, or a YAML path")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps")
     p.add_argument("--no-notes", action="store_true", help="leave out where counts come from")
@@ -36,10 +37,14 @@ def _run(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="ediff-schedule run",
         description="Train every stage of a schedule on this machine, in dependency order; "
-        "finished stages are skipped, an interrupted one resumes.")
+        "finished stages are skipped, an interrupted one resumes.",
+    )
     p.add_argument("name", help=f"one of {', '.join(available())}, or a YAML path")
-    p.add_argument("args", nargs="*", help="scale=S, run_dir=D, and train.py overrides for "
-                   "every stage (e.g. seed=1 trainer=cpu)")
+    p.add_argument(
+        "args",
+        nargs="*",
+        help="scale=S, run_dir=D, and train.py overrides for every stage (e.g. seed=1 trainer=cpu)",
+    )
     p.add_argument("--verbose", action="store_true", help="show each stage's training output")
     args = p.parse_args(argv)
     return run_reporting(lambda: run_main(args.name, args.args, verbose=args.verbose))

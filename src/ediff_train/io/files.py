@@ -22,8 +22,11 @@ def _umask() -> int:
     return mask
 
 
-def save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
-                     metadata: dict[str, str] | None = None) -> Path:
+def save_safetensors(
+    path: str | os.PathLike,
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str] | None = None,
+) -> Path:
     """safetensors file written atomically, readable as the umask allows (not owner-only)."""
     with atomic_write(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)

@@ -38,9 +38,12 @@ def launch_rank_is_zero(env: dict[str, str] | None = None) -> bool:
 
 def holder_info() -> dict[str, Any]:
     """What the lock file records about this process."""
-    return {"host": socket.gethostname(), "pid": os.getpid(),
-            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+    }
 
 
 def describe_holder(path: Path) -> str:
@@ -67,11 +70,15 @@ def _try_flock(fd: int, path: Path) -> bool:
             raise EdiffError(
                 f"node {ndir.name} is already being trained in {ndir.parent} by "
                 f"{describe_holder(path)}; wait for that run to end or stop it "
-                f"(lock: {path})") from None
+                f"(lock: {path})"
+            ) from None
         # no flock here (Lustre without -o flock: ENOSYS; old NFS: ENOLCK): train unguarded
         # rather than not at all
-        warnings.warn(f"cannot lock {path} ({e.strerror or e}): a second run of "
-                      f"{path.parent.name} would not be refused", stacklevel=4)
+        warnings.warn(
+            f"cannot lock {path} ({e.strerror or e}): a second run of "
+            f"{path.parent.name} would not be refused",
+            stacklevel=4,
+        )
         return False
 
 
@@ -86,8 +93,10 @@ def node_lock(ndir: str | os.PathLike) -> Iterator[Path]:
         ndir.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
-        raise EdiffError(f"cannot create or write the node folder {ndir}: "
-                         f"{e.strerror or e} (choose a writable run_dir)") from None
+        raise EdiffError(
+            f"cannot create or write the node folder {ndir}: "
+            f"{e.strerror or e} (choose a writable run_dir)"
+        ) from None
     try:
         if _try_flock(fd, path):
             os.ftruncate(fd, 0)

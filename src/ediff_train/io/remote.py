@@ -37,19 +37,44 @@ _URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.\-]+)://")
 _MANGLED = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.\-]+):/(?!/)")  # str(Path("s3://b/x")) == "s3:/b/x"
 _LOCAL = ("file", "local")
 # package behind each scheme, and our extra that installs it
-BACKENDS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "http": "aiohttp",
-            "https": "aiohttp", "az": "adlfs", "abfs": "adlfs"}
+BACKENDS = {
+    "s3": "s3fs",
+    "s3a": "s3fs",
+    "gs": "gcsfs",
+    "gcs": "gcsfs",
+    "http": "aiohttp",
+    "https": "aiohttp",
+    "az": "adlfs",
+    "abfs": "adlfs",
+}
 EXTRAS = {"gcsfs": "gcs"}
 # errors that a retry cannot fix (matched by class name: the backends' own exception types)
-_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
-              EdiffError, ImportError, TypeError, KeyError)
-_NO_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError",
-                   "RefreshError"}
-_PERMANENT_NAMES = _NO_CREDENTIALS | {"NoRegionError", "InvalidAccessKeyId",
-                                      "SignatureDoesNotMatch", "ParamValidationError"}
+_PERMANENT = (
+    FileNotFoundError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+    EdiffError,
+    ImportError,
+    TypeError,
+    KeyError,
+)
+_NO_CREDENTIALS = {
+    "NoCredentialsError",
+    "PartialCredentialsError",
+    "DefaultCredentialsError",
+    "RefreshError",
+}
+_PERMANENT_NAMES = _NO_CREDENTIALS | {
+    "NoRegionError",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ParamValidationError",
+}
 
 
 # ----------------------------------------------------------------------------- names
+
 
 def scheme(path: str | os.PathLike[str]) -> str | None:
     """'s3', 'https', 'pipe', ... or None for a local path."""
@@ -79,8 +104,10 @@ def join(root: str | os.PathLike[str], name: str) -> str:
     url = normalize(root)
     if url.startswith(PIPE):
         if NAME not in url:
-            raise EdiffError(f"a pipe: root needs {NAME} where the file name goes, e.g. "
-                             f"'pipe:curl -sfL https://host/set/{NAME}'; got {url!r}")
+            raise EdiffError(
+                f"a pipe: root needs {NAME} where the file name goes, e.g. "
+                f"'pipe:curl -sfL https://host/set/{NAME}'; got {url!r}"
+            )
         return url.replace(NAME, name)
     return url.rstrip("/") + "/" + name
 
@@ -92,6 +119,7 @@ def shard_name(url: str) -> str:
 
 
 # ----------------------------------------------------------------------------- backends
+
 
 def filesystem(url: str) -> tuple[Any, str]:
     """(fsspec filesystem, path in it); EdiffError when the scheme's backend is missing."""
@@ -105,11 +133,14 @@ def filesystem(url: str) -> tuple[Any, str]:
         how = f"pip install {pkg}" if pkg else f"install the fsspec backend ({e})"
         if pkg in EXTRAS:
             how += f" (or pip install 'ediff-train[{EXTRAS[pkg]}]')"
-        raise EdiffError(f"{url}: {scheme(url)}:// needs a backend that is not installed: "
-                         f"{how}") from None
+        raise EdiffError(
+            f"{url}: {scheme(url)}:// needs a backend that is not installed: {how}"
+        ) from None
     except ValueError as e:
-        raise EdiffError(f"{url}: no backend for {scheme(url)}:// ({e}); use a local path, "
-                         "s3://, gs://, http(s):// or a pipe: command") from None
+        raise EdiffError(
+            f"{url}: no backend for {scheme(url)}:// ({e}); use a local path, "
+            "s3://, gs://, http(s):// or a pipe: command"
+        ) from None
 
 
 def transient(e: BaseException) -> bool:
@@ -130,11 +161,15 @@ def describe(url: str, e: BaseException, tries: int = 1) -> EdiffError:
     why, kind = brief(e), scheme(url)
     if names & _NO_CREDENTIALS:
         if kind in ("gs", "gcs"):
-            fix = ("set GOOGLE_APPLICATION_CREDENTIALS to a key file or run `gcloud auth "
-                   "application-default login`; public buckets: FSSPEC_GCS_TOKEN=anon")
+            fix = (
+                "set GOOGLE_APPLICATION_CREDENTIALS to a key file or run `gcloud auth "
+                "application-default login`; public buckets: FSSPEC_GCS_TOKEN=anon"
+            )
         else:
-            fix = ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE "
-                   "(~/.aws/credentials); public buckets: FSSPEC_S3_ANON=true")
+            fix = (
+                "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE "
+                "(~/.aws/credentials); public buckets: FSSPEC_S3_ANON=true"
+            )
         return EdiffError(f"no credentials for {url} ({why}): {fix}")
     if isinstance(e, PermissionError):
         return EdiffError(f"access to {url} denied ({why}): check the credentials' permissions")
@@ -143,8 +178,10 @@ def describe(url: str, e: BaseException, tries: int = 1) -> EdiffError:
     if isinstance(e, EdiffError):
         return e
     hint = " and the endpoint (AWS_ENDPOINT_URL)" if kind in ("s3", "s3a") else ""
-    return EdiffError(f"cannot reach {url} after {tries} tr{'ies' if tries > 1 else 'y'} "
-                      f"({type(e).__name__}: {why}); check the network{hint}")
+    return EdiffError(
+        f"cannot reach {url} after {tries} tr{'ies' if tries > 1 else 'y'} "
+        f"({type(e).__name__}: {why}); check the network{hint}"
+    )
 
 
 @dataclass(frozen=True)
@@ -167,8 +204,14 @@ class Retry:
                 if attempt >= self.attempts or not transient(e):
                     raise
                 wait = self.wait(attempt)
-                log.warning("%s: %s; try %d of %d in %.1f s", url, brief(e), attempt + 1,
-                            self.attempts, wait)
+                log.warning(
+                    "%s: %s; try %d of %d in %.1f s",
+                    url,
+                    brief(e),
+                    attempt + 1,
+                    self.attempts,
+                    wait,
+                )
                 time.sleep(wait)
         raise AssertionError("unreachable")
 
@@ -220,8 +263,11 @@ def listing(root: str, retry: Retry = RETRY) -> dict[str, int] | None:
         return {}
     except Exception as e:
         raise describe(root, e, retry.attempts if transient(e) else 1) from None
-    return {e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0)
-            for e in entries if e.get("type") == "file"}
+    return {
+        e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0)
+        for e in entries
+        if e.get("type") == "file"
+    }
 
 
 def protocols(fs: Any) -> tuple[str, ...]:
@@ -232,13 +278,19 @@ def protocols(fs: Any) -> tuple[str, ...]:
 def writable(url: str) -> tuple[Any, str]:
     """(filesystem, path) of an output URL; pipe: and HTTP cannot be written to."""
     if url.startswith(PIPE) or scheme(url) in ("http", "https"):
-        raise EdiffError(f"output {url}: {scheme(url)} locations are read-only; write to a "
-                         "local folder, s3:// or gs://")
+        raise EdiffError(
+            f"output {url}: {scheme(url)} locations are read-only; write to a "
+            "local folder, s3:// or gs://"
+        )
     return filesystem(url)
 
 
-def upload(url: str, data: bytes | None = None, local: str | os.PathLike[str] | None = None,
-           retry: Retry = RETRY) -> None:
+def upload(
+    url: str,
+    data: bytes | None = None,
+    local: str | os.PathLike[str] | None = None,
+    retry: Retry = RETRY,
+) -> None:
     """Put `data` (or the file `local`) at `url`, complete or not at all: uploaded under a
     temporary name beside it, then moved into place."""
     fs, path = writable(url)
@@ -271,8 +323,10 @@ def local_copy(url: str, marker: str, retry: Retry = RETRY) -> Path:
     and the contents of its `marker` file, so a changed folder is fetched again."""
     url = normalize(url).rstrip("/")
     if url.startswith(PIPE):
-        raise EdiffError(f"{url} is a pipe: command, which cannot fetch a folder; copy it "
-                         "locally and point at the copy")
+        raise EdiffError(
+            f"{url} is a pipe: command, which cannot fetch a folder; copy it "
+            "locally and point at the copy"
+        )
     text = read_text(join(url, marker), retry)
     if text is None:
         raise EdiffError(f"{join(url, marker)} does not exist")

@@ -60,8 +60,7 @@ def file_items(path: str | os.PathLike, n: int | None = None, seed: int = 0) -> 
                 if not isinstance(caption, str) or not caption.strip():
                     raise ValueError("empty caption")
             except (ValueError, KeyError, TypeError) as e:
-                raise EdiffError(f"{path}:{no}: not a {{\"caption\": ...}} json line "
-                                 f"({e})") from None
+                raise EdiffError(f'{path}:{no}: not a {{"caption": ...}} json line ({e})') from None
             image = row.get("image")
             rows.append((caption, str(path.parent / image) if image else None))
     if not rows:

@@ -24,18 +24,26 @@ from ediff_train.nn.encoders import clip_pixels, load_clip
 def _check_checkpoint(checkpoint: str | os.PathLike | None) -> Path:
     where = "not set" if checkpoint is None else f"file not found: {checkpoint}"
     if checkpoint is None or not Path(checkpoint).is_file():
-        raise EdiffError("CLIP score needs a local open_clip checkpoint: set "
-                         "metrics.clip_checkpoint=/path/to/open_clip_weights (and "
-                         f"metrics.clip_model=<open_clip model name>) ({where})")
+        raise EdiffError(
+            "CLIP score needs a local open_clip checkpoint: set "
+            "metrics.clip_checkpoint=/path/to/open_clip_weights (and "
+            f"metrics.clip_model=<open_clip model name>) ({where})"
+        )
     return Path(checkpoint)
 
 
 class CLIPScorer:
     """Frozen open_clip model scoring (image, caption) pairs; results are float32 on the CPU."""
 
-    def __init__(self, model_name: str, checkpoint: str | os.PathLike | None,
-                 config: dict | None = None, device: str | torch.device = "cpu",
-                 quick_gelu: bool = False, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        model_name: str,
+        checkpoint: str | os.PathLike | None,
+        config: dict | None = None,
+        device: str | torch.device = "cpu",
+        quick_gelu: bool = False,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         path = _check_checkpoint(checkpoint)
         model, self.tokenizer = load_clip(model_name, path, quick_gelu=quick_gelu, config=config)
         self.device, self.dtype = torch.device(device), dtype
@@ -49,7 +57,7 @@ class CLIPScorer:
             raise EdiffError(f"CLIP score wants [B,3,H,W] images, got {tuple(images.shape)}")
         out = []
         for i in range(0, images.shape[0], batch_size):
-            x = clip_pixels(self.model, images[i:i + batch_size].to(self.device, torch.float32))
+            x = clip_pixels(self.model, images[i : i + batch_size].to(self.device, torch.float32))
             out.append(F.normalize(self.model.encode_image(x.to(self.dtype)).float(), dim=-1))
         return torch.cat(out).cpu() if out else torch.zeros(0, self._dim())
 
@@ -61,7 +69,7 @@ class CLIPScorer:
         captions = [str(c) for c in captions]
         out = []
         for i in range(0, len(captions), batch_size):
-            ids = self.tokenizer(captions[i:i + batch_size]).to(self.device)
+            ids = self.tokenizer(captions[i : i + batch_size]).to(self.device)
             out.append(F.normalize(self.model.encode_text(ids).float(), dim=-1))
         return torch.cat(out).cpu() if out else torch.zeros(0, self._dim())
 

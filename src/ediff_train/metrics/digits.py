@@ -54,19 +54,34 @@ class DigitClassifier(nn.Module):
         super().__init__()
         self.size = size
         self.body = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.SiLU(),
-            nn.Conv2d(16, 32, 3, padding=1), nn.GroupNorm(8, 32), nn.SiLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.GroupNorm(8, 64), nn.SiLU(), nn.MaxPool2d(2),
-            nn.Conv2d(64, 64, 3, padding=1), nn.GroupNorm(8, 64), nn.SiLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, FEATURES), nn.SiLU())
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.GroupNorm(4, 16),
+            nn.SiLU(),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.GroupNorm(8, 32),
+            nn.SiLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.GroupNorm(8, 64),
+            nn.SiLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(64, 64, 3, padding=1),
+            nn.GroupNorm(8, 64),
+            nn.SiLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(64, FEATURES),
+            nn.SiLU(),
+        )
         self.head = nn.Linear(FEATURES, 10)
 
     def prepare(self, images: Tensor) -> Tensor:
         """[B,3,H,W] in [0,1] → [B,1,size,size] in [-1,1]."""
         x = images.float().mean(1, keepdim=True)
         if x.shape[-2:] != (self.size, self.size):
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True,
-                              align_corners=False)
+            x = F.interpolate(
+                x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False
+            )
         return x * 2 - 1
 
     def features(self, images: Tensor) -> Tensor:
@@ -80,11 +95,12 @@ def _shift(x: Tensor, gen: torch.Generator) -> Tensor:
     """Random ±1 px translations: handwriting is never centred exactly."""
     pad = F.pad(x, (1, 1, 1, 1))
     dy, dx = torch.randint(0, 3, (2,), generator=gen).tolist()
-    return pad[..., dy:dy + x.shape[-2], dx:dx + x.shape[-1]]
+    return pad[..., dy : dy + x.shape[-2], dx : dx + x.shape[-1]]
 
 
-def train_classifier(images: Tensor, labels: Tensor, steps: int = 400, batch: int = 64,
-                     seed: int = 0, size: int = 16) -> DigitClassifier:
+def train_classifier(
+    images: Tensor, labels: Tensor, steps: int = 400, batch: int = 64, seed: int = 0, size: int = 16
+) -> DigitClassifier:
     """Fit on [N,3,H,W] images in [0,1] with their labels (AdamW, cosine lr)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
@@ -105,7 +121,7 @@ def train_classifier(images: Tensor, labels: Tensor, steps: int = 400, batch: in
 
 @torch.no_grad()
 def accuracy(model: DigitClassifier, images: Tensor, labels: Tensor) -> float:
-    pred = torch.cat([model(images[i:i + 512]).argmax(1) for i in range(0, len(images), 512)])
+    pred = torch.cat([model(images[i : i + 512]).argmax(1) for i in range(0, len(images), 512)])
     return float((pred == labels).float().mean())
 
 
@@ -118,13 +134,16 @@ def records_tensor(records: list[dict[str, Any]]) -> tuple[Tensor, Tensor]:
     return x, torch.tensor(labels, dtype=torch.long)
 
 
-def load_or_train(data_root: str | os.PathLike, val_root: str | os.PathLike,
-                  steps: int = 400, seed: int = 0,
-                  size: int = 16) -> tuple[DigitClassifier, dict[str, Any]]:
+def load_or_train(
+    data_root: str | os.PathLike,
+    val_root: str | os.PathLike,
+    steps: int = 400,
+    seed: int = 0,
+    size: int = 16,
+) -> tuple[DigitClassifier, dict[str, Any]]:
     """The cached classifier of a digits build (trained on first use), and its report.
     `size`: the resolution it looks at (images are resized to it); the SR evaluation uses the
     stage's own size, so sharpness a 16 px view would average away counts."""
-
 
     folder = Path(data_root) / ("classifier" if size == 16 else f"classifier{size}")
     info_path, weights = folder / "classifier.json", folder / "classifier.safetensors"
@@ -139,10 +158,14 @@ def load_or_train(data_root: str | os.PathLike, val_root: str | os.PathLike,
     x_train, y_train = records_tensor(read_records(data_root))
     x_val, y_val = records_tensor(read_records(val_root))
     model = train_classifier(x_train, y_train, steps=steps, seed=seed, size=size)
-    info = {**want, "train_images": len(y_train), "heldout_images": len(y_val),
-            "heldout_accuracy": round(accuracy(model, x_val, y_val), 4),
-            "train_accuracy": round(accuracy(model, x_train, y_train), 4),
-            "seconds": round(time.perf_counter() - start, 1)}
+    info = {
+        **want,
+        "train_images": len(y_train),
+        "heldout_images": len(y_val),
+        "heldout_accuracy": round(accuracy(model, x_val, y_val), 4),
+        "train_accuracy": round(accuracy(model, x_train, y_train), 4),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
     folder.mkdir(parents=True, exist_ok=True)
     save_safetensors(weights, {k: v.contiguous() for k, v in model.state_dict().items()})
     tmp_info = folder / f".info.tmp{os.getpid()}"  # per process: concurrent first uses

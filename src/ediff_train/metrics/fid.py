@@ -106,8 +106,14 @@ class FeatureStats:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             with open(tmp, "wb") as f:
-                np.savez(f, version=np.int64(STATS_VERSION), count=np.int64(self._n),
-                         sum=self._sum, outer=self._outer, meta=np.array(json.dumps(self.meta)))
+                np.savez(
+                    f,
+                    version=np.int64(STATS_VERSION),
+                    count=np.int64(self._n),
+                    sum=self._sum,
+                    outer=self._outer,
+                    meta=np.array(json.dumps(self.meta)),
+                )
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
@@ -121,8 +127,9 @@ class FeatureStats:
         try:
             with np.load(path, allow_pickle=False) as z:
                 if int(z["version"]) != STATS_VERSION:
-                    raise EdiffError(f"{path} has stats version {int(z['version'])}, "
-                                     f"expected {STATS_VERSION}")
+                    raise EdiffError(
+                        f"{path} has stats version {int(z['version'])}, expected {STATS_VERSION}"
+                    )
                 n, s, outer = int(z["count"]), z["sum"], z["outer"]
                 meta = json.loads(str(z["meta"]))
         except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
@@ -148,8 +155,10 @@ def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any) -> float:
     mu1, mu2, s1, s2 = (_as_array(a) for a in (mu1, mu2, sigma1, sigma2))
     d = mu1.shape[0] if mu1.ndim == 1 else -1
     if mu1.ndim != 1 or mu2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
-        raise EdiffError(f"Fréchet distance needs mu [D] and sigma [D,D] of one D; got "
-                         f"{mu1.shape}, {s1.shape} vs {mu2.shape}, {s2.shape}")
+        raise EdiffError(
+            f"Fréchet distance needs mu [D] and sigma [D,D] of one D; got "
+            f"{mu1.shape}, {s1.shape} vs {mu2.shape}, {s2.shape}"
+        )
     if not all(np.isfinite(a).all() for a in (mu1, mu2, s1, s2)):
         raise EdiffError("Fréchet distance got NaN or inf statistics")
     s1, s2 = (s1 + s1.T) / 2, (s2 + s2.T) / 2
@@ -163,8 +172,10 @@ def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any) -> float:
 def fid_from_stats(a: FeatureStats, b: FeatureStats) -> float:
     """FID between two accumulated feature sets."""
     if a.dim != b.dim:
-        raise EdiffError(f"feature stats have different dims ({a.dim} vs {b.dim}); were they made "
-                         "with the same extractor?")
+        raise EdiffError(
+            f"feature stats have different dims ({a.dim} vs {b.dim}); were they made "
+            "with the same extractor?"
+        )
     return frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
 
 
@@ -185,8 +196,9 @@ def stats_key(extractor_name: str, items: Iterable[str | os.PathLike]) -> str:
     return h.hexdigest()[:16]
 
 
-def cached_stats(cache_path: str | os.PathLike,
-                 compute: Callable[[], FeatureStats]) -> FeatureStats:
+def cached_stats(
+    cache_path: str | os.PathLike, compute: Callable[[], FeatureStats]
+) -> FeatureStats:
     """Stats saved at cache_path if readable, else `compute()` saved there and returned."""
     path = Path(cache_path)
     if path.is_file():

@@ -68,18 +68,27 @@ def claim_folder(folder: str | os.PathLike, settings: dict[str, Any]) -> None:
         have = json.loads(path.read_text())
         if have != want:
             diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
-            raise EdiffError(f"{folder} holds images made with other settings ({', '.join(diff)}"
-                             "): choose another out= or delete that folder")
+            raise EdiffError(
+                f"{folder} holds images made with other settings ({', '.join(diff)}"
+                "): choose another out= or delete that folder"
+            )
         return
     tmp = path.with_name(f".settings.json.tmp{os.getpid()}")
     tmp.write_text(json.dumps(want, indent=1, sort_keys=True))
     os.replace(tmp, path)
 
 
-def generate_items(sample: Callable[[list[str], Tensor], Tensor], items: Sequence[Item],
-                   folder: str | os.PathLike, shape: Sequence[int], seed: int = 0,
-                   batch_size: int = 64, rank: int = 0, world: int = 1,
-                   progress: bool = True) -> dict[str, Any]:
+def generate_items(
+    sample: Callable[[list[str], Tensor], Tensor],
+    items: Sequence[Item],
+    folder: str | os.PathLike,
+    shape: Sequence[int],
+    seed: int = 0,
+    batch_size: int = 64,
+    rank: int = 0,
+    world: int = 1,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Generate this rank's missing images. `sample(captions, noise)` → images in [0, 1]."""
 
     folder = Path(folder)
@@ -87,10 +96,15 @@ def generate_items(sample: Callable[[list[str], Tensor], Tensor], items: Sequenc
     mine = [it for it in items if it.id % world == rank]
     todo = [it for it in mine if not image_path(folder, it).is_file()]
     start = time.perf_counter()
-    bar = tqdm(total=len(todo), desc=f"rank {rank}/{world} {folder.name}", unit="img",
-               disable=not progress or not todo, leave=False)
+    bar = tqdm(
+        total=len(todo),
+        desc=f"rank {rank}/{world} {folder.name}",
+        unit="img",
+        disable=not progress or not todo,
+        leave=False,
+    )
     for i in range(0, len(todo), batch_size):
-        chunk = todo[i:i + batch_size]
+        chunk = todo[i : i + batch_size]
         noise = torch.stack([item_noise(seed, it, shape) for it in chunk])
         images = sample([it.caption for it in chunk], noise)
         for it, img in zip(chunk, images):
@@ -98,13 +112,17 @@ def generate_items(sample: Callable[[list[str], Tensor], Tensor], items: Sequenc
         bar.update(len(chunk))
     bar.close()
     seconds = time.perf_counter() - start
-    return {"generated": len(todo), "already_there": len(mine) - len(todo),
-            "seconds": round(seconds, 2),
-            "images_per_second": round(len(todo) / seconds, 2) if todo and seconds > 0 else None}
+    return {
+        "generated": len(todo),
+        "already_there": len(mine) - len(todo),
+        "seconds": round(seconds, 2),
+        "images_per_second": round(len(todo) / seconds, 2) if todo and seconds > 0 else None,
+    }
 
 
-def wait_for_images(folder: str | os.PathLike, items: Sequence[Item], timeout: float,
-                    poll: float = 2.0) -> None:
+def wait_for_images(
+    folder: str | os.PathLike, items: Sequence[Item], timeout: float, poll: float = 2.0
+) -> None:
     """Block until every item's image exists (rank 0 waiting for the other ranks' shares)."""
     deadline = time.monotonic() + timeout
     while True:
@@ -112,15 +130,16 @@ def wait_for_images(folder: str | os.PathLike, items: Sequence[Item], timeout: f
         if not missing:
             return
         if time.monotonic() > deadline:
-            raise EdiffError(f"{missing} of {len(items)} images still missing in {folder} after "
-                             f"{timeout:.0f} s (did another rank fail?); rerun to resume")
+            raise EdiffError(
+                f"{missing} of {len(items)} images still missing in {folder} after "
+                f"{timeout:.0f} s (did another rank fail?); rerun to resume"
+            )
         time.sleep(poll)
 
 
 def load_images(paths: Sequence[str | os.PathLike], size: int | None = None) -> Tensor:
     """[N,3,H,W] in [0,1]; with `size`, shorter side resized and centre-cropped to it (reference
     photos), else every image must already share one size."""
-
 
     arrays = []
     for p in paths:

@@ -53,15 +53,20 @@ def probe_draws(node: Node, batches: Sequence[dict[str, Any]], seed: int = 0) ->
     for b, batch in enumerate(batches):
         shape = batch["image"].shape
         sigma = node.sample_sigma(shape[0], g)
-        noise = torch.randn(shape, generator=torch.Generator().manual_seed(
-            noise_seed(seed, b, NOISE_K)))
+        noise = torch.randn(
+            shape, generator=torch.Generator().manual_seed(noise_seed(seed, b, NOISE_K))
+        )
         draws.append((sigma, noise))
     return draws
 
 
 @torch.no_grad()
-def band_loss(denoiser: nn.Module, batches: Sequence[dict[str, Any]], draws: Draws,
-              device: str | torch.device = "cpu") -> float:
+def band_loss(
+    denoiser: nn.Module,
+    batches: Sequence[dict[str, Any]],
+    draws: Draws,
+    device: str | torch.device = "cpu",
+) -> float:
     """Mean λ(σ)·‖D(x+σn) − x‖² over the held-out samples at their drawn σ (full conditioning)."""
     total, count = 0.0, 0
     for batch, (sigma, noise) in zip(batches, draws):
@@ -82,10 +87,12 @@ def lost_ground(losses: dict[int, float], after: int) -> float | None:
 
 def warning_line(node: str, ratio: float, after: int) -> str:
     """The one stderr line of a child that lost ground, with the likely causes."""
-    return (f"warning: {node}: in-band held-out loss after {after} steps is {ratio:.3g}× its "
-            "value at the hand-off; the child lost ground after the hand-off: optimiser state "
-            "reset or lr too high without warmup? see handoff.optimizer / "
-            "module.lr_schedule.warmup_handoff")
+    return (
+        f"warning: {node}: in-band held-out loss after {after} steps is {ratio:.3g}× its "
+        "value at the hand-off; the child lost ground after the hand-off: optimiser state "
+        "reset or lr too high without warmup? see handoff.optimizer / "
+        "module.lr_schedule.warmup_handoff"
+    )
 
 
 class HandoffProbe(StepCadence):
@@ -95,10 +102,19 @@ class HandoffProbe(StepCadence):
     after each measurement (a resumed run reads it back and goes on) and warns. Nothing it does
     touches the training streams: its draws come from its own generators, made once."""
 
-    def __init__(self, node: Node, batches: Callable[[], Sequence[dict[str, Any]]],
-                 steps: Sequence[int], path: Path, handoff: bool, after: int = 3,
-                 warn_ratio: float = 1.05, seed: int = 0, start: int = 0,
-                 stream: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        node: Node,
+        batches: Callable[[], Sequence[dict[str, Any]]],
+        steps: Sequence[int],
+        path: Path,
+        handoff: bool,
+        after: int = 3,
+        warn_ratio: float = 1.05,
+        seed: int = 0,
+        start: int = 0,
+        stream: TextIO | None = None,
+    ) -> None:
         super().__init__(steps, start)
         self.node, self.load, self.path, self.handoff = node, batches, Path(path), handoff
         self.after, self.warn_ratio, self.seed = int(after), float(warn_ratio), seed
@@ -112,15 +128,18 @@ class HandoffProbe(StepCadence):
         self.batches = list(self.load())
         if not self.batches:
             if trainer.is_global_zero:
-                print("hand-off probe off: this data names no held-out samples "
-                      "(set data.val_root or data.val_fraction)")
+                print(
+                    "hand-off probe off: this data names no held-out samples "
+                    "(set data.val_root or data.val_fraction)"
+                )
             return False
         self.draws = probe_draws(self.node, self.batches, self.seed)
         k = trainer.global_step - self.start
         if k > 0:  # resumed: the measurements up to the checkpoint's step are on disk
             old = read_probe(self.path.parent) or {}
-            kept = [(s, v) for s, v in zip(old.get("steps", []), old.get("in_band_loss", []))
-                    if s <= k]
+            kept = [
+                (s, v) for s, v in zip(old.get("steps", []), old.get("in_band_loss", [])) if s <= k
+            ]
             self.losses = {int(s): float(v) for s, v in kept}
             self.warned = bool(old.get("warned", False))
         return True
@@ -138,21 +157,35 @@ class HandoffProbe(StepCadence):
     def record(self, k: int) -> None:
         """After measuring step k: warn (once) when a hand-off lost ground by `after` steps."""
         ratio = lost_ground(self.losses, self.after)
-        if (k == self.after and self.handoff and not self.warned and ratio is not None
-                and ratio > self.warn_ratio):
+        if (
+            k == self.after
+            and self.handoff
+            and not self.warned
+            and ratio is not None
+            and ratio > self.warn_ratio
+        ):
             self.warned = True
-            print(warning_line(self.node.name, ratio, self.after),
-                  file=self.stream or sys.stderr, flush=True)
+            print(
+                warning_line(self.node.name, ratio, self.after),
+                file=self.stream or sys.stderr,
+                flush=True,
+            )
 
     def summary(self) -> dict[str, Any]:
         """The file's content: band, steps (this run's), losses, the ratio and the warning."""
         lo, hi = self.node.sigma_interval
         steps = sorted(self.losses)
-        return {"node": self.node.name, "band": [lo, hi if math.isfinite(hi) else "inf"],
-                "steps": steps, "in_band_loss": [self.losses[s] for s in steps],
-                "after": self.after, "warn_ratio": self.warn_ratio, "handoff": self.handoff,
-                f"ratio_after_{self.after}": lost_ground(self.losses, self.after),
-                "warned": self.warned}
+        return {
+            "node": self.node.name,
+            "band": [lo, hi if math.isfinite(hi) else "inf"],
+            "steps": steps,
+            "in_band_loss": [self.losses[s] for s in steps],
+            "after": self.after,
+            "warn_ratio": self.warn_ratio,
+            "handoff": self.handoff,
+            f"ratio_after_{self.after}": lost_ground(self.losses, self.after),
+            "warned": self.warned,
+        }
 
 
 def read_probe(node_dir: str | Path) -> dict[str, Any] | None:

@@ -25,25 +25,31 @@ def _check_weights(weights_path: str | os.PathLike | None) -> Path:
     """Fail with the config option to set before anything (torch-fidelity, a download) starts."""
     where = "not set" if weights_path is None else f"file not found: {weights_path}"
     if weights_path is None or not Path(weights_path).is_file():
-        raise EdiffError("FID needs local Inception weights: set "
-                         f"metrics.inception_weights=/path/to/{WEIGHTS_FILE} ({where})")
+        raise EdiffError(
+            "FID needs local Inception weights: set "
+            f"metrics.inception_weights=/path/to/{WEIGHTS_FILE} ({where})"
+        )
     return Path(weights_path)
 
 
 class InceptionFeatures(torch.nn.Module):
     """images [B,3,H,W] in [0,1] (or already uint8) → 2048-d pool3 features [B,2048] float32."""
 
-    name = ("torch-fidelity inception-v3-compat pool3 (2048), TF1-compatible bilinear resize "
-            "to 299, uint8 input")
+    name = (
+        "torch-fidelity inception-v3-compat pool3 (2048), TF1-compatible bilinear resize "
+        "to 299, uint8 input"
+    )
     dim = FEATURE_DIM
 
-    def __init__(self, weights_path: str | os.PathLike | None,
-                 internal_dtype: str = "float32") -> None:
+    def __init__(
+        self, weights_path: str | os.PathLike | None, internal_dtype: str = "float32"
+    ) -> None:
         super().__init__()
         path = _check_weights(weights_path)
         if internal_dtype not in ("float32", "float64"):
-            raise EdiffError(f"Inception internal_dtype must be float32 or float64, not "
-                             f"{internal_dtype!r}")
+            raise EdiffError(
+                f"Inception internal_dtype must be float32 or float64, not {internal_dtype!r}"
+            )
         data = path.read_bytes()
         try:
             # weights_only first: the file must be a plain state dict (no pickled code), since
@@ -54,15 +60,22 @@ class InceptionFeatures(torch.nn.Module):
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
         # internal_dtype is passed only when asked for: torch-fidelity 0.3 does not know it
-        extra = {} if internal_dtype == "float32" else {
-            "feature_extractor_internal_dtype": internal_dtype}
+        extra = (
+            {}
+            if internal_dtype == "float32"
+            else {"feature_extractor_internal_dtype": internal_dtype}
+        )
         try:
             self.net = FeatureExtractorInceptionV3(
-                "inception-v3-compat", [str(FEATURE_DIM)],
-                feature_extractor_weights_path=io.BytesIO(data), **extra)
+                "inception-v3-compat",
+                [str(FEATURE_DIM)],
+                feature_extractor_weights_path=io.BytesIO(data),
+                **extra,
+            )
         except (RuntimeError, ValueError) as e:  # state-dict keys or shapes differ
-            raise EdiffError(f"{path} is not torch-fidelity's Inception v3 weights: "
-                             f"{e}".splitlines()[0]) from None
+            raise EdiffError(
+                f"{path} is not torch-fidelity's Inception v3 weights: {e}".splitlines()[0]
+            ) from None
         if str(next(self.net.parameters()).dtype) != f"torch.{internal_dtype}":
             raise EdiffError(f"Inception internal_dtype={internal_dtype} needs torch-fidelity>=0.4")
         self.weights_path = path

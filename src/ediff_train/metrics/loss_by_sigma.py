@@ -55,15 +55,19 @@ def monitor_steps(steps: int, every: int | str = "auto") -> Sequence[int]:
     return range(n, steps + 1, n) if n > 0 else range(0)
 
 
-def heldout_inputs(batch: dict[str, Any],
-                   device: str | torch.device) -> tuple[torch.Tensor, Conditioning]:
+def heldout_inputs(
+    batch: dict[str, Any], device: str | torch.device
+) -> tuple[torch.Tensor, Conditioning]:
     """A held-out batch's clean images and its conditioning (full, no dropout): an SR stage gets
     its clean low-res at the clean σ_aug floor, so only the denoiser varies between models."""
     x = batch["image"].to(device, torch.float32)
     cond = Conditioning.from_batch(batch).to(device, torch.float32)
     if "lowres" in batch:
-        cond = replace(cond, lowres=batch["lowres"].to(device, torch.float32),
-                       sigma_aug=torch.full((x.shape[0],), SIGMA_AUG_FLOOR, device=device))
+        cond = replace(
+            cond,
+            lowres=batch["lowres"].to(device, torch.float32),
+            sigma_aug=torch.full((x.shape[0],), SIGMA_AUG_FLOOR, device=device),
+        )
     return x, cond
 
 
@@ -73,9 +77,13 @@ def noise_seed(seed: int, batch: int, k: int) -> int:
 
 
 @torch.no_grad()
-def loss_by_sigma(denoiser: nn.Module, batches: Sequence[dict[str, Any]],
-                  sigmas: Sequence[float], seed: int = 0,
-                  device: str | torch.device = "cpu") -> list[float]:
+def loss_by_sigma(
+    denoiser: nn.Module,
+    batches: Sequence[dict[str, Any]],
+    sigmas: Sequence[float],
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> list[float]:
     """Mean λ(σ)·‖D(x+σn) − x‖² over the held-out batches at each σ (conditional, no dropout).
 
     Noise for (batch b, σ index k) is seeded by (seed, b, k): identical for every model."""
@@ -92,8 +100,9 @@ def loss_by_sigma(denoiser: nn.Module, batches: Sequence[dict[str, Any]],
     return [t / max(count, 1) for t in totals]
 
 
-def band_means(sigmas: Sequence[float], losses: Sequence[float],
-               bands: Sequence[tuple[str, float, float]]) -> dict[str, float | None]:
+def band_means(
+    sigmas: Sequence[float], losses: Sequence[float], bands: Sequence[tuple[str, float, float]]
+) -> dict[str, float | None]:
     """Mean loss over the grid points inside each (name, σ_lo, σ_hi) band."""
     out: dict[str, float | None] = {}
     for name, lo, hi in bands:
@@ -157,9 +166,15 @@ class SigmaLossMonitor(StepCadence):
     Runs on every rank (under ZeRO-3 a forward is a collective); rank 0 logs. It measures the
     weights being trained, not the EMA (which lags far behind early in a child's run)."""
 
-    def __init__(self, batches: Callable[[], Sequence[dict[str, Any]]], sigmas: Sequence[float],
-                 steps: Sequence[int], csv_path: Path | None, seed: int = 0,
-                 start: int = 0) -> None:
+    def __init__(
+        self,
+        batches: Callable[[], Sequence[dict[str, Any]]],
+        sigmas: Sequence[float],
+        steps: Sequence[int],
+        csv_path: Path | None,
+        seed: int = 0,
+        start: int = 0,
+    ) -> None:
         super().__init__(steps, start)
         self.load, self.sigmas = batches, list(sigmas)
         self.csv_path, self.seed = csv_path, seed
@@ -169,22 +184,24 @@ class SigmaLossMonitor(StepCadence):
         # after prepare_data: the embedded data set may only now have been built
         self.batches = list(self.load())
         if not self.batches and trainer.is_global_zero:
-            print("loss-by-σ monitor off: this data names no held-out samples "
-                  "(set data.val_root or data.val_fraction)")
+            print(
+                "loss-by-σ monitor off: this data names no held-out samples "
+                "(set data.val_root or data.val_fraction)"
+            )
         return bool(self.batches)
 
     def measure(self, trainer, module, k: int) -> None:  # noqa: ANN001
         was_training = module.denoiser.training
         module.denoiser.eval()
-        losses = loss_by_sigma(module.denoiser, self.batches, self.sigmas, self.seed,
-                               module.device)
+        losses = loss_by_sigma(module.denoiser, self.batches, self.sigmas, self.seed, module.device)
         module.denoiser.train(was_training)
         if not trainer.is_global_zero:
             return
         if trainer.logger is not None:
             trainer.logger.log_metrics(
                 {f"val/loss_sigma_{s:.3g}": v for s, v in zip(self.sigmas, losses)},
-                step=trainer.global_step)
+                step=trainer.global_step,
+            )
         if self.csv_path is not None:
             new = not self.csv_path.is_file()
             with self.csv_path.open("a", newline="") as fh:

@@ -25,8 +25,14 @@ def _save(plt: Any, fig: Any, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-def fid_clip_plot(runs: Sequence[dict[str, Any]], x_key: str, y_key: str, x_label: str,
-                  y_label: str, path: str | os.PathLike) -> Path:
+def fid_clip_plot(
+    runs: Sequence[dict[str, Any]],
+    x_key: str,
+    y_key: str,
+    x_label: str,
+    y_label: str,
+    path: str | os.PathLike,
+) -> Path:
     """One curve per run through its guidance scales, each point labelled with its scale."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4.2), dpi=100)
@@ -35,8 +41,9 @@ def fid_clip_plot(runs: Sequence[dict[str, Any]], x_key: str, y_key: str, x_labe
         xs, ys = [r[x_key] for r in rows], [r[y_key] for r in rows]
         ax.plot(xs, ys, marker="o", label=run["label"])
         for r, x, y in zip(rows, xs, ys):
-            ax.annotate(f"{r['guidance']:g}", (x, y), textcoords="offset points", xytext=(4, 4),
-                        fontsize=7)
+            ax.annotate(
+                f"{r['guidance']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7
+            )
     ax.set_xlabel(x_label)
     ax.set_ylabel(y_label)
     ax.set_title("guidance sweep (numbers: guidance scale)", fontsize=9)
@@ -61,8 +68,15 @@ def loss_by_sigma_plot(runs: Sequence[dict[str, Any]], path: str | os.PathLike) 
         for j, band in enumerate(bands):
             lo, hi = max(band["sigma_lo"], lo_all), min(band["sigma_hi"], hi_all)
             ax.axvspan(lo, hi, color=c, alpha=0.06 + 0.06 * (j % 2), lw=0)
-            ax.text((lo * hi) ** 0.5, 1.0 - 0.05 * (k + 1), band["node"], color=c, fontsize=7,
-                    ha="center", transform=ax.get_xaxis_transform())
+            ax.text(
+                (lo * hi) ** 0.5,
+                1.0 - 0.05 * (k + 1),
+                band["node"],
+                color=c,
+                fontsize=7,
+                ha="center",
+                transform=ax.get_xaxis_transform(),
+            )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("σ")
@@ -72,14 +86,17 @@ def loss_by_sigma_plot(runs: Sequence[dict[str, Any]], path: str | os.PathLike) 
     return _save(plt, fig, path)
 
 
-def attention_plot(records: Sequence[dict[str, Any]], label: str,
-                   path: str | os.PathLike) -> Path:
+def attention_plot(records: Sequence[dict[str, Any]], label: str, path: str | os.PathLike) -> Path:
     """Cross-attention share per token group against σ (log x, σ falling to the right, as the
     sampler runs); the expert answering each σ named along the top."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.0), dpi=100)
-    names = {"t5": "T5 tokens", "clip_txt": "CLIP text tokens", "clip_img": "CLIP image token",
-             "null": "null token"}
+    names = {
+        "t5": "T5 tokens",
+        "clip_txt": "CLIP text tokens",
+        "clip_img": "CLIP image token",
+        "null": "null token",
+    }
     xs = [r["sigma"] for r in records]
     for key, name in names.items():
         ax.plot(xs, [r[key] for r in records], marker=".", label=name)

@@ -47,8 +47,13 @@ class DigitsScorer:
     x_key, y_key = "digits_fid", "prompt_accuracy"
     x_label, y_label = "digits-FID (classifier features) ↓", "prompt accuracy ↑"
 
-    def __init__(self, data_root: str | os.PathLike, val_root: str | os.PathLike,
-                 classifier_steps: int = 400, seed: int = 0) -> None:
+    def __init__(
+        self,
+        data_root: str | os.PathLike,
+        val_root: str | os.PathLike,
+        classifier_steps: int = 400,
+        seed: int = 0,
+    ) -> None:
 
         self.model, self.info = load_or_train(data_root, val_root, classifier_steps, seed)
         real, _ = records_tensor(read_records(val_root))
@@ -56,14 +61,18 @@ class DigitsScorer:
         # the floor: as many real *training* digits as the reference holds, scored the same way
         train, _ = records_tensor(read_records(data_root, limit=len(real)))
         self.info["digits_fid_real_train_vs_heldout"] = round(
-            fid_from_stats(FeatureStats().update(self._features(train)), self.reference), 3)
-        self.name = (f"digit classifier (held-out accuracy {self.info['heldout_accuracy']:.4f}),"
-                     f" 64-d features; reference = {len(real)} held-out real digits")
+            fid_from_stats(FeatureStats().update(self._features(train)), self.reference), 3
+        )
+        self.name = (
+            f"digit classifier (held-out accuracy {self.info['heldout_accuracy']:.4f}),"
+            f" 64-d features; reference = {len(real)} held-out real digits"
+        )
 
     @torch.no_grad()
     def _features(self, images: Tensor) -> Tensor:
-        return torch.cat([self.model.features(images[i:i + 512])
-                          for i in range(0, len(images), 512)])
+        return torch.cat(
+            [self.model.features(images[i : i + 512]) for i in range(0, len(images), 512)]
+        )
 
     @torch.no_grad()
     def score(self, folder: str | os.PathLike, items: Sequence[Item]) -> dict[str, Any]:
@@ -73,7 +82,7 @@ class DigitsScorer:
         total = torch.zeros(10)
         by_wording: dict[str, list[int]] = {}
         for i in range(0, len(items), CHUNK):
-            chunk = items[i:i + CHUNK]
+            chunk = items[i : i + CHUNK]
             images = load_images([image_path(folder, it) for it in chunk])
             feats = self.model.features(images)
             stats.update(feats)
@@ -86,12 +95,15 @@ class DigitsScorer:
             total += torch.bincount(want[known], minlength=10).float()
             right += torch.bincount(want[known & (guess == want)], minlength=10).float()
         per = {str(d): round(float(right[d] / total[d]), 4) for d in range(10) if total[d] > 0}
-        return {"prompt_accuracy": round(float(right.sum() / total.sum().clamp(min=1)), 4),
-                "prompt_accuracy_per_digit": per,
-                "prompt_accuracy_per_wording": {w: round(sum(v) / len(v), 4)
-                                                for w, v in by_wording.items()},
-                "digits_fid": round(fid_from_stats(stats, self.reference), 3),
-                "images": len(items)}
+        return {
+            "prompt_accuracy": round(float(right.sum() / total.sum().clamp(min=1)), 4),
+            "prompt_accuracy_per_digit": per,
+            "prompt_accuracy_per_wording": {
+                w: round(sum(v) / len(v), 4) for w, v in by_wording.items()
+            },
+            "digits_fid": round(fid_from_stats(stats, self.reference), 3),
+            "images": len(items),
+        }
 
 
 class RealScorer:
@@ -100,10 +112,16 @@ class RealScorer:
     x_key, y_key = "fid", "clip_score"
     x_label, y_label = "FID ↓", "CLIP score ↑"
 
-    def __init__(self, inception_weights: str | None, clip_model: str,
-                 clip_checkpoint: str | None, reference: Sequence[str | os.PathLike],
-                 reference_size: int, cache_dir: str | os.PathLike,
-                 device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        inception_weights: str | None,
+        clip_model: str,
+        clip_checkpoint: str | None,
+        reference: Sequence[str | os.PathLike],
+        reference_size: int,
+        cache_dir: str | os.PathLike,
+        device: str | torch.device = "cpu",
+    ) -> None:
 
         self.device = torch.device(device)
         self.inception = InceptionFeatures(inception_weights).to(self.device).eval()
@@ -111,15 +129,17 @@ class RealScorer:
         key = stats_key(f"{self.inception.name}@{reference_size}", [str(p) for p in reference])
         path = Path(cache_dir) / "fid_stats" / f"{key}.npz"
         self.reference = cached_stats(path, lambda: self._stats(reference, reference_size))
-        self.name = (f"FID: {self.inception.name}, reference {self.reference.count} images "
-                     f"resized/centre-cropped to {reference_size}; CLIP score: {self.clip.name}, "
-                     "100·max(cos, 0)")
+        self.name = (
+            f"FID: {self.inception.name}, reference {self.reference.count} images "
+            f"resized/centre-cropped to {reference_size}; CLIP score: {self.clip.name}, "
+            "100·max(cos, 0)"
+        )
 
     @torch.no_grad()
     def _stats(self, paths: Sequence[str | os.PathLike], size: int | None) -> FeatureStats:
         stats = FeatureStats(meta={"images": len(paths)})
         for i in range(0, len(paths), CHUNK):
-            images = load_images(paths[i:i + CHUNK], size)
+            images = load_images(paths[i : i + CHUNK], size)
             stats.update(self.inception(images.to(self.device)).cpu())
         return stats
 
@@ -129,7 +149,10 @@ class RealScorer:
         stats = self._stats(paths, None)
         scores: list[Tensor] = []
         for i in range(0, len(items), CHUNK):
-            images = load_images(paths[i:i + CHUNK])
-            scores.append(self.clip.score(images, [it.caption for it in items[i:i + CHUNK]]))
-        return {"fid": round(fid_from_stats(stats, self.reference), 3),
-                "clip_score": round(float(torch.cat(scores).mean()), 3), "images": len(items)}
+            images = load_images(paths[i : i + CHUNK])
+            scores.append(self.clip.score(images, [it.caption for it in items[i : i + CHUNK]]))
+        return {
+            "fid": round(fid_from_stats(stats, self.reference), 3),
+            "clip_score": round(float(torch.cat(scores).mean()), 3),
+            "images": len(items),
+        }

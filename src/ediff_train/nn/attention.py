@@ -125,7 +125,10 @@ class CrossAttention(nn.Module):
         return scaled[:, None].to(dtype)
 
     def forward(
-        self, x: Tensor, context: Tensor, key_mask: Tensor,
+        self,
+        x: Tensor,
+        context: Tensor,
+        key_mask: Tensor,
         bias: Tensor | AttentionHook | None = None,
     ) -> Tensor:
         b, c, h, w = x.shape
@@ -145,22 +148,31 @@ class CrossAttention(nn.Module):
         out = self.proj(out).transpose(1, 2).reshape(b, c, h, w)
         return x + out
 
-    def _probs(self, q: Tensor, k: Tensor, key_mask: Tensor, paint: Tensor | None = None,
-               weight: Tensor | None = None) -> Tensor:
+    def _probs(
+        self,
+        q: Tensor,
+        k: Tensor,
+        key_mask: Tensor,
+        paint: Tensor | None = None,
+        weight: Tensor | None = None,
+    ) -> Tensor:
         """softmax((QKᵀ + w·max(QKᵀ)·A)/√d) in float32: the attention weights [B, heads, HW, N]."""
         scores = q.float() @ k.float().transpose(-1, -2)  # [B, heads, HW, N], unscaled
         if paint is not None and weight is not None:
             if paint.shape != (scores.shape[0], scores.shape[2], scores.shape[3]):
-                raise EdiffError(f"paint mask has shape {tuple(paint.shape)}, expected "
-                                 f"{(scores.shape[0], scores.shape[2], scores.shape[3])}")
+                raise EdiffError(
+                    f"paint mask has shape {tuple(paint.shape)}, expected "
+                    f"{(scores.shape[0], scores.shape[2], scores.shape[3])}"
+                )
             top = scores.amax(dim=(1, 2, 3), keepdim=True)
             w = weight.float().view(-1, 1, 1, 1)
             scores = scores + w * top * paint.float()[:, None]
         scores = scores / math.sqrt(self.head_dim)
         return scores.masked_fill(~key_mask[:, None, None, :], float("-inf")).softmax(dim=-1)
 
-    def _explicit(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor,
-                  hook: AttentionHook) -> Tensor:
+    def _explicit(
+        self, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor, hook: AttentionHook
+    ) -> Tensor:
         """The painted attention output in float32, with the weights handed to hook.record."""
         probs = self._probs(q, k, key_mask, hook.paint, hook.weight)
         if hook.record is not None:

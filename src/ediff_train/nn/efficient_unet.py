@@ -64,11 +64,16 @@ class EfficientUNet(TextBackbone):
     ) -> None:
         super().__init__()
         mult = [int(m) for m in channel_mult]
-        blocks = ([int(num_res_blocks)] * len(mult) if isinstance(num_res_blocks, int)
-                  else [int(n) for n in num_res_blocks])
+        blocks = (
+            [int(num_res_blocks)] * len(mult)
+            if isinstance(num_res_blocks, int)
+            else [int(n) for n in num_res_blocks]
+        )
         if not mult or len(blocks) != len(mult) or min(blocks) < 1:
-            raise EdiffError(f"num_res_blocks needs one count ≥ 1 per level of channel_mult "
-                             f"({len(mult)}), got {list(blocks)}")
+            raise EdiffError(
+                f"num_res_blocks needs one count ≥ 1 per level of channel_mult "
+                f"({len(mult)}), got {list(blocks)}"
+            )
         self.downscale = 2 ** (len(mult) - 1)
         if image_size % self.downscale:
             raise EdiffError(f"image_size {image_size} is not divisible by 2^{len(mult) - 1}")
@@ -81,8 +86,9 @@ class EfficientUNet(TextBackbone):
 
         self.noise_emb = NoiseEmbedding(model_channels, emb_dim)
         self.aug_emb = NoiseEmbedding(model_channels, emb_dim)
-        self.cond = ConditionEmbedder(t5_dim, clip_txt_dim, clip_pool_dim, clip_img_dim,
-                                      context_dim, emb_dim)
+        self.cond = ConditionEmbedder(
+            t5_dim, clip_txt_dim, clip_pool_dim, clip_img_dim, context_dim, emb_dim
+        )
 
         def attn(ch: int, res: int) -> list[nn.Module]:
             if res not in attn_at:
@@ -119,17 +125,22 @@ class EfficientUNet(TextBackbone):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, x: Tensor, c_noise: Tensor, cond: Conditioning,
-                cross_attn_bias: BiasFn | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, c_noise: Tensor, cond: Conditioning, cross_attn_bias: BiasFn | None = None
+    ) -> Tensor:
         """x [B,C,H,W] (H, W multiples of 2^(levels−1)), c_noise [B], cond with `lowres`
         [B,3,h,w] and `sigma_aug` [B] → F [B,out_channels,H,W]."""
         self.check_input(x, cond)
         if x.shape[-1] % self.downscale or x.shape[-2] % self.downscale:
-            raise EdiffError(f"image size {tuple(x.shape[-2:])} is not a multiple of "
-                             f"{self.downscale} (this network's down-sampling)")
+            raise EdiffError(
+                f"image size {tuple(x.shape[-2:])} is not a multiple of "
+                f"{self.downscale} (this network's down-sampling)"
+            )
         if cond.lowres is None or cond.sigma_aug is None:
-            raise EdiffError("a super-resolution model needs the low-res image and its "
-                             "sigma_aug in the conditioning")
+            raise EdiffError(
+                "a super-resolution model needs the low-res image and its "
+                "sigma_aug in the conditioning"
+            )
         b = x.shape[0]
         sigma_aug = cond.sigma_aug.reshape(-1).expand(b).to(x.device)
         low = lowres_input(cond.lowres.to(x.device), sigma_aug, tuple(x.shape[-2:]))

@@ -30,8 +30,9 @@ class NoiseEmbedding(nn.Module):
     frequencies would be nearly constant over so narrow an input range).
     """
 
-    def __init__(self, features: int, emb_dim: int, min_freq: float = 0.125,
-                 max_freq: float = 256.0) -> None:
+    def __init__(
+        self, features: int, emb_dim: int, min_freq: float = 0.125, max_freq: float = 256.0
+    ) -> None:
         super().__init__()
         if features % 2:
             raise EdiffError(f"noise embedding width must be even, got {features}")
@@ -42,8 +43,13 @@ class NoiseEmbedding(nn.Module):
 
     def forward(self, c_noise: Tensor) -> Tensor:
         # Built here in float32 rather than kept as a buffer, which .to(bf16) would round.
-        logf = torch.linspace(math.log(self.min_freq), math.log(self.max_freq), self.half,
-                              device=c_noise.device, dtype=torch.float32)
+        logf = torch.linspace(
+            math.log(self.min_freq),
+            math.log(self.max_freq),
+            self.half,
+            device=c_noise.device,
+            dtype=torch.float32,
+        )
         arg = c_noise.float().reshape(-1, 1) * logf.exp()[None]
         feats = torch.cat([arg.cos(), arg.sin()], dim=1)
         return self.mlp(feats.to(self.mlp[0].weight.dtype))
@@ -57,11 +63,22 @@ def _token_proj(dim: int, context_dim: int) -> nn.Sequential:
 class ConditionEmbedder(nn.Module):
     """Turns a `Conditioning` into (vector added to the σ embedding, context tokens, key mask)."""
 
-    def __init__(self, t5_dim: int, clip_txt_dim: int, clip_pool_dim: int, clip_img_dim: int,
-                 context_dim: int, emb_dim: int) -> None:
+    def __init__(
+        self,
+        t5_dim: int,
+        clip_txt_dim: int,
+        clip_pool_dim: int,
+        clip_img_dim: int,
+        context_dim: int,
+        emb_dim: int,
+    ) -> None:
         super().__init__()
-        self.dims = {"t5": t5_dim, "clip_txt": clip_txt_dim, "clip_pool": clip_pool_dim,
-                     "clip_img": clip_img_dim}
+        self.dims = {
+            "t5": t5_dim,
+            "clip_txt": clip_txt_dim,
+            "clip_pool": clip_pool_dim,
+            "clip_img": clip_img_dim,
+        }
         self.pool_proj = nn.Linear(clip_pool_dim, emb_dim)
         self.img_proj = nn.Linear(clip_img_dim, emb_dim)
         self.t5_tok = _token_proj(t5_dim, context_dim)

@@ -31,15 +31,29 @@ TINY_NAMES = {"t5": "tiny-t5", "clip": "tiny-clip"}  # the names their manifests
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
-TINY_T5 = dict(d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=2,
-               feed_forward_proj="gated-gelu", dropout_rate=0.0, use_cache=False)
+TINY_T5 = dict(
+    d_model=32,
+    d_kv=8,
+    num_heads=4,
+    d_ff=64,
+    num_layers=2,
+    feed_forward_proj="gated-gelu",
+    dropout_rate=0.0,
+    use_cache=False,
+)
 TINY_CLIP = dict(
     embed_dim=24,
     vision_cfg=dict(layers=1, width=32, head_width=16, patch_size=4, image_size=16),
     text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=4, layers=2),
 )
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+_DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
 
 
 def _dtype(dtype: str | torch.dtype | None) -> torch.dtype:
@@ -101,16 +115,19 @@ def tiny_clip(seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
-def load_t5(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
-            quiet: bool = False) -> tuple[torch.nn.Module, Any]:
+def load_t5(
+    path: str | os.PathLike, dtype: torch.dtype = torch.float32, quiet: bool = False
+) -> tuple[torch.nn.Module, Any]:
     """T5 encoder + tokenizer from a local folder (save_pretrained layout); never downloads."""
     import transformers
     from transformers import AutoTokenizer, T5EncoderModel
 
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise EdiffError(f"no T5 model at {path}: expected a local folder with config.json, "
-                         "weights and tokenizer files (download them beforehand)")
+        raise EdiffError(
+            f"no T5 model at {path}: expected a local folder with config.json, "
+            "weights and tokenizer files (download them beforehand)"
+        )
     key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
     with _quiet_transformers() if quiet else contextlib.nullcontext():
         try:
@@ -121,8 +138,9 @@ def load_t5(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     return model.eval(), tok
 
 
-def load_clip(name: str, checkpoint: str | os.PathLike, quick_gelu: bool = False,
-              config: dict | None = None) -> tuple[torch.nn.Module, Any]:
+def load_clip(
+    name: str, checkpoint: str | os.PathLike, quick_gelu: bool = False, config: dict | None = None
+) -> tuple[torch.nn.Module, Any]:
     """open_clip model + its shipped BPE tokenizer from a local weights file (weights only).
 
     `name` is an open_clip model name (e.g. ViT-L-14); `config`, when given, builds the model
@@ -142,11 +160,13 @@ def load_clip(name: str, checkpoint: str | os.PathLike, quick_gelu: bool = False
     if name not in open_clip.list_models():
         raise EdiffError(f"unknown open_clip model {name!r} (see open_clip.list_models())")
     try:
-        model = open_clip.create_model(name, pretrained=str(checkpoint),
-                                       force_quick_gelu=quick_gelu, weights_only=True)
+        model = open_clip.create_model(
+            name, pretrained=str(checkpoint), force_quick_gelu=quick_gelu, weights_only=True
+        )
     except (RuntimeError, KeyError, ValueError) as e:
-        raise EdiffError(f"cannot load {checkpoint} into open_clip {name}: "
-                         f"{str(e).splitlines()[0]}") from None
+        raise EdiffError(
+            f"cannot load {checkpoint} into open_clip {name}: {str(e).splitlines()[0]}"
+        ) from None
     return model.eval(), open_clip.get_tokenizer(name)
 
 
@@ -170,7 +190,7 @@ def clip_pixels(clip: torch.nn.Module, x: Tensor) -> Tensor:
     if (nh, nw) != (h, w):
         x = F.interpolate(x, (nh, nw), mode="bicubic", antialias=True).clamp(0, 1)
     top, left = (nh - th) // 2, (nw - tw) // 2
-    x = x[..., top:top + th, left:left + tw]
+    x = x[..., top : top + th, left : left + tw]
     mean = torch.tensor(cfg.get("mean", OPENAI_MEAN), device=x.device).view(1, 3, 1, 1)
     return (x - mean) / torch.tensor(cfg.get("std", OPENAI_STD), device=x.device).view(1, 3, 1, 1)
 
@@ -182,11 +202,17 @@ class Encoders:
     """T5 + CLIP in eval mode under no_grad. Outputs are float32 on the CPU; shards and the
     sampler round them through float16 themselves."""
 
-    def __init__(self, t5: torch.nn.Module, t5_tokenizer: Any, clip: torch.nn.Module,
-                 clip_tokenizer: Any, spec: dict[str, Any],
-                 t5_max_length: int = DEFAULT_T5_MAX_LENGTH,
-                 device: str | torch.device | None = None,
-                 dtype: str | torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        t5: torch.nn.Module,
+        t5_tokenizer: Any,
+        clip: torch.nn.Module,
+        clip_tokenizer: Any,
+        spec: dict[str, Any],
+        t5_max_length: int = DEFAULT_T5_MAX_LENGTH,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+    ) -> None:
         self.device = torch.device(device or "cpu")
         self.dtype = _dtype(dtype)
         # T5 v1.1 activations overflow in fp16: fp16 applies to CLIP, T5 then runs in bf16.
@@ -201,33 +227,59 @@ class Encoders:
 
     # -- construction
     @classmethod
-    def tiny(cls, seed: int = 0, t5_max_length: int = DEFAULT_T5_MAX_LENGTH,
-             device: str | torch.device | None = None,
-             dtype: str | torch.dtype | None = None) -> Encoders:
+    def tiny(
+        cls,
+        seed: int = 0,
+        t5_max_length: int = DEFAULT_T5_MAX_LENGTH,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+    ) -> Encoders:
         """Deterministic random encoders: same seed, same weights, on any machine."""
         from open_clip.tokenizer import SimpleTokenizer
 
         t5, tok = tiny_t5(seed)
-        spec = {"kind": "tiny", "seed": int(seed),
-                "t5": {"name": TINY_NAMES["t5"]},
-                "clip": {"name": TINY_NAMES["clip"], "config": TINY_CLIP}}
-        return cls(t5, tok, tiny_clip(seed), SimpleTokenizer(context_length=77), spec,
-                   t5_max_length, device, dtype)
+        spec = {
+            "kind": "tiny",
+            "seed": int(seed),
+            "t5": {"name": TINY_NAMES["t5"]},
+            "clip": {"name": TINY_NAMES["clip"], "config": TINY_CLIP},
+        }
+        return cls(
+            t5,
+            tok,
+            tiny_clip(seed),
+            SimpleTokenizer(context_length=77),
+            spec,
+            t5_max_length,
+            device,
+            dtype,
+        )
 
     @classmethod
-    def pretrained(cls, t5_path: str | os.PathLike, clip_model: str,
-                   clip_checkpoint: str | os.PathLike,
-                   t5_max_length: int = DEFAULT_T5_MAX_LENGTH, clip_quick_gelu: bool = False,
-                   t5_name: str | None = None, device: str | torch.device | None = None,
-                   dtype: str | torch.dtype | None = None) -> Encoders:
+    def pretrained(
+        cls,
+        t5_path: str | os.PathLike,
+        clip_model: str,
+        clip_checkpoint: str | os.PathLike,
+        t5_max_length: int = DEFAULT_T5_MAX_LENGTH,
+        clip_quick_gelu: bool = False,
+        t5_name: str | None = None,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+    ) -> Encoders:
         """T5 from a local save_pretrained folder, CLIP from a local open_clip weights file."""
         dt = _dtype(dtype)
         t5, tok = load_t5(t5_path, torch.bfloat16 if dt == torch.float16 else dt)
         clip, ctok = load_clip(clip_model, clip_checkpoint, clip_quick_gelu)
-        spec = {"kind": "pretrained",
-                "t5": {"name": t5_name or Path(t5_path).name, "path": str(Path(t5_path).resolve())},
-                "clip": {"name": clip_model, "checkpoint": str(Path(clip_checkpoint).resolve()),
-                         "quick_gelu": bool(clip_quick_gelu)}}
+        spec = {
+            "kind": "pretrained",
+            "t5": {"name": t5_name or Path(t5_path).name, "path": str(Path(t5_path).resolve())},
+            "clip": {
+                "name": clip_model,
+                "checkpoint": str(Path(clip_checkpoint).resolve()),
+                "quick_gelu": bool(clip_quick_gelu),
+            },
+        }
         return cls(t5, tok, clip, ctok, spec, t5_max_length, device, dtype)
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -236,8 +288,12 @@ class Encoders:
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        info: dict[str, Any] = {"kind": self.spec["kind"], "t5_max_length": self.t5_max_length,
-                                "t5": dict(self.spec["t5"]), "clip": dict(self.spec["clip"])}
+        info: dict[str, Any] = {
+            "kind": self.spec["kind"],
+            "t5_max_length": self.t5_max_length,
+            "t5": dict(self.spec["t5"]),
+            "clip": dict(self.spec["clip"]),
+        }
         if self.spec["kind"] == "tiny":
             info["seed"] = self.spec["seed"]
             with _quiet_transformers():
@@ -252,8 +308,12 @@ class Encoders:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str | torch.device | None = None,
-             dtype: str | torch.dtype | None = None) -> Encoders:
+    def load(
+        cls,
+        path: str | os.PathLike,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+    ) -> Encoders:
         """Encoders written by `save`; tiny ones load from their folder, never re-seeded. A URL
         (saved next to remote shards) is fetched once into the local cache first."""
 
@@ -261,21 +321,32 @@ class Encoders:
             path = local_copy(os.fspath(path), SAVED_JSON)
         path = Path(path)
         if not (path / SAVED_JSON).is_file():
-            raise EdiffError(f"no saved encoders at {path} ({SAVED_JSON} missing); build the data "
-                             "first, or train with encoders.path=<folder> (sample.py and "
-                             "evaluate.py read it from the node's config.yaml)")
+            raise EdiffError(
+                f"no saved encoders at {path} ({SAVED_JSON} missing); build the data "
+                "first, or train with encoders.path=<folder> (sample.py and "
+                "evaluate.py read it from the node's config.yaml)"
+            )
         info = json.loads((path / SAVED_JSON).read_text())
         t5i, clipi = info["t5"], info["clip"]
         if info["kind"] != "tiny":
-            return cls.pretrained(t5i["path"], clipi["name"], clipi["checkpoint"],
-                                  info["t5_max_length"], clipi.get("quick_gelu", False),
-                                  t5i["name"], device, dtype)
+            return cls.pretrained(
+                t5i["path"],
+                clipi["name"],
+                clipi["checkpoint"],
+                info["t5_max_length"],
+                clipi.get("quick_gelu", False),
+                t5i["name"],
+                device,
+                dtype,
+            )
         t5, tok = load_t5(path / t5i["path"], quiet=True)
-        clip, ctok = load_clip(clipi["name"], path / clipi["checkpoint"],
-                               config=clipi["config"])
-        spec = {"kind": "tiny", "seed": info["seed"],
-                "t5": {"name": t5i["name"]}, "clip": {"name": clipi["name"],
-                                                      "config": clipi["config"]}}
+        clip, ctok = load_clip(clipi["name"], path / clipi["checkpoint"], config=clipi["config"])
+        spec = {
+            "kind": "tiny",
+            "seed": info["seed"],
+            "t5": {"name": t5i["name"]},
+            "clip": {"name": clipi["name"], "config": clipi["config"]},
+        }
         return cls(t5, tok, clip, ctok, spec, info["t5_max_length"], device, dtype)
 
     # -- description
@@ -289,8 +360,12 @@ class Encoders:
             pool = proj.out_features
         else:
             pool = int(proj.shape[-1])
-        return {"t5": int(self.t5.config.d_model), "clip_txt": width, "clip_pool": int(pool),
-                "clip_img": int(self.clip.visual.output_dim)}
+        return {
+            "t5": int(self.t5.config.d_model),
+            "clip_txt": width,
+            "clip_pool": int(pool),
+            "clip_img": int(self.clip.visual.output_dim),
+        }
 
     @property
     def context_length(self) -> int:
@@ -311,14 +386,25 @@ class Encoders:
         """The manifest's "encoders" section: what a shard set's embeddings were made with."""
         d = self.dims
         return {
-            "t5": {"name": self.spec["t5"]["name"], "version": RECIPE_VERSION, "dim": d["t5"],
-                   "max_length": self.t5_max_length, "dtype": "float16",
-                   "fingerprint": self.fingerprint("t5")},
-            "clip": {"name": self.spec["clip"]["name"], "version": RECIPE_VERSION,
-                     "text_dim": d["clip_txt"], "pool_dim": d["clip_pool"],
-                     "image_dim": d["clip_img"], "context_length": self.context_length,
-                     "quick_gelu": bool(self.spec["clip"].get("quick_gelu", False)),
-                     "dtype": "float16", "fingerprint": self.fingerprint("clip")},
+            "t5": {
+                "name": self.spec["t5"]["name"],
+                "version": RECIPE_VERSION,
+                "dim": d["t5"],
+                "max_length": self.t5_max_length,
+                "dtype": "float16",
+                "fingerprint": self.fingerprint("t5"),
+            },
+            "clip": {
+                "name": self.spec["clip"]["name"],
+                "version": RECIPE_VERSION,
+                "text_dim": d["clip_txt"],
+                "pool_dim": d["clip_pool"],
+                "image_dim": d["clip_img"],
+                "context_length": self.context_length,
+                "quick_gelu": bool(self.spec["clip"].get("quick_gelu", False)),
+                "dtype": "float16",
+                "fingerprint": self.fingerprint("clip"),
+            },
         }
 
     # -- encoding
@@ -333,7 +419,7 @@ class Encoders:
         txt = [torch.zeros(0, self.context_length, self.dims["clip_txt"])]
         pool = [torch.zeros(0, self.dims["clip_pool"])]
         for i in range(0, len(captions), batch_size):
-            chunk = captions[i:i + batch_size]
+            chunk = captions[i : i + batch_size]
             t5 += self._t5_tokens(chunk)
             tokens, pooled = self._clip_text(chunk)
             txt.append(tokens)
@@ -341,11 +427,17 @@ class Encoders:
         return {"t5": t5, "clip_txt": torch.cat(txt), "clip_pool": torch.cat(pool)}
 
     def _t5_tokens(self, chunk: list[str]) -> list[Tensor]:
-        batch = self.t5_tokenizer(chunk, max_length=self.t5_max_length, truncation=True,
-                                  padding="longest", return_tensors="pt")
+        batch = self.t5_tokenizer(
+            chunk,
+            max_length=self.t5_max_length,
+            truncation=True,
+            padding="longest",
+            return_tensors="pt",
+        )
         mask = batch["attention_mask"].to(self.device)
-        hidden = self.t5(input_ids=batch["input_ids"].to(self.device),
-                         attention_mask=mask).last_hidden_state
+        hidden = self.t5(
+            input_ids=batch["input_ids"].to(self.device), attention_mask=mask
+        ).last_hidden_state
         hidden, mask = hidden.float().cpu(), mask.bool().cpu()
         return [h[m].clone() for h, m in zip(hidden, mask)]
 
@@ -372,18 +464,26 @@ class Encoders:
             raise EdiffError(f"encode_image wants [B,3,H,W] images, got {tuple(images.shape)}")
         out = [torch.zeros(0, self.dims["clip_img"])]
         for i in range(0, images.shape[0], batch_size):
-            x = clip_pixels(self.clip, images[i:i + batch_size].to(self.device, torch.float32))
+            x = clip_pixels(self.clip, images[i : i + batch_size].to(self.device, torch.float32))
             out.append(self.clip.encode_image(x.to(self.dtype)).float().cpu())
         return torch.cat(out)
 
 
-def build_encoders(kind: str = "tiny", *, path: str | os.PathLike | None = None,
-                   t5_path: str | os.PathLike | None = None, clip_model: str | None = None,
-                   clip_checkpoint: str | os.PathLike | None = None,
-                   t5_max_length: int | None = None, clip_quick_gelu: bool = False,
-                   t5_name: str | None = None, seed: int = 0,
-                   device: str | None = None, dtype: str | None = None,
-                   dims: dict[str, int] | None = None) -> Encoders:
+def build_encoders(
+    kind: str = "tiny",
+    *,
+    path: str | os.PathLike | None = None,
+    t5_path: str | os.PathLike | None = None,
+    clip_model: str | None = None,
+    clip_checkpoint: str | os.PathLike | None = None,
+    t5_max_length: int | None = None,
+    clip_quick_gelu: bool = False,
+    t5_name: str | None = None,
+    seed: int = 0,
+    device: str | None = None,
+    dtype: str | None = None,
+    dims: dict[str, int] | None = None,
+) -> Encoders:
     """Factory for configs (conf/encoders/*.yaml, Hydra `_target_`-compatible).
 
     kind="tiny": saved encoders from `path`, or fresh seeded ones when path is null.
@@ -393,18 +493,33 @@ def build_encoders(kind: str = "tiny", *, path: str | os.PathLike | None = None,
         if path is not None:
             enc = Encoders.load(path, device, dtype)
             if t5_max_length is not None and int(t5_max_length) != enc.t5_max_length:
-                raise EdiffError(f"encoders at {path} use t5_max_length {enc.t5_max_length}, "
-                                 f"not {t5_max_length}")
+                raise EdiffError(
+                    f"encoders at {path} use t5_max_length {enc.t5_max_length}, not {t5_max_length}"
+                )
         else:
             enc = Encoders.tiny(seed, t5_max_length or DEFAULT_T5_MAX_LENGTH, device, dtype)
     elif kind == "pretrained":
-        missing = [k for k, v in (("t5_path", t5_path), ("clip_model", clip_model),
-                                  ("clip_checkpoint", clip_checkpoint)) if not v]
+        missing = [
+            k
+            for k, v in (
+                ("t5_path", t5_path),
+                ("clip_model", clip_model),
+                ("clip_checkpoint", clip_checkpoint),
+            )
+            if not v
+        ]
         if missing:
             raise EdiffError(f"pretrained encoders need local paths: set encoders.{missing[0]}")
-        enc = Encoders.pretrained(t5_path, clip_model, clip_checkpoint,
-                                  t5_max_length or DEFAULT_T5_MAX_LENGTH, clip_quick_gelu,
-                                  t5_name, device, dtype)
+        enc = Encoders.pretrained(
+            t5_path,
+            clip_model,
+            clip_checkpoint,
+            t5_max_length or DEFAULT_T5_MAX_LENGTH,
+            clip_quick_gelu,
+            t5_name,
+            device,
+            dtype,
+        )
     else:
         raise EdiffError(f"encoders.kind must be 'tiny' or 'pretrained', got {kind!r}")
     if dims is not None:

@@ -63,19 +63,24 @@ def regions_from_colour_map(path: str | Path, legend: dict[str, str]) -> list[Re
         c = colour.lstrip("#")
         if len(c) != 6:
             raise EdiffError(f"legend colour {colour!r} is not #rrggbb")
-        value = [int(c[i:i + 2], 16) for i in (0, 2, 4)]
+        value = [int(c[i : i + 2], 16) for i in (0, 2, 4)]
         mask = (rgb == np.array(value)).all(-1)
         if not mask.any():
             raise EdiffError(f"legend colour {colour} does not occur in {p}")
         phrase, _, strength = str(spec).partition(",")
-        out.append(Region(phrase.strip(), torch.from_numpy(mask.astype(np.float32)),
-                          float(strength) if strength.strip() else 1.0))
+        out.append(
+            Region(
+                phrase.strip(),
+                torch.from_numpy(mask.astype(np.float32)),
+                float(strength) if strength.strip() else 1.0,
+            )
+        )
     return out
 
 
 def _find(seq: list[int], sub: list[int]) -> int:
     for i in range(len(seq) - len(sub) + 1):
-        if seq[i:i + len(sub)] == sub:
+        if seq[i : i + len(sub)] == sub:
             return i
     return -1
 
@@ -103,14 +108,21 @@ class Painter:
     weights [B, heads, HW, N] with its paint matrix A [B, HW, N], also at w′ = 0, so the
     attention a phrase gets inside its mask can be measured with and without painting."""
 
-    def __init__(self, encoders: Any, prompts: Sequence[str], regions: Sequence[Region],
-                 w_prime: float, record: Recorder | None = None) -> None:
+    def __init__(
+        self,
+        encoders: Any,
+        prompts: Sequence[str],
+        regions: Sequence[Region],
+        w_prime: float,
+        record: Recorder | None = None,
+    ) -> None:
         if not regions:
             raise EdiffError("paint-with-words needs at least one phrase and mask")
         self.w_prime, self.rows, self.record = float(w_prime), len(prompts), record
         self.regions = list(regions)
-        self.positions = [[token_positions(encoders, p, r.phrase) for r in regions]
-                          for p in prompts]
+        self.positions = [
+            [token_positions(encoders, p, r.phrase) for r in regions] for p in prompts
+        ]
 
     def matrix(self, h: int, w: int, t5_len: int, batch: int) -> Tensor:
         """A [batch, h·w, N]: each region's resized mask on its phrase's T5 and CLIP tokens."""
@@ -119,12 +131,16 @@ class Painter:
         a = torch.zeros(batch, h * w, n)
         for row, per_region in enumerate(self.positions):
             for region, (t5_pos, clip_pos) in zip(self.regions, per_region):
-                m = F.interpolate(region.mask[None, None].float(), size=(h, w),
-                                  mode="bilinear", align_corners=False).reshape(-1)
-                cols = [p for p in t5_pos if p < t5_len] + [sl["clip_txt"].start + p
-                                                           for p in clip_pos]
-                a[row, :, cols] = torch.maximum(a[row, :, cols],
-                                                region.strength * m[:, None])
+                m = F.interpolate(
+                    region.mask[None, None].float(),
+                    size=(h, w),
+                    mode="bilinear",
+                    align_corners=False,
+                ).reshape(-1)
+                cols = [p for p in t5_pos if p < t5_len] + [
+                    sl["clip_txt"].start + p for p in clip_pos
+                ]
+                a[row, :, cols] = torch.maximum(a[row, :, cols], region.strength * m[:, None])
         return a
 
     def bias_fn(self, sigma: float, cond: Conditioning) -> Callable[[int, int], AttentionHook]:
@@ -135,16 +151,19 @@ class Painter:
         def hook(h: int, w: int) -> AttentionHook:
             if (h, w) not in cache:
                 a = self.matrix(h, w, t5_len, cond.batch_size).to(cond.t5.device)
-                seen = (None if self.record is None
-                        else lambda probs, a=a: self.record(sigma, probs, a))
-                cache[(h, w)] = AttentionHook(paint=a if self.w_prime else None,
-                                              weight=weight.to(cond.t5.device), record=seen)
+                seen = (
+                    None if self.record is None else lambda probs, a=a: self.record(sigma, probs, a)
+                )
+                cache[(h, w)] = AttentionHook(
+                    paint=a if self.w_prime else None, weight=weight.to(cond.t5.device), record=seen
+                )
             return cache[(h, w)]
 
         return hook
 
-    def wrap(self, model: Callable[..., Tensor]) -> Callable[[Tensor, Tensor, Conditioning],
-                                                             Tensor]:
+    def wrap(
+        self, model: Callable[..., Tensor]
+    ) -> Callable[[Tensor, Tensor, Conditioning], Tensor]:
         """`model` with every call painted (a plain model when w′ = 0 and nothing records)."""
         if self.w_prime == 0.0 and self.record is None:
             return model

@@ -26,8 +26,14 @@ from ediff_train.nn.embed import ConditionEmbedder, NoiseEmbedding
 BiasFn = Callable[[int, int], "Tensor | AttentionHook | None"]
 
 
-def run_layer(layer: nn.Module, h: Tensor, emb: Tensor, ctx: tuple[Tensor, Tensor],
-              bias_fn: BiasFn | None, checkpointing: bool = False) -> Tensor:
+def run_layer(
+    layer: nn.Module,
+    h: Tensor,
+    emb: Tensor,
+    ctx: tuple[Tensor, Tensor],
+    bias_fn: BiasFn | None,
+    checkpointing: bool = False,
+) -> Tensor:
     """Run one U-Net layer with the inputs its kind takes; the heavy ones through activation
     checkpointing when enabled and training (recomputed in backward instead of stored)."""
     if isinstance(layer, ResBlock):
@@ -61,8 +67,9 @@ class TextBackbone(nn.Module):
             )
         self.cond.check(cond)
 
-    def embed(self, c_noise: Tensor, cond: Conditioning, batch: int,
-              extra: Tensor | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    def embed(
+        self, c_noise: Tensor, cond: Conditioning, batch: int, extra: Tensor | None = None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """(SiLU(σ embedding + pooled-condition vector [+ extra]), (context tokens, key mask))."""
         emb = self.noise_emb(c_noise.reshape(-1).expand(batch)) + self.cond.vector(cond)
         if extra is not None:
@@ -107,12 +114,15 @@ class TextUNet(TextBackbone):
         emb_dim = 4 * model_channels
 
         self.noise_emb = NoiseEmbedding(model_channels, emb_dim)
-        self.cond = ConditionEmbedder(t5_dim, clip_txt_dim, clip_pool_dim, clip_img_dim,
-                                      context_dim, emb_dim)
+        self.cond = ConditionEmbedder(
+            t5_dim, clip_txt_dim, clip_pool_dim, clip_img_dim, context_dim, emb_dim
+        )
 
         def attn(ch: int) -> list[nn.Module]:
-            return [SelfAttention(ch, head_channels),
-                    CrossAttention(ch, context_dim, head_channels)]
+            return [
+                SelfAttention(ch, head_channels),
+                CrossAttention(ch, context_dim, head_channels),
+            ]
 
         self.conv_in = nn.Conv2d(in_channels, model_channels, 3, padding=1)
         self.down = nn.ModuleList()
@@ -154,11 +164,7 @@ class TextUNet(TextBackbone):
 
     # ---- forward ---------------------------------------------------------------------------
     def forward(
-        self,
-        x: Tensor,
-        c_noise: Tensor,
-        cond: Conditioning,
-        cross_attn_bias: BiasFn | None = None,
+        self, x: Tensor, c_noise: Tensor, cond: Conditioning, cross_attn_bias: BiasFn | None = None
     ) -> Tensor:
         """x [B,C,H,W], c_noise [B] → F [B,out_channels,H,W].
 

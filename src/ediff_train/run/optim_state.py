@@ -103,7 +103,8 @@ def _gather_zero12(model: nn.Module, opt: Any) -> tuple[dict[str, Tensor], int] 
                 lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
                 buf = _flat_state(opt, mapping.param_group_index)[key]
                 full[lp.start : lp.start + lp.numel] = buf[hp.start : hp.start + hp.numel].to(
-                    full.device, torch.float32)
+                    full.device, torch.float32
+                )
             dist.all_reduce(full)  # fragments are disjoint: the sum is the tensor
             out[f"{key}/{name}"] = full.reshape(p.shape).cpu()
     return out, step
@@ -119,16 +120,20 @@ def _gather_zero3(model: nn.Module, opt: Any) -> tuple[dict[str, Tensor], int] |
     if flag.item() < 0.5:
         return None
     step = _step_value(next(iter(state.values()))["step"])
-    out = {f"{key}/{name}": safe_get_full_optimizer_state(p, key).float().cpu().clone()
-           for name, p in model.named_parameters() for key in MOMENTS}
+    out = {
+        f"{key}/{name}": safe_get_full_optimizer_state(p, key).float().cpu().clone()
+        for name, p in model.named_parameters()
+        for key in MOMENTS
+    }
     return out, step
 
 
 def save_state(path: Path, state: tuple[dict[str, Tensor], int], world_size: int) -> Path:
     """Write the gathered state (rank 0): tensors by `moment/name`, step and provenance."""
     tensors, step = state
-    return save_safetensors(path, tensors, {"step": str(step), "world_size": str(world_size),
-                                            "format": "ediff-adamw-1"})
+    return save_safetensors(
+        path, tensors, {"step": str(step), "world_size": str(world_size), "format": "ediff-adamw-1"}
+    )
 
 
 # ---- loading -------------------------------------------------------------------------------
@@ -140,25 +145,37 @@ def read_state(path: Path) -> tuple[dict[str, Tensor], int]:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     except Exception as e:  # corrupt, truncated, not safetensors
-        raise EdiffError(f"{path}: cannot read the parent's optimiser state ({e}); train the "
-                         "child with handoff.optimizer=reset to start a fresh AdamW") from None
+        raise EdiffError(
+            f"{path}: cannot read the parent's optimiser state ({e}); train the "
+            "child with handoff.optimizer=reset to start a fresh AdamW"
+        ) from None
     return tensors, int(meta.get("step", 0))
 
 
 def check_fits(model: nn.Module, tensors: dict[str, Tensor], path: Path) -> None:
     """Every parameter has both moments of its own shape, and nothing else is stored (under
     ZeRO-3 a parameter's own tensor is an empty partition: its whole shape is `ds_shape`)."""
-    want = {f"{k}/{n}": tuple(getattr(p, "ds_shape", p.shape))
-            for n, p in model.named_parameters() for k in MOMENTS}
+    want = {
+        f"{k}/{n}": tuple(getattr(p, "ds_shape", p.shape))
+        for n, p in model.named_parameters()
+        for k in MOMENTS
+    }
     have = {k: tuple(v.shape) for k, v in tensors.items()}
     missing = sorted(set(want) - set(have))
     extra = sorted(set(have) - set(want))
     wrong = sorted(k for k in set(want) & set(have) if want[k] != have[k])
     if missing or extra or wrong:
-        what = (f"{wrong[0]} is {list(have[wrong[0]])}, the model's is {list(want[wrong[0]])}"
-                if wrong else f"missing {missing[0]}" if missing else f"unexpected {extra[0]}")
-        raise EdiffError(f"{path}: the parent's optimiser state does not fit this model ({what}):"
-                         " another model shape; train with handoff.optimizer=reset")
+        what = (
+            f"{wrong[0]} is {list(have[wrong[0]])}, the model's is {list(want[wrong[0]])}"
+            if wrong
+            else f"missing {missing[0]}"
+            if missing
+            else f"unexpected {extra[0]}"
+        )
+        raise EdiffError(
+            f"{path}: the parent's optimiser state does not fit this model ({what}):"
+            " another model shape; train with handoff.optimizer=reset"
+        )
 
 
 @torch.no_grad()
@@ -212,8 +229,11 @@ def _load_zero3(model: nn.Module, opt: Any, tensors: dict[str, Tensor], step: in
         for key in MOMENTS:
             safe_set_full_optimizer_state(p, tensors[f"{key}/{name}"], key)
     for s in state.values():
-        s["step"] = torch.tensor(float(step), dtype=torch.float32) if isinstance(
-            s.get("step"), Tensor) else step
+        s["step"] = (
+            torch.tensor(float(step), dtype=torch.float32)
+            if isinstance(s.get("step"), Tensor)
+            else step
+        )
     return True
 
 
@@ -221,14 +241,20 @@ def hand_on(module: Any, path: Path) -> str:
     """Start this rank's optimiser from the parent's stored state; returns what was done
     ("kept", or why it was reset) for node.json. Call on every rank, after the strategy set up."""
     if not path.is_file():
-        print(f"warning: {path} does not exist (the parent was trained before the optimiser "
-              "hand-off, or saved none): the child starts a fresh AdamW", file=sys.stderr)
+        print(
+            f"warning: {path} does not exist (the parent was trained before the optimiser "
+            "hand-off, or saved none): the child starts a fresh AdamW",
+            file=sys.stderr,
+        )
         return "reset (parent saved no optimiser state)"
     tensors, step = read_state(path)
     check_fits(module.denoiser, tensors, path)
     optimizer = module.trainer.optimizers[0]
     if not load_state(module.denoiser, optimizer, tensors, step):
-        print("warning: under DeepSpeed ZeRO-3 the optimiser state cannot be set before its first "
-              "step: the child starts a fresh AdamW (handoff.optimizer=reset)", file=sys.stderr)
+        print(
+            "warning: under DeepSpeed ZeRO-3 the optimiser state cannot be set before its first "
+            "step: the child starts a fresh AdamW (handoff.optimizer=reset)",
+            file=sys.stderr,
+        )
         return "reset (ZeRO-3 fallback)"
     return "kept"

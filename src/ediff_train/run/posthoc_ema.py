@@ -83,8 +83,9 @@ def profile_dot(ta: Any, ga: Any, tb: Any, gb: Any) -> np.ndarray:
     return (ga + 1) * (gb + 1) / (ga + gb + 1) * (m / ta) ** (ga + 1) * (m / tb) ** (gb + 1) / m
 
 
-def solve_coefficients(times: Sequence[float], gammas: Sequence[float], target_time: float,
-                       target_gamma: float) -> tuple[np.ndarray, float]:
+def solve_coefficients(
+    times: Sequence[float], gammas: Sequence[float], target_time: float, target_gamma: float
+) -> tuple[np.ndarray, float]:
     """Least-squares x with Σ x_i p_i ≈ p_target (float64) under Σ x_i = 1, and the fit's
     relative L2 error ‖Σ x_i p_i − p_target‖ / ‖p_target‖.
 
@@ -139,8 +140,15 @@ def node_snapshots(ndir: Path) -> list[Snapshot]:
     for p in sorted((Path(ndir) / POSTHOC).glob("*.safetensors")):
         if SNAPSHOT_NAME.match(p.name):
             m = read_metadata(p)
-            found.append(Snapshot(p, float(m["sigma_rel"]), float(m["gamma"]), int(m["step"]),
-                                  str(m.get("origin", "fresh"))))
+            found.append(
+                Snapshot(
+                    p,
+                    float(m["sigma_rel"]),
+                    float(m["gamma"]),
+                    int(m["step"]),
+                    str(m.get("origin", "fresh")),
+                )
+            )
     return sorted(found, key=lambda s: (s.step, s.sigma_rel))
 
 
@@ -150,9 +158,11 @@ def _parent_dir(ndir: Path, info: dict[str, Any]) -> Path:
     for cand in (ndir.parent / info["parent"], node_dir(info.get("run_dir", ""), info["parent"])):
         if (cand / POSTHOC).is_dir():
             return cand
-    raise EdiffError(f"{ndir.name}'s post-hoc EMA continues its parent {info['parent']}'s, whose "
-                     f"snapshots are not at {ndir.parent / info['parent'] / POSTHOC}: copy the "
-                     "parent's folder beside it")
+    raise EdiffError(
+        f"{ndir.name}'s post-hoc EMA continues its parent {info['parent']}'s, whose "
+        f"snapshots are not at {ndir.parent / info['parent'] / POSTHOC}: copy the "
+        "parent's folder beside it"
+    )
 
 
 def lineage_snapshots(ndir: Path) -> list[Snapshot]:
@@ -191,36 +201,49 @@ class Plan:
     fit_error: float  # relative L2 error of the profile fit
 
     def record(self) -> dict[str, Any]:
-        return {"sigma_rel": self.sigma_rel, "gamma": sigma_rel_to_gamma(self.sigma_rel),
-                "step": self.step, "snapshots": len(self.snapshots),
-                "profile_fit_error": self.fit_error,
-                "coefficient_abs_sum": float(np.abs(self.coefficients).sum())}
+        return {
+            "sigma_rel": self.sigma_rel,
+            "gamma": sigma_rel_to_gamma(self.sigma_rel),
+            "step": self.step,
+            "snapshots": len(self.snapshots),
+            "profile_fit_error": self.fit_error,
+            "coefficient_abs_sum": float(np.abs(self.coefficients).sum()),
+        }
 
 
-def plan(snapshots: Sequence[Snapshot], sigma_rel: float, step: int | None = None,
-         where: str = "") -> Plan:
+def plan(
+    snapshots: Sequence[Snapshot], sigma_rel: float, step: int | None = None, where: str = ""
+) -> Plan:
     """Coefficients for σ_rel at `step` (default: the last snapshot's), refused outside the
     stored widths or beyond the last snapshot: a fit there extrapolates."""
     where = f" of {where}" if where else ""
     if not snapshots:
-        raise EdiffError(f"no post-hoc EMA snapshots{where}: train it with "
-                         "posthoc_ema.enabled=true")
+        raise EdiffError(
+            f"no post-hoc EMA snapshots{where}: train it with posthoc_ema.enabled=true"
+        )
     last = max(s.step for s in snapshots)
     step = last if step is None else int(step)
     if step > last or step < 1:
-        raise EdiffError(f"step={step} is outside the post-hoc EMA snapshots{where} (steps "
-                         f"{min(s.step for s in snapshots)}–{last}): pick a step in that range")
+        raise EdiffError(
+            f"step={step} is outside the post-hoc EMA snapshots{where} (steps "
+            f"{min(s.step for s in snapshots)}–{last}): pick a step in that range"
+        )
     used = [s for s in snapshots if s.step <= step]
     if not used:
-        raise EdiffError(f"step={step}: no post-hoc EMA snapshot{where} at or before it (the "
-                         f"first is at step {min(s.step for s in snapshots)})")
+        raise EdiffError(
+            f"step={step}: no post-hoc EMA snapshot{where} at or before it (the "
+            f"first is at step {min(s.step for s in snapshots)})"
+        )
     lo, hi = min(s.sigma_rel for s in used), max(s.sigma_rel for s in used)
     if not lo - 1e-12 <= float(sigma_rel) <= hi + 1e-12:
-        raise EdiffError(f"sigma_rel={sigma_rel} lies outside the stored profiles' range "
-                         f"[{lo:g}, {hi:g}]{where}: pick one in it (or train with "
-                         "posthoc_ema.sigma_rels covering it)")
-    x, err = solve_coefficients([s.step for s in used], [s.gamma for s in used], step,
-                                sigma_rel_to_gamma(float(sigma_rel)))
+        raise EdiffError(
+            f"sigma_rel={sigma_rel} lies outside the stored profiles' range "
+            f"[{lo:g}, {hi:g}]{where}: pick one in it (or train with "
+            "posthoc_ema.sigma_rels covering it)"
+        )
+    x, err = solve_coefficients(
+        [s.step for s in used], [s.gamma for s in used], step, sigma_rel_to_gamma(float(sigma_rel))
+    )
     return Plan(float(sigma_rel), step, used, x, err)
 
 
@@ -256,12 +279,14 @@ def combine(plans: Sequence[Plan]) -> list[dict[str, Tensor]]:
 def reconstruct(node_dir: Path, sigma_rel: float, step: int | None = None) -> dict[str, Tensor]:
     """The node's EMA weights for `sigma_rel` at tree step `step` (default: its last snapshot),
     from its snapshots and its lineage's."""
-    return combine([plan(lineage_snapshots(Path(node_dir)), sigma_rel, step,
-                         Path(node_dir).name)])[0]
+    return combine([plan(lineage_snapshots(Path(node_dir)), sigma_rel, step, Path(node_dir).name)])[
+        0
+    ]
 
 
-def write_reconstruction(ndir: Path, sigma_rel: float, step: int | None = None,
-                         out: Path | None = None) -> tuple[Path, Plan]:
+def write_reconstruction(
+    ndir: Path, sigma_rel: float, step: int | None = None, out: Path | None = None
+) -> tuple[Path, Plan]:
     """`<node>/posthoc/ema_<σ_rel>.safetensors` in weights.safetensors' format: the node's raw
     weights as `model.`, the reconstruction as `ema.` (what the sampler loads)."""
     ndir = Path(ndir)
@@ -269,8 +294,10 @@ def write_reconstruction(ndir: Path, sigma_rel: float, step: int | None = None,
     model, _, meta = load_weights(ndir / WEIGHTS)  # checked before the snapshots are read
     ema = combine([p])[0]
     if ema.keys() != model.keys():
-        raise EdiffError(f"{ndir}: the snapshots' tensors are not the node's weights' (retrained "
-                         f"with another model?): delete {ndir / POSTHOC} and retrain")
+        raise EdiffError(
+            f"{ndir}: the snapshots' tensors are not the node's weights' (retrained "
+            f"with another model?): delete {ndir / POSTHOC} and retrain"
+        )
     if out is None:
         at = "" if step is None else f"_at{p.step:09d}"
         out = ndir / POSTHOC / f"ema_{tag(sigma_rel)}{at}.safetensors"
@@ -284,20 +311,26 @@ def main(argv: list[str] | None = None) -> int:
 
     def task() -> int:
         kv = dict(a.partition("=")[::2] for a in args)
-        bad = [a for a in args if "=" not in a] + sorted(set(kv) - {"run_dir", "node",
-                                                                    "sigma_rel", "step", "out"})
+        bad = [a for a in args if "=" not in a] + sorted(
+            set(kv) - {"run_dir", "node", "sigma_rel", "step", "out"}
+        )
         if bad or not {"run_dir", "node", "sigma_rel"} <= kv.keys():
-            raise EdiffError("usage: ediff-posthoc-ema run_dir=D node=E1_0 "
-                             f"sigma_rel=0.08 [step=N] [out=PATH] (got {' '.join(args)!r})")
+            raise EdiffError(
+                "usage: ediff-posthoc-ema run_dir=D node=E1_0 "
+                f"sigma_rel=0.08 [step=N] [out=PATH] (got {' '.join(args)!r})"
+            )
         try:
             sigma_rel, step = float(kv["sigma_rel"]), int(kv["step"]) if kv.get("step") else None
         except ValueError:
             raise EdiffError(f"sigma_rel must be a number and step an integer: {args}") from None
         ndir = node_dir(kv["run_dir"], kv["node"])
-        path, p = write_reconstruction(ndir, sigma_rel, step,
-                                       Path(kv["out"]) if kv.get("out") else None)
-        print(f"wrote {path}: σ_rel {sigma_rel:g} at step {p.step} from {len(p.snapshots)} "
-              f"snapshots (profile fit error {p.fit_error:.2e})")
+        path, p = write_reconstruction(
+            ndir, sigma_rel, step, Path(kv["out"]) if kv.get("out") else None
+        )
+        print(
+            f"wrote {path}: σ_rel {sigma_rel:g} at step {p.step} from {len(p.snapshots)} "
+            f"snapshots (profile fit error {p.fit_error:.2e})"
+        )
         return 0
 
     return run_reporting(task)

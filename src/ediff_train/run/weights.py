@@ -77,7 +77,6 @@ def load_train_config(ndir: str | os.PathLike) -> Any:
 def load_expert(ndir: str | os.PathLike, which: str = "ema") -> tuple[Any, torch.nn.Module]:
     """(Node, EDMPrecond denoiser) of a finished node, rebuilt from its config and weights."""
 
-
     if which not in ("ema", "model"):
         raise EdiffError(f"weights must be 'ema' or 'model', got {which!r}")
     cfg = load_train_config(ndir)

@@ -58,13 +58,16 @@ class Stage:
         stage = cls(experts=[str(e) for e in experts], extra=extra, **spec)
         stage.name = stage.name or f"stage{index}"
         if isinstance(stage.steps, bool) or not isinstance(stage.steps, int) or stage.steps < 1:
-            raise EdiffError(f"cascade {stage.name}: steps must be a whole number ≥ 1, "
-                             f"got {stage.steps!r}")
+            raise EdiffError(
+                f"cascade {stage.name}: steps must be a whole number ≥ 1, got {stage.steps!r}"
+            )
         if stage.sigma_aug is not None:
             check_sigma_aug(stage.sigma_aug)
         if stage.solver not in SOLVERS:
-            raise EdiffError(f"cascade {stage.name}: unknown solver {stage.solver!r} "
-                             f"(choose one of {', '.join(SOLVERS)})")
+            raise EdiffError(
+                f"cascade {stage.name}: unknown solver {stage.solver!r} "
+                f"(choose one of {', '.join(SOLVERS)})"
+            )
         return stage
 
 
@@ -81,8 +84,9 @@ class LoadedStage:
         return self.lowres_size is not None
 
 
-def load_stages(stages: Sequence[Stage], device: str = "cpu",
-                offload: bool = False) -> list[LoadedStage]:
+def load_stages(
+    stages: Sequence[Stage], device: str = "cpu", offload: bool = False
+) -> list[LoadedStage]:
     """Load every stage's ensemble and check the chain before any sampling: the first stage is
     a base model, every later one is SR, and each SR stage's low-res size is the size of the
     stage below (its output size a multiple of it, for SR1024-style stages run beyond their
@@ -99,19 +103,27 @@ def load_stages(stages: Sequence[Stage], device: str = "cpu",
             factor = train_size // int(low)
             low = size // factor
             if size % factor:
-                raise EdiffError(f"cascade {st.name}: size {size} is not a multiple of its "
-                                 f"up-sampling factor {factor}")
+                raise EdiffError(
+                    f"cascade {st.name}: size {size} is not a multiple of its "
+                    f"up-sampling factor {factor}"
+                )
         if k == 0 and low is not None:
-            raise EdiffError(f"cascade {st.name}: the first stage must be a base model, "
-                             f"{st.run_dir} is super-resolution ({low} -> {size} px)")
+            raise EdiffError(
+                f"cascade {st.name}: the first stage must be a base model, "
+                f"{st.run_dir} is super-resolution ({low} -> {size} px)"
+            )
         if k > 0:
             below = loaded[-1].image_size
             if low is None:
-                raise EdiffError(f"cascade {st.name}: {st.run_dir} is a base model; every "
-                                 "stage after the first must be super-resolution")
+                raise EdiffError(
+                    f"cascade {st.name}: {st.run_dir} is a base model; every "
+                    "stage after the first must be super-resolution"
+                )
             if low != below:
-                raise EdiffError(f"cascade {st.name}: takes {low} px low-res images but "
-                                 f"{loaded[-1].stage.name} makes {below} px")
+                raise EdiffError(
+                    f"cascade {st.name}: takes {low} px low-res images but "
+                    f"{loaded[-1].stage.name} makes {below} px"
+                )
         ens = load_ensemble(st.run_dir, st.experts, st.weights)
         ens = ens.offload(device) if offload else ens.to(device)
         loaded.append(LoadedStage(st, ens, cfg, size, low))
@@ -119,8 +131,9 @@ def load_stages(stages: Sequence[Stage], device: str = "cpu",
 
 
 @torch.no_grad()
-def run_cascade(stages: Sequence[LoadedStage], prompts: Sequence[str], seed: int = 0,
-                device: str = "cpu") -> list[Tensor]:
+def run_cascade(
+    stages: Sequence[LoadedStage], prompts: Sequence[str], seed: int = 0, device: str = "cpu"
+) -> list[Tensor]:
     """Images in [0, 1] of every stage, one per prompt (repeat a prompt for several)."""
 
     cond = embed_prompts(load_encoders(stages[0].train_cfg), list(prompts)).to(device)
@@ -131,10 +144,20 @@ def run_cascade(stages: Sequence[LoadedStage], prompts: Sequence[str], seed: int
             cond = embed_prompts(load_encoders(ls.train_cfg), list(prompts)).to(device)
         low = outputs[-1] if outputs else None
         kw = {"lowres": low, "sigma_aug": float(st.sigma_aug or 0.0)} if ls.is_sr else {}
-        images = generate(ls.ensemble, cond, image_size=ls.image_size, steps=st.steps,
-                          guidance=st.guidance, seed=seed + 1000 * k, sigma_min=st.sigma_min,
-                          sigma_max=st.sigma_max, rho=st.rho, solver=st.solver,
-                          order=st.order, **kw)
+        images = generate(
+            ls.ensemble,
+            cond,
+            image_size=ls.image_size,
+            steps=st.steps,
+            guidance=st.guidance,
+            seed=seed + 1000 * k,
+            sigma_min=st.sigma_min,
+            sigma_max=st.sigma_max,
+            rho=st.rho,
+            solver=st.solver,
+            order=st.order,
+            **kw,
+        )
         if ls.ensemble.offloader is not None:  # the next stage's experts take the device
             ls.ensemble.offloader.release()
         outputs.append(images)
@@ -149,13 +172,14 @@ def upsample(images: Tensor, size: int, mode: str = "bicubic") -> Tensor:
     return F.interpolate(images.float(), size=(size, size), mode=mode, **kw).clamp(0, 1)
 
 
-def side_by_side(stage_images: Sequence[Tensor], prompts: Sequence[str],
-                 names: Sequence[str]) -> Any:
+def side_by_side(
+    stage_images: Sequence[Tensor], prompts: Sequence[str], names: Sequence[str]
+) -> Any:
     """For each prompt, one row per stage with that prompt's images, every stage shown at the
     final size (nearest-neighbour, so what each stage added is visible). A PIL image."""
     size = stage_images[-1].shape[-1]
     groups: list[tuple[str, list[int]]] = []
-    for i, p in enumerate(prompts[:stage_images[0].shape[0]]):
+    for i, p in enumerate(prompts[: stage_images[0].shape[0]]):
         if groups and groups[-1][0] == p:
             groups[-1][1].append(i)
         else:
@@ -168,8 +192,7 @@ def side_by_side(stage_images: Sequence[Tensor], prompts: Sequence[str],
             pad = torch.zeros(per_row - len(rows), *row.shape[1:])
             tiles.append(torch.cat([row.cpu(), pad]))
             labels.append(f"{prompt} | {name}")
-    return labelled_grid(torch.cat(tiles), labels, per_row=per_row,
-                         upscale=max(1, 64 // size))
+    return labelled_grid(torch.cat(tiles), labels, per_row=per_row, upscale=max(1, 64 // size))
 
 
 def comparison_rows(rows: Mapping[str, Tensor], upscale: int | None = None) -> Any:
@@ -196,16 +219,21 @@ def read_cascade(name_or_path: str, conf_dir: str | Path) -> tuple[list[Stage], 
     return stages, str(spec.get("description", path.stem))
 
 
-def write_cascade(stages: Sequence[LoadedStage], outputs: Sequence[Tensor],
-                  prompts: Sequence[str], out_dir: str | Path) -> Path:
+def write_cascade(
+    stages: Sequence[LoadedStage],
+    outputs: Sequence[Tensor],
+    prompts: Sequence[str],
+    out_dir: str | Path,
+) -> Path:
     """Every stage's images in out_dir/<stage name>/ and the side-by-side cascade.png."""
 
     out = Path(out_dir)
     for ls, images in zip(stages, outputs):
         save_images(images, out / ls.stage.name)
     path = out / "cascade.png"
-    side_by_side(outputs, prompts, [f"{ls.stage.name} {ls.image_size}px" for ls in stages]
-                 ).save(path)
+    side_by_side(outputs, prompts, [f"{ls.stage.name} {ls.image_size}px" for ls in stages]).save(
+        path
+    )
     return path
 
 

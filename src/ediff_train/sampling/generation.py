@@ -79,8 +79,9 @@ def generate(
         model = paint.wrap(model)
     if style is not None:
         if isinstance(guidance, Guidance) and (guidance.per_expert or guidance.interval):
-            raise EdiffError("a style image takes one guidance scale (no per-expert scales or "
-                             "interval)")
+            raise EdiffError(
+                "a style image takes one guidance scale (no per-expert scales or interval)"
+            )
         styled = replace(cond, clip_img=style.to(cond.clip_img)[None].expand_as(cond.clip_img))
         scale = guidance.scale if isinstance(guidance, Guidance) else float(guidance)
         denoise = style_guided(model, styled, cond.null(), scale, float(style_guidance))

@@ -11,8 +11,9 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 
-def save_images(images: Tensor, out_dir: str | Path, prefix: str = "sample",
-                grid: Any = None) -> Path:
+def save_images(
+    images: Tensor, out_dir: str | Path, prefix: str = "sample", grid: Any = None
+) -> Path:
     """Write each image as PNG plus grid.png (`grid`, a PIL image, or a square-ish grid of the
     images); images in [0, 1], [N,3,H,W]."""
 
@@ -26,8 +27,9 @@ def save_images(images: Tensor, out_dir: str | Path, prefix: str = "sample",
     return grid_path
 
 
-def make_grid(images: Tensor, pad: int = 1, upscale: int | None = None,
-              cols: int | None = None) -> object:
+def make_grid(
+    images: Tensor, pad: int = 1, upscale: int | None = None, cols: int | None = None
+) -> object:
     """A uint8 HxWx3 numpy grid of [N,3,H,W] images in [0, 1], upscaled so small images show."""
     n, _, h, w = images.shape
     cols = cols or int(n**0.5 + 0.999)
@@ -42,8 +44,9 @@ def make_grid(images: Tensor, pad: int = 1, upscale: int | None = None,
     return (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
 
 
-def labelled_grid(images: Tensor, labels: Sequence[str], per_row: int,
-                  upscale: int | None = None) -> object:
+def labelled_grid(
+    images: Tensor, labels: Sequence[str], per_row: int, upscale: int | None = None
+) -> object:
     """A grid with one row per label (`per_row` images each) and the label written on its left,
     so a reader sees at once whether each row follows its prompt. Returns a PIL image."""
 

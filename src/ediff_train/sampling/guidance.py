@@ -37,18 +37,26 @@ class Guidance:
     def check(self, names: Sequence[str]) -> None:
         unknown = sorted(set(self.per_expert) - set(names))
         if unknown:
-            raise EdiffError(f"guidance per expert names {', '.join(unknown)}, not in the "
-                             f"ensemble ({', '.join(names)})")
+            raise EdiffError(
+                f"guidance per expert names {', '.join(unknown)}, not in the "
+                f"ensemble ({', '.join(names)})"
+            )
         if self.interval is not None and not 0 <= self.interval[0] < self.interval[1]:
-            raise EdiffError(f"guidance interval must be (lo, hi] with 0 ≤ lo < hi, got "
-                             f"{tuple(self.interval)}")
+            raise EdiffError(
+                f"guidance interval must be (lo, hi] with 0 ≤ lo < hi, got {tuple(self.interval)}"
+            )
 
 
 TEXT_MODES = ("both", "t5", "clip")
 
 
-def style_guided(model: Callable[[Tensor, Tensor, Conditioning], Tensor], styled: Conditioning,
-                 uncond: Conditioning, scale: float, style_scale: float) -> Denoiser:
+def style_guided(
+    model: Callable[[Tensor, Tensor, Conditioning], Tensor],
+    styled: Conditioning,
+    uncond: Conditioning,
+    scale: float,
+    style_scale: float,
+) -> Denoiser:
     """Guidance with a style image (its CLIP image embedding in `styled.clip_img`) weighted on
     its own: D = D_u + s·(D_text − D_u) + s_style·(D_text+style − D_text), the three branches in
     one batched call. s_style = 0 ignores the image; 1 conditions on it without extrapolating."""
@@ -85,8 +93,11 @@ def text_only(cond: Conditioning, mode: str) -> Conditioning:
     if mode not in TEXT_MODES:
         raise EdiffError(f"text must be one of {', '.join(TEXT_MODES)}, got {mode!r}")
     if mode == "t5":
-        return replace(cond, clip_txt=torch.zeros_like(cond.clip_txt),
-                       clip_pool=torch.zeros_like(cond.clip_pool))
+        return replace(
+            cond,
+            clip_txt=torch.zeros_like(cond.clip_txt),
+            clip_pool=torch.zeros_like(cond.clip_pool),
+        )
     if mode == "clip":
         return replace(cond, t5=torch.zeros_like(cond.t5))
     return cond

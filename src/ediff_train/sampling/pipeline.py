@@ -29,29 +29,57 @@ from ediff_train.sampling.guidance import Guidance, style_embedding
 class Sampler:
     """A base-stage ensemble with its encoders and image size, called like a function."""
 
-    def __init__(self, ensemble: Ensemble, encoders: Any, image_size: int,
-                 device: str | torch.device = "cpu", offload: bool = False) -> None:
+    def __init__(
+        self,
+        ensemble: Ensemble,
+        encoders: Any,
+        image_size: int,
+        device: str | torch.device = "cpu",
+        offload: bool = False,
+    ) -> None:
         self.ensemble = ensemble.offload(device) if offload else ensemble.to(device)
         self.encoders, self.image_size, self.device = encoders, int(image_size), device
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, experts: Sequence[str], weights: str = "ema",
-                 device: str | torch.device = "cpu", offload: bool = False) -> Sampler:
+    def from_run(
+        cls,
+        run_dir: str | Path,
+        experts: Sequence[str],
+        weights: str = "ema",
+        device: str | torch.device = "cpu",
+        offload: bool = False,
+    ) -> Sampler:
 
         cfg = load_train_config(Path(run_dir) / experts[0])
         if cfg.data.get("lowres_size"):
-            raise EdiffError(f"{run_dir}/{experts[0]} is a super-resolution stage: sample it "
-                             "in a cascade (ediff_train.sampling.cascade)")
-        return cls(load_ensemble(run_dir, experts, weights), load_encoders(cfg),
-                   int(cfg.data.image_size), device, offload)
+            raise EdiffError(
+                f"{run_dir}/{experts[0]} is a super-resolution stage: sample it "
+                "in a cascade (ediff_train.sampling.cascade)"
+            )
+        return cls(
+            load_ensemble(run_dir, experts, weights),
+            load_encoders(cfg),
+            int(cfg.data.image_size),
+            device,
+            offload,
+        )
 
     @property
     def expert_calls(self) -> dict[str, int]:
         return {n.name: c for n, c in zip(self.ensemble.router.nodes, self.ensemble.calls)}
 
-    def __call__(self, prompts: Sequence[str], seed: int = 0, steps: int = 32,
-                 guidance: float | Guidance = 5.0, solver: str = "heun", batch_size: int = 64,
-                 progress: bool = False, first_index: int = 0, **kw: Any) -> Tensor:
+    def __call__(
+        self,
+        prompts: Sequence[str],
+        seed: int = 0,
+        steps: int = 32,
+        guidance: float | Guidance = 5.0,
+        solver: str = "heun",
+        batch_size: int = 64,
+        progress: bool = False,
+        first_index: int = 0,
+        **kw: Any,
+    ) -> Tensor:
         """Images [N,3,H,W] in [0, 1], one per prompt (repeat a prompt for several). Extra
         keywords go to sampling.generate (sigma_min, sigma_max, rho, order, text, style,
         style_guidance); `style_image=PATH` is turned into `style` here; `paint` (a list of
@@ -69,17 +97,27 @@ class Sampler:
         shape = (3, self.image_size, self.image_size)
         starts = range(0, len(prompts), batch_size)
         if progress:
-
             starts = tqdm(starts, desc="sampling", unit="batch")
         out = []
         for i in starts:
-            chunk = list(prompts[i:i + batch_size])
+            chunk = list(prompts[i : i + batch_size])
             cond = embed_prompts(self.encoders, chunk).to(self.device)
-            noise = torch.stack([image_noise(seed, first_index + i + k, shape)
-                                 for k in range(len(chunk))])
-            painter = (Painter(self.encoders, chunk, regions, w_prime, record)
-                       if regions else None)
-            out.append(generate(self.ensemble, cond, self.image_size, steps=steps,
-                                guidance=guidance, seed=seed, noise=noise, solver=solver,
-                                paint=painter, **kw).cpu())
+            noise = torch.stack(
+                [image_noise(seed, first_index + i + k, shape) for k in range(len(chunk))]
+            )
+            painter = Painter(self.encoders, chunk, regions, w_prime, record) if regions else None
+            out.append(
+                generate(
+                    self.ensemble,
+                    cond,
+                    self.image_size,
+                    steps=steps,
+                    guidance=guidance,
+                    seed=seed,
+                    noise=noise,
+                    solver=solver,
+                    paint=painter,
+                    **kw,
+                ).cpu()
+            )
         return torch.cat(out)

@@ -27,15 +27,28 @@ from ediff_train.run.layout import CKPT_DIR, CONFIG, LAST, NODE_JSON, read_node_
 from ediff_train.training.resume import checkpoint_step
 
 # settings that define the run being continued (anything else may differ: logging, cadence)
-SAME = ("module", "model", "encoders", "seed", "data.batch_size", "data.image_size",
-        "data.root", "data.lowres_size", "data.crop_size", "handoff", "sr")
+SAME = (
+    "module",
+    "model",
+    "encoders",
+    "seed",
+    "data.batch_size",
+    "data.image_size",
+    "data.root",
+    "data.lowres_size",
+    "data.crop_size",
+    "handoff",
+    "sr",
+)
 
 
 def _source(cfg: DictConfig) -> Path:
     src = Path(str(cfg.continue_from)).expanduser()
     if not (src / NODE_JSON).is_file():
-        raise EdiffError(f"continue_from={src}: that node has not finished training (no "
-                         f"{NODE_JSON}); train it first")
+        raise EdiffError(
+            f"continue_from={src}: that node has not finished training (no "
+            f"{NODE_JSON}); train it first"
+        )
     return src
 
 
@@ -60,8 +73,10 @@ def check_same_run(cfg: DictConfig, src: Path) -> None:
         a, b = _select(old, key), _select(cfg, key)
         if a != b:
             diff = _first_difference(key, a, b)
-            raise EdiffError(f"continue_from={src}: {diff}; a continuation keeps the continued "
-                             "run's settings (train a child instead to change them)")
+            raise EdiffError(
+                f"continue_from={src}: {diff}; a continuation keeps the continued "
+                "run's settings (train a child instead to change them)"
+            )
 
 
 def _first_difference(key: str, a: Any, b: Any) -> str:
@@ -80,9 +95,11 @@ def place_continuation(cfg: DictConfig, ndir: Path) -> int:
     info = read_node_json(src)
     last = src / CKPT_DIR / LAST
     if checkpoint_step(last) != int(info["step"]):
-        raise EdiffError(f"continue_from={src}: {last} is not its final checkpoint (step "
-                         f"{checkpoint_step(last)}, node.json says {info['step']}); rerun that "
-                         "node's training to finish it")
+        raise EdiffError(
+            f"continue_from={src}: {last} is not its final checkpoint (step "
+            f"{checkpoint_step(last)}, node.json says {info['step']}); rerun that "
+            "node's training to finish it"
+        )
     mine = ndir / CKPT_DIR
     if not (mine / LAST).exists() and not any(mine.glob("hpc_ckpt_*")):
         mine.mkdir(parents=True, exist_ok=True)

@@ -30,16 +30,17 @@ def at_dir(ndir: Path, step: int) -> Path:
     return ndir / AT / f"{int(step):09d}"
 
 
-def branch_dir(run_dir: str | os.PathLike, parent: str, parent_dir: str | None,
-               step: int) -> str:
+def branch_dir(run_dir: str | os.PathLike, parent: str, parent_dir: str | None, step: int) -> str:
     """The folder of the parent's hand-off at tree step `step`; one line if it was never written."""
     pdir = Path(parent_dir) if parent_dir else node_dir(run_dir, parent)
     where = at_dir(pdir, int(step))
     if not (where / WEIGHTS).is_file():
         written = sorted(int(p.name) for p in (pdir / AT).glob("*") if (p / WEIGHTS).is_file())
-        raise EdiffError(f"branch_step={step}: parent {parent} wrote no hand-off at step {step} "
-                         f"({where} is missing; it has {written or 'none'}): train it with "
-                         f"handoff_at=[{step}] (schedules add it for branch_step: stages)")
+        raise EdiffError(
+            f"branch_step={step}: parent {parent} wrote no hand-off at step {step} "
+            f"({where} is missing; it has {written or 'none'}): train it with "
+            f"handoff_at=[{step}] (schedules add it for branch_step: stages)"
+        )
     return str(where)
 
 
@@ -65,10 +66,12 @@ class HandOff(Callback):
         if trainer.global_step < (trainer.max_steps or 0):
             return  # stopped early (requeue): not finished, nothing to hand off
         seen = module.gathered_sigma_seen()
-        write_text(self.ndir / "data" / f"rank{trainer.global_rank}.json",
-                   json.dumps(dict(self.shards)))
-        module.export(self.ndir, _merge_probe(self.ndir, self.info), seen,
-                      write=trainer.is_global_zero)
+        write_text(
+            self.ndir / "data" / f"rank{trainer.global_rank}.json", json.dumps(dict(self.shards))
+        )
+        module.export(
+            self.ndir, _merge_probe(self.ndir, self.info), seen, write=trainer.is_global_zero
+        )
         # then the final resume checkpoint (see resume.PeriodicCheckpoint for why in this order)
         trainer.save_checkpoint(self.ndir / CKPT_DIR / LAST, weights_only=False)  # + optimiser
 
@@ -84,14 +87,20 @@ class BranchPoints(Callback):
         lo, hi = module.step_offset, module.step_offset + int(trainer.max_steps)
         bad = [s for s in self.steps if not lo < s < hi]
         if bad:
-            raise EdiffError(f"handoff_at={bad}: branch points must lie inside this run's tree "
-                             f"steps ({lo}, {hi}) exclusive (the end writes its own hand-off)")
+            raise EdiffError(
+                f"handoff_at={bad}: branch points must lie inside this run's tree "
+                f"steps ({lo}, {hi}) exclusive (the end writes its own hand-off)"
+            )
 
     def on_train_batch_end(self, trainer: L.Trainer, module: Any, *args: Any) -> None:
         step = module.total_step
         if step not in self.steps or (at_dir(self.ndir, step) / WEIGHTS).is_file():
             return
         seen = module.gathered_sigma_seen()
-        module.export(at_dir(self.ndir, step), {**self.info, "branch_point": step}, seen,
-                      write=trainer.is_global_zero)
+        module.export(
+            at_dir(self.ndir, step),
+            {**self.info, "branch_point": step},
+            seen,
+            write=trainer.is_global_zero,
+        )
         module.ema_state.attach(module.denoiser)  # export released the EMA: follow the run again

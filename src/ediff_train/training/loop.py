@@ -112,13 +112,17 @@ def build_module(cfg: DictConfig, node: Node, ndir: Path) -> tuple[ExpertModule,
     resume = resume_checkpoint(ndir)
     if node.parent is not None:
         branch = cfg.get("branch_step")
-        pdir = branch_dir(cfg.run_dir, node.parent, cfg.parent_dir, branch) if branch is not None \
+        pdir = (
+            branch_dir(cfg.run_dir, node.parent, cfg.parent_dir, branch)
+            if branch is not None
             else cfg.parent_dir
+        )
         path = parent_weights(cfg.run_dir, node.parent, pdir)
         meta = module.init_from(str(path))  # on resume the checkpoint overwrites these weights
         module.step_offset = int(meta.get("step", 0))
-        module.images_offset = int(meta.get("images", module.step_offset
-                                            * int(cfg.data.batch_size)))
+        module.images_offset = int(
+            meta.get("images", module.step_offset * int(cfg.data.batch_size))
+        )
         module.is_handoff = True
         mode = str((cfg.get("handoff") or {}).get("optimizer", "keep"))
         if mode not in ("keep", "reset"):
@@ -135,17 +139,22 @@ def sr_conditioner(cfg: DictConfig, net: Any) -> SRConditioner | None:
     low = cfg.data.get("lowres_size")
     if not getattr(net, "is_super_resolution", False):
         if low:
-            raise EdiffError(f"data.lowres_size={low} is set but model {cfg.model._target_} is "
-                             "not a super-resolution model (use an SR model, e.g. model=sr_tiny)")
+            raise EdiffError(
+                f"data.lowres_size={low} is set but model {cfg.model._target_} is "
+                "not a super-resolution model (use an SR model, e.g. model=sr_tiny)"
+            )
         return None
     if not low:
-        raise EdiffError("a super-resolution model needs data.lowres_size (the low-res input's "
-                         "size), e.g. data.lowres_size=64 for SR256")
+        raise EdiffError(
+            "a super-resolution model needs data.lowres_size (the low-res input's "
+            "size), e.g. data.lowres_size=64 for SR256"
+        )
     sr = cfg.get("sr") or {}
     degrade = cfg.get("degrade")
     chain = instantiate(degrade) if degrade and "_target_" in degrade else None
-    return SRConditioner(NoiseAugment(**(sr.get("augment") or {})), chain,
-                         int(cfg.data.image_size) // int(low))
+    return SRConditioner(
+        NoiseAugment(**(sr.get("augment") or {})), chain, int(cfg.data.image_size) // int(low)
+    )
 
 
 def build_logger(cfg: DictConfig, ndir: Path) -> Any:
@@ -170,8 +179,12 @@ def build_distributed(cfg: DictConfig) -> tuple[dict[str, Any], Any]:
 
 
 def build_trainer(
-    cfg: DictConfig, ndir: Path, callbacks: list[Callback], logger: Any,
-    distributed: tuple[dict[str, Any], Any], max_steps: int | None = None,
+    cfg: DictConfig,
+    ndir: Path,
+    callbacks: list[Callback],
+    logger: Any,
+    distributed: tuple[dict[str, Any], Any],
+    max_steps: int | None = None,
 ) -> L.Trainer:
     """Trainer from the `trainer` and `strategy` groups, the SLURM layout and resume plugins."""
     kw, strategy = distributed
@@ -239,8 +252,9 @@ def train_node(cfg: DictConfig) -> Path:
         return _train_locked(cfg, node, ndir, distributed)
 
 
-def _train_locked(cfg: DictConfig, node: Node, ndir: Path,
-                  distributed: tuple[dict[str, Any], Any]) -> Path:
+def _train_locked(
+    cfg: DictConfig, node: Node, ndir: Path, distributed: tuple[dict[str, Any], Any]
+) -> Path:
     """The run itself, under the node's lock."""
     # In a SLURM job we requeue on SIGUSR1; under submitit, submitit owns preemption (SIGUSR2).
     slurm_job = "SLURM_JOB_ID" in os.environ and "SUBMITIT_EXECUTOR" not in os.environ
@@ -297,8 +311,11 @@ def sigma_monitor(cfg: DictConfig, data: Any, ndir: Path, start: int = 0) -> Cal
     return SigmaLossMonitor(
         held_out(data, int(m.batches), int(m.batch_size)),
         sigma_grid(int(m.sigmas), float(m.sigma_min), float(m.sigma_max)),
-        monitor_steps(int(cfg.steps), every), ndir / "loss_by_sigma.csv", seed=int(cfg.seed),
-        start=start)
+        monitor_steps(int(cfg.steps), every),
+        ndir / "loss_by_sigma.csv",
+        seed=int(cfg.seed),
+        start=start,
+    )
 
 
 def probe_on(cfg: DictConfig) -> bool:
@@ -314,10 +331,16 @@ def handoff_probe(cfg: DictConfig, data: Any, node: Node, ndir: Path, start: int
     p = cfg.probe
     after = int(p.get("after", 3))
     return HandoffProbe(
-        node, held_out(data, int(p.get("batches", 2)), int(p.get("batch_size", 64))),
-        probe_steps(int(cfg.steps), after), ndir / PROBE_JSON,
-        handoff=node.parent is not None and not cfg.get("continue_from"), after=after,
-        warn_ratio=float(p.get("warn_ratio", 1.05)), seed=int(cfg.seed), start=start)
+        node,
+        held_out(data, int(p.get("batches", 2)), int(p.get("batch_size", 64))),
+        probe_steps(int(cfg.steps), after),
+        ndir / PROBE_JSON,
+        handoff=node.parent is not None and not cfg.get("continue_from"),
+        after=after,
+        warn_ratio=float(p.get("warn_ratio", 1.05)),
+        seed=int(cfg.seed),
+        start=start,
+    )
 
 
 def held_out(data: Any, batches: int, batch_size: int) -> Any:
@@ -352,8 +375,9 @@ def sample_grid(cfg: DictConfig, module: ExpertModule, data: Any = None) -> Path
         seed=int(cfg.seed),
     )
     path = node_dir(cfg.run_dir, module.node.name) / "samples.png"
-    labelled_grid(images, list(cfg.sample.prompts), int(cfg.sample.per_prompt),
-                  upscale=4).save(path)
+    labelled_grid(images, list(cfg.sample.prompts), int(cfg.sample.per_prompt), upscale=4).save(
+        path
+    )
     return path
 
 
@@ -369,10 +393,16 @@ def sr_preview(cfg: DictConfig, module: ExpertModule, data: Any) -> Path:
     batch = batches[0]
     truth, low = batch["image"] * 0.5 + 0.5, batch["lowres"] * 0.5 + 0.5
     cond = Conditioning.from_batch(batch).without_image()
-    sr = generate(module.ema.to("cpu").float(), cond, image_size=truth.shape[-1],
-                  steps=int(cfg.sample.steps), guidance=float(cfg.sample.guidance),
-                  seed=int(cfg.seed), lowres=low, sigma_aug=float(cfg.sr.sample_sigma_aug))
-    rows = {"low-res": low, "bicubic": upsample(low, truth.shape[-1]), "SR": sr,
-            "high-res": truth}
+    sr = generate(
+        module.ema.to("cpu").float(),
+        cond,
+        image_size=truth.shape[-1],
+        steps=int(cfg.sample.steps),
+        guidance=float(cfg.sample.guidance),
+        seed=int(cfg.seed),
+        lowres=low,
+        sigma_aug=float(cfg.sr.sample_sigma_aug),
+    )
+    rows = {"low-res": low, "bicubic": upsample(low, truth.shape[-1]), "SR": sr, "high-res": truth}
     comparison_rows(rows, upscale=max(1, 64 // truth.shape[-1])).save(path)
     return path

@@ -151,8 +151,13 @@ class ExpertModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        opt = adamw(list(self.denoiser.parameters()), self.lr, self.betas, self.weight_decay,
-                    fusable=not self._deepspeed() and scaler is None)
+        opt = adamw(
+            list(self.denoiser.parameters()),
+            self.lr,
+            self.betas,
+            self.weight_decay,
+            fusable=not self._deepspeed() and scaler is None,
+        )
         if is_fused(opt):
             # Lightning refuses to clip for a fused optimiser (perf.clip_gradients): the hook is
             # replaced on this instance only, as a class override would make DeepSpeed warn.
@@ -163,8 +168,12 @@ class ExpertModule(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda n: schedule.factor(n))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    def clip_fused(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
-                   gradient_clip_algorithm: str | None = None) -> None:
+    def clip_fused(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
         """Lightning's configure_gradient_clipping for a fused AdamW (no GradScaler)."""
         if gradient_clip_val:
             params = (p for g in optimizer.param_groups for p in g["params"])
@@ -172,8 +181,11 @@ class ExpertModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None)
-        self.images_per_step = (int(getattr(dm, "batch_size", 1) or 1) * self.trainer.world_size
-                                * int(self.trainer.accumulate_grad_batches or 1))
+        self.images_per_step = (
+            int(getattr(dm, "batch_size", 1) or 1)
+            * self.trainer.world_size
+            * int(self.trainer.accumulate_grad_batches or 1)
+        )
         # channels_last before the strategy moves the model (`.to(device)` keeps the layout);
         # on CPU it is left off: the CPU path stays as it was.
         self._nhwc = self.channels_last and self.trainer.strategy.root_device.type == "cuda"
@@ -209,7 +221,7 @@ class ExpertModule(L.LightningModule):
             self._gen = torch.Generator()
         if self._noise_gen is None or self._noise_gen.device != device:
             self._noise_gen = torch.Generator(device=device)
-        base = (self.seed * 1_000_003 + self.global_rank * 7919 + self.total_step * 104_729)
+        base = self.seed * 1_000_003 + self.global_rank * 7919 + self.total_step * 104_729
         self._gen.manual_seed(base % (2**62))
         self._noise_gen.manual_seed((base + 1) % (2**62))
 
@@ -218,8 +230,11 @@ class ExpertModule(L.LightningModule):
         if self.compile_backend is None:
             return None
         if getattr(self.trainer.strategy, "zero_stage_3", False):
-            print("warning: module.compile is not used under DeepSpeed ZeRO-3 (its parameters are "
-                  "gathered by hooks inside the forward): training eagerly", file=sys.stderr)
+            print(
+                "warning: module.compile is not used under DeepSpeed ZeRO-3 (its parameters are "
+                "gathered by hooks inside the forward): training eagerly",
+                file=sys.stderr,
+            )
             return None
         return CompiledDenoiser(self.denoiser, self.compile_backend)
 
@@ -250,8 +265,12 @@ class ExpertModule(L.LightningModule):
         skipped = batch.get("skipped")
         if isinstance(skipped, dict):
             for reason, count in skipped.items():
-                self.log(f"data/skipped_{reason}", torch.tensor(float(count)), reduce_fx="sum",
-                         batch_size=1)
+                self.log(
+                    f"data/skipped_{reason}",
+                    torch.tensor(float(count)),
+                    reduce_fx="sum",
+                    batch_size=1,
+                )
         return loss
 
     # ---- NaN/Inf -----------------------------------------------------------------------------
@@ -275,7 +294,8 @@ class ExpertModule(L.LightningModule):
                     f"loss is {loss.item()} at step {self.total_step} of {self.node.name} (σ in "
                     f"[{float(sigma64.min()):.4g}, {float(sigma64.max()):.4g}]); stopped before "
                     "updating weights: the last checkpoint is intact (lower the lr or check the "
-                    "data)")
+                    "data)"
+                )
             return
         bad = ~torch.isfinite(loss.detach())
         if self._pending is None:
@@ -300,7 +320,8 @@ class ExpertModule(L.LightningModule):
             raise EdiffError(
                 f"loss was not finite at {where} of {self.node.name} (checked every "
                 f"{self._check_every(bad)} steps: module.finite_check_every); stopped before "
-                "writing a checkpoint: the last one is intact (lower the lr or check the data)")
+                "writing a checkpoint: the last one is intact (lower the lr or check the data)"
+            )
 
     def ema_decay_at(self, n: int) -> float:
         """Decay after this node's n-th optimiser step.
@@ -358,8 +379,11 @@ class ExpertModule(L.LightningModule):
         collective); only a rank with `write` writes."""
         self.raise_if_nonfinite()
         model = full_fp32_state(self.denoiser, self.ema_state.shapes)
-        optim = gather_state(self.denoiser, self.trainer.optimizers[0]) if self.trainer.optimizers \
-            else None  # a collective under ZeRO, so before `write` is looked at
+        optim = (
+            gather_state(self.denoiser, self.trainer.optimizers[0])
+            if self.trainer.optimizers
+            else None
+        )  # a collective under ZeRO, so before `write` is looked at
         self.ema_state.release()
         ema = self.ema_state.state_dict()
         if not write:
@@ -386,12 +410,7 @@ class ExpertModule(L.LightningModule):
         meta = {"node": node.name, "step": self.total_step, "images": self.images_seen}
         if optim is not None:
             save_state(node_path / OPTIMIZER, optim, self.trainer.world_size)
-        save_weights(
-            node_path / WEIGHTS,
-            model,
-            ema,
-            meta,
-        )
+        save_weights(node_path / WEIGHTS, model, ema, meta)
         write_json(node_path / NODE_JSON, record)
 
     def ema_record(self) -> dict[str, Any]:
@@ -401,8 +420,14 @@ class ExpertModule(L.LightningModule):
         beta = self.ema_decay_at(n) if n else None
         half_steps = (math.log(0.5) / math.log(beta)) if beta and 0 < beta < 1 else None
         rule = "halflife_images" if self.ema_halflife_images is not None else "per_step_decay"
-        return {"rule": rule, "halflife_images": self.ema_halflife_images,
-                "rampup_ratio": self.ema_rampup_ratio, "decay": self.ema_decay,
-                "beta_at_end": beta, "halflife_steps_at_end": half_steps,
-                "halflife_images_at_end": None if half_steps is None
-                else half_steps * self.images_per_step}
+        return {
+            "rule": rule,
+            "halflife_images": self.ema_halflife_images,
+            "rampup_ratio": self.ema_rampup_ratio,
+            "decay": self.ema_decay,
+            "beta_at_end": beta,
+            "halflife_steps_at_end": half_steps,
+            "halflife_images_at_end": None
+            if half_steps is None
+            else half_steps * self.images_per_step,
+        }

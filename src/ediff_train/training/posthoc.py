@@ -53,9 +53,14 @@ class PostHocEMA(Callback):
     The trackers' state travels in Lightning's checkpoint (state_dict), so a resumed run goes
     on exactly; `parent_state` (the parent's state.safetensors) starts a child's trackers."""
 
-    def __init__(self, node_dir: Path, sigma_rels: Sequence[float] = (0.05, 0.10),
-                 every: int = 1, parent_state: Path | None = None,
-                 dtype: str = "float32") -> None:
+    def __init__(
+        self,
+        node_dir: Path,
+        sigma_rels: Sequence[float] = (0.05, 0.10),
+        every: int = 1,
+        parent_state: Path | None = None,
+        dtype: str = "float32",
+    ) -> None:
         self.node_dir = Path(node_dir)
         self.sigma_rels = [float(s) for s in sigma_rels]
         if not self.sigma_rels or len({tag(s) for s in self.sigma_rels}) < len(self.sigma_rels):
@@ -69,8 +74,10 @@ class PostHocEMA(Callback):
         self.dtype = getattr(torch, dtype)
         self.parent_state = Path(parent_state) if parent_state is not None else None
         if self.parent_state is not None and not self.parent_state.is_file():
-            raise EdiffError(f"post-hoc EMA parent state {self.parent_state} does not exist: "
-                             "train the parent with posthoc_ema.enabled=true, or start without it")
+            raise EdiffError(
+                f"post-hoc EMA parent state {self.parent_state} does not exist: "
+                "train the parent with posthoc_ema.enabled=true, or start without it"
+            )
         self.trackers: list[EMA] = []
         self.origin = "root"
         self._parent: dict[str, Any] | None = None  # the parent's trackers, checked in setup
@@ -89,39 +96,51 @@ class PostHocEMA(Callback):
         meta, tensors = read_metadata(path), load_tensors(path)
         have_tags = [tag(s) for s in meta.get("sigma_rels", [])]
         if missing := [tag(s) for s in self.sigma_rels if tag(s) not in have_tags]:
-            raise EdiffError(f"{path} tracks sigma_rels {have_tags}, not {missing}: train the "
-                             f"child with posthoc_ema.sigma_rels=[{','.join(have_tags)}]")
+            raise EdiffError(
+                f"{path} tracks sigma_rels {have_tags}, not {missing}: train the "
+                f"child with posthoc_ema.sigma_rels=[{','.join(have_tags)}]"
+            )
         want = {k: tuple(v.shape) for k, v in self.trackers[0].module.state_dict().items()}
         states = []
         for s in self.sigma_rels:
             pre = f"{tag(s)}/"
-            sd = {k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)}
+            sd = {k[len(pre) :]: v for k, v in tensors.items() if k.startswith(pre)}
             have = {k: tuple(v.shape) for k, v in sd.items()}
             if have != want:
-                raise EdiffError(f"{path}: post-hoc EMA state does not fit this model "
-                                 f"({_mismatch(have, want)}): train the child with its parent's "
-                                 "model config")
+                raise EdiffError(
+                    f"{path}: post-hoc EMA state does not fit this model "
+                    f"({_mismatch(have, want)}): train the child with its parent's "
+                    "model config"
+                )
             states.append(sd)
         return {"step": int(meta["step"]), "origin": "parent", "trackers": states}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = [tag(s) for s in state_dict["sigma_rels"]]
         if saved != [tag(s) for s in self.sigma_rels]:
-            raise EdiffError(f"the checkpoint's post-hoc EMA tracks sigma_rels {saved}: resume "
-                             f"with posthoc_ema.sigma_rels=[{','.join(saved)}]")
+            raise EdiffError(
+                f"the checkpoint's post-hoc EMA tracks sigma_rels {saved}: resume "
+                f"with posthoc_ema.sigma_rels=[{','.join(saved)}]"
+            )
         self._resumed = state_dict
 
     def state_dict(self) -> dict[str, Any]:
         if not self.trackers:
             return {}
-        return {"step": self._last, "origin": self.origin, "sigma_rels": list(self.sigma_rels),
-                "trackers": [tr.state_dict() for tr in self.trackers]}  # collective under ZeRO
+        return {
+            "step": self._last,
+            "origin": self.origin,
+            "sigma_rels": list(self.sigma_rels),
+            "trackers": [tr.state_dict() for tr in self.trackers],
+        }  # collective under ZeRO
 
     def _warn(self, trainer: L.Trainer, why: str, step: int) -> None:
         if trainer.is_global_zero:
-            print(f"warning: post-hoc EMA of {self.node_dir.name} starts from the current weights "
-                  f"at tree step {step} ({why}); reconstructions use this node's snapshots only",
-                  file=sys.stderr)
+            print(
+                f"warning: post-hoc EMA of {self.node_dir.name} starts from the current weights "
+                f"at tree step {step} ({why}); reconstructions use this node's snapshots only",
+                file=sys.stderr,
+            )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
         step = int(pl_module.total_step)
@@ -133,11 +152,18 @@ class PostHocEMA(Callback):
             if self._parent["step"] == step:
                 start = self._parent
             else:
-                self._warn(trainer, f"the parent's state is at step {self._parent['step']}, "
-                           "not this run's start (branch_step)", step)
+                self._warn(
+                    trainer,
+                    f"the parent's state is at step {self._parent['step']}, "
+                    "not this run's start (branch_step)",
+                    step,
+                )
         elif start is None and step > 0:
-            self._warn(trainer, "no parent tracker state: its parent trained without "
-                       "posthoc_ema.enabled", step)
+            self._warn(
+                trainer,
+                "no parent tracker state: its parent trained without posthoc_ema.enabled",
+                step,
+            )
         self.origin = start["origin"] if start else ("root" if step == 0 else "fresh")
         for i, tr in enumerate(self.trackers):
             if start is not None:
@@ -171,22 +197,37 @@ class PostHocEMA(Callback):
         if t >= 1 and self._snapped != t:
             self._snapshot(trainer, t)
         if t >= 1 and trainer.global_step >= (trainer.max_steps or 0):
-            tensors = {f"{tag(s)}/{k}": v for s, tr in zip(self.sigma_rels, self.trackers)
-                       for k, v in tr.state_dict().items()}
+            tensors = {
+                f"{tag(s)}/{k}": v
+                for s, tr in zip(self.sigma_rels, self.trackers)
+                for k, v in tr.state_dict().items()
+            }
             if trainer.is_global_zero:
                 meta = {"step": t, "sigma_rels": self.sigma_rels, "origin": self.origin}
-                save_safetensors(self.node_dir / POSTHOC / STATE, tensors,
-                                 {k: json.dumps(v) for k, v in meta.items()})
+                save_safetensors(
+                    self.node_dir / POSTHOC / STATE,
+                    tensors,
+                    {k: json.dumps(v) for k, v in meta.items()},
+                )
 
     def _snapshot(self, trainer: L.Trainer, t: int) -> None:
         for s, g, tr in zip(self.sigma_rels, self.gammas, self.trackers):
             sd = tr.state_dict()
             if trainer.is_global_zero:
                 out = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in sd.items()}
-                meta = {"sigma_rel": s, "gamma": g, "step": t, "origin": self.origin,
-                        "node": self.node_dir.name, "dtype": str(self.dtype)}
-                save_safetensors(snapshot_path(self.node_dir, s, t), out,
-                                 {k: json.dumps(v) for k, v in meta.items()})
+                meta = {
+                    "sigma_rel": s,
+                    "gamma": g,
+                    "step": t,
+                    "origin": self.origin,
+                    "node": self.node_dir.name,
+                    "dtype": str(self.dtype),
+                }
+                save_safetensors(
+                    snapshot_path(self.node_dir, s, t),
+                    out,
+                    {k: json.dumps(v) for k, v in meta.items()},
+                )
         self._snapped = t
 
 
@@ -201,5 +242,10 @@ def from_train_config(cfg: Any, node: Any, ndir: Path) -> PostHocEMA | None:
     if node.parent is not None and not cfg.get("continue_from"):
         pdir = Path(cfg.parent_dir) if cfg.get("parent_dir") else node_dir(cfg.run_dir, node.parent)
         parent_state = pdir / POSTHOC / STATE if (pdir / POSTHOC / STATE).is_file() else None
-    return PostHocEMA(ndir, list(pc.get("sigma_rels") or (0.05, 0.10)), every, parent_state,
-                      str(pc.get("dtype") or "float32"))
+    return PostHocEMA(
+        ndir,
+        list(pc.get("sigma_rels") or (0.05, 0.10)),
+        every,
+        parent_state,
+        str(pc.get("dtype") or "float32"),
+    )

@@ -92,9 +92,14 @@ class PeriodicCheckpoint(ModelCheckpoint):
     which resume_checkpoint never reads."""
 
     def __init__(self, ckpt_dir: Path, every_n_steps: int) -> None:
-        super().__init__(dirpath=ckpt_dir, save_last=True, save_top_k=0,
-                         every_n_train_steps=every_n_steps, save_on_train_epoch_end=False,
-                         enable_version_counter=False)
+        super().__init__(
+            dirpath=ckpt_dir,
+            save_last=True,
+            save_top_k=0,
+            every_n_train_steps=every_n_steps,
+            save_on_train_epoch_end=False,
+            enable_version_counter=False,
+        )
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         if trainer.global_step < (trainer.max_steps or 0) or trainer.max_steps < 0:

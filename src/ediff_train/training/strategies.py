@@ -99,8 +99,12 @@ def share_cpu_threads(trainer: Mapping[str, Any], env: Mapping[str, str] = os.en
     then spin against each other and train ~4x slower than with one thread each. An explicit
     OMP_NUM_THREADS (the sbatch template sets it from --cpus-per-task) is left alone."""
     devices = trainer.get("devices")
-    if (trainer.get("accelerator") != "cpu" or not isinstance(devices, int) or devices < 2
-            or env.get("OMP_NUM_THREADS")):
+    if (
+        trainer.get("accelerator") != "cpu"
+        or not isinstance(devices, int)
+        or devices < 2
+        or env.get("OMP_NUM_THREADS")
+    ):
         return torch.get_num_threads()
     threads = max(1, len(os.sched_getaffinity(0)) // devices)
     torch.set_num_threads(threads)
@@ -142,8 +146,10 @@ class DeepSpeed(DeepSpeedStrategy):
         super().save_checkpoint(checkpoint, tmp, storage_options)
         self.barrier("ediff_ckpt_written")  # every rank's shard is on disk
         if self.is_global_zero:
-            marker = {"global_step": int(checkpoint.get("global_step", -1)),
-                      "world_size": self.world_size}
+            marker = {
+                "global_step": int(checkpoint.get("global_step", -1)),
+                "world_size": self.world_size,
+            }
             (tmp / MARKER).write_text(json.dumps(marker) + "\n")
             swap_into_place(tmp, final)
         self.barrier("ediff_ckpt_renamed")

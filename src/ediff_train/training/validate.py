@@ -58,31 +58,43 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "module.ema_decay": (_real(lambda x: 0 <= x <= 1), "a number in [0, 1]"),
     "sample.per_prompt": (_count(0), "a whole number ≥ 0"),
     "sample.steps": (_count(1), "a whole number ≥ 1"),
-    "monitor.every": (lambda v: v == "auto" or _count(0)(v),
-                      "auto or a whole number ≥ 0 (0 = off)"),
+    "monitor.every": (
+        lambda v: v == "auto" or _count(0)(v),
+        "auto or a whole number ≥ 0 (0 = off)",
+    ),
     "probe.enabled": (lambda v: isinstance(v, bool), "true or false"),
     "probe.after": (_count(1), "a whole number ≥ 1"),
     "probe.warn_ratio": (_real(lambda x: x > 0), "a finite number > 0"),
     "probe.batches": (_count(1), "a whole number ≥ 1"),
     "probe.batch_size": (_count(1), "a whole number ≥ 1"),
-    "module.compile": (lambda v: isinstance(v, bool) or (isinstance(v, str) and bool(v.strip())),
-                       "true, false or a torch.compile backend name"),
+    "module.compile": (
+        lambda v: isinstance(v, bool) or (isinstance(v, str) and bool(v.strip())),
+        "true, false or a torch.compile backend name",
+    ),
     "module.channels_last": (lambda v: isinstance(v, bool), "true or false"),
-    "module.finite_check_every": (lambda v: v is None or _count(1)(v),
-                                  "null or a whole number ≥ 1"),
+    "module.finite_check_every": (
+        lambda v: v is None or _count(1)(v),
+        "null or a whole number ≥ 1",
+    ),
     # the hand-off: optimiser, lr schedule, EMA in images
     "handoff.optimizer": (lambda v: v in ("keep", "reset"), "keep or reset"),
-    "module.lr_schedule.decay": (lambda v: v in ("constant", "cosine", "inv_sqrt"),
-                                 "constant, cosine or inv_sqrt"),
+    "module.lr_schedule.decay": (
+        lambda v: v in ("constant", "cosine", "inv_sqrt"),
+        "constant, cosine or inv_sqrt",
+    ),
     "module.lr_schedule.unit": (lambda v: v in ("steps", "images"), "steps or images"),
     "module.lr_schedule.warmup_root": (_real(lambda x: x >= 0), "a number ≥ 0"),
     "module.lr_schedule.warmup_handoff": (_real(lambda x: x >= 0), "a number ≥ 0"),
     "module.lr_schedule.min_factor": (_real(lambda x: 0 <= x <= 1), "a number in [0, 1]"),
     "module.lr_schedule.ref": (_real(lambda x: x >= 0), "a number ≥ 0 (0 = no decay)"),
-    "module.ema_halflife_images": (lambda v: v is None or _real(lambda x: x > 0)(v),
-                                   "null (per-step ema_decay) or a number of images > 0"),
-    "module.ema_rampup_ratio": (lambda v: v is None or _real(lambda x: x > 0)(v),
-                                "null (no ramp) or a number > 0"),
+    "module.ema_halflife_images": (
+        lambda v: v is None or _real(lambda x: x > 0)(v),
+        "null (per-step ema_decay) or a number of images > 0",
+    ),
+    "module.ema_rampup_ratio": (
+        lambda v: v is None or _real(lambda x: x > 0)(v),
+        "null (no ramp) or a number > 0",
+    ),
 }
 
 
@@ -96,7 +108,10 @@ def validate_train_config(cfg: DictConfig) -> None:
     if betas is _MISSING:
         return
     beta_ok = _real(lambda x: 0 <= x < 1)
-    if not isinstance(betas, (list, tuple, ListConfig)) or len(betas) != 2 or not all(
-            beta_ok(b) for b in betas):
+    if (
+        not isinstance(betas, (list, tuple, ListConfig))
+        or len(betas) != 2
+        or not all(beta_ok(b) for b in betas)
+    ):
         shown = list(betas) if isinstance(betas, ListConfig) else betas
         raise EdiffError(f"module.betas must be two numbers, each in [0, 1), got {shown!r}")
