@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from ediff_train.errors import EdiffError
-from ediff_train.nn.encoders import TINY_CLIP, Encoders, build_encoders, tiny_clip, tiny_t5
+from ediff_train.nn.encoder_models import TINY_CLIP, tiny_clip, tiny_t5
+from ediff_train.nn.encoders import Encoders, build_encoders
 
 CAPTIONS = ["7", "a photo of the digit seven, drawn carefully by hand on paper", "the number 3"]
 TINY_DIMS = {"t5": 32, "clip_txt": 32, "clip_pool": 24, "clip_img": 24}

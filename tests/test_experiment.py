@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, run_env
 
-from ediff_train.experiments.report import image_table, verdict
+from ediff_train.experiments.tables import image_table, verdict
 
 FAST = [
     "logger=csv",
@@ -192,7 +192,7 @@ def test_gate_and_control_decide_the_verdict() -> None:
     known answer on a two-point grid); a failed gate means no verdict, a control that loses is
     named."""
     from ediff_train.core.edm import P_MEAN, P_STD
-    from ediff_train.experiments.report import gate_table, law_weighted
+    from ediff_train.experiments.tables import gate_table, law_weighted
 
     sig = [math.exp(P_MEAN), math.exp(P_MEAN + P_STD)]  # weights 1 and e^-1/2
     w = math.exp(-0.5)

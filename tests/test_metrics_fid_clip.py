@@ -19,7 +19,7 @@ from ediff_train.metrics.fid import (
     frechet_distance,
     stats_key,
 )
-from ediff_train.nn.encoders import clip_pixels
+from ediff_train.nn.encoder_models import clip_pixels
 
 
 def _features(n: int = 500, d: int = 16, seed: int = 0) -> np.ndarray:

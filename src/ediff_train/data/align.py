@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ediff_train.nn.encoders import Encoders, clip_pixels
+from ediff_train.nn.encoder_models import clip_pixels
+from ediff_train.nn.encoders import Encoders
 
 
 def _info_nce(a: Tensor, b: Tensor, scale: Tensor, groups: int) -> Tensor:

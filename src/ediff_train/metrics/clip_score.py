@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ediff_train.errors import EdiffError
-from ediff_train.nn.encoders import clip_pixels, load_clip
+from ediff_train.nn.encoder_models import clip_pixels, load_clip
 
 
 def _check_checkpoint(checkpoint: str | os.PathLike | None) -> Path:

@@ -28,7 +28,7 @@ from ediff_train.io.files import write_text
 from ediff_train.io.lock import training_lock
 from ediff_train.metrics.handoff_probe import PROBE_JSON, HandoffProbe, probe_steps
 from ediff_train.metrics.loss_by_sigma import SigmaLossMonitor, monitor_steps, sigma_grid
-from ediff_train.nn.encoders import TINY_NAMES
+from ediff_train.nn.encoder_models import TINY_NAMES
 from ediff_train.run.layout import CKPT_DIR, CONFIG, node_dir, parent_weights
 from ediff_train.run.optim_state import OPTIMIZER
 from ediff_train.run.weights import load_encoders
