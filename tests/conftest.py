@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+import ediff_train.cli  # noqa: F401  (registers the settings groups Hydra's compose needs)
+
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -75,7 +75,7 @@ def test_probe_steps_known_answers() -> None:
 
 
 def test_validation_accepts_auto_and_refuses_words() -> None:
-    from ediff_train.training.validate import validate_train_config
+    from ediff_train.training.settings import validate_train_config
 
     register_nodes()
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):

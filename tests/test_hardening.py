@@ -24,7 +24,7 @@ import ediff_train
 from ediff_train.cli import register_nodes
 from ediff_train.errors import EdiffError
 from ediff_train.run.weights import load_weights, save_weights
-from ediff_train.training.validate import validate_train_config
+from ediff_train.training.settings import validate_train_config
 
 
 def script(name: str) -> ModuleType:

@@ -159,3 +159,33 @@ def test_old_python_m_names_the_new(tmp_path: Path) -> None:
         "'ediff_train.experiment' (ModuleNotFoundError: ediff_train.experiment moved to "
         "ediff_train.experiments.experiment)"
     )
+
+
+def test_todays_composition_is_the_stored_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The settings groups now come from dataclasses (training/settings.py), not train.yaml:
+    composing the fixture's command today gives exactly the config the old layout stored."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from ediff_train.cli import register_nodes
+
+    monkeypatch.setenv("EDIFF_CACHE", "/tmp/oldrun/cache")
+    register_nodes(["E0_0"])
+    args = [
+        "run_dir=/tmp/oldrun/run",
+        "expert=E0_0",
+        "steps=2",
+        "logger=none",
+        "data.num_workers=0",
+        "sample.per_prompt=0",
+        "monitor.every=0",
+        "data.batch_size=8",
+        "model.model_channels=8",
+        "model.head_channels=8",
+        "probe.batches=1",
+    ]
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=args)
+    today = OmegaConf.to_container(cfg, resolve=True)
+    stored = OmegaConf.to_container(OmegaConf.load(FIXTURE / "E0_0" / "config.yaml"))
+    assert today == stored

@@ -178,7 +178,10 @@ def test_text_modes_drop_the_other_encoder_and_null_drops_all() -> None:
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["solver=rk4"], "unknown solver 'rk4'"),
+        (
+            ["solver=rk4"],
+            "solver must be one of euler, heun, dpmpp_2m, deis_ab, deis_rk3, got 'rk4'",
+        ),
         (["steps=0"], "steps must be ≥ 1"),
         (["guidance_interval=[2,1]"], "guidance interval"),
         (["style_image=missing.png"], "style_image missing.png does not exist"),

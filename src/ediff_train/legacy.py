@@ -39,7 +39,7 @@ MODULES: dict[str, str] = {
     "handoff": "training.handoff",
     "continuation": "training.continuation",
     "posthoc_callback": "training.posthoc",
-    "validate": "training.validate",
+    "validate": "training.settings",
     "metrics.attention": "evaluation.attention",
     "metrics.ema_sweep": "evaluation.ema_sweep",
     "metrics.paint_eval": "evaluation.paint",

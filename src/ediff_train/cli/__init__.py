@@ -21,7 +21,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from ediff_train import CONF_DIR
 from ediff_train.core.experts import parse_node
+from ediff_train.core.settings import defaults
 from ediff_train.errors import EdiffError, user_error
+from ediff_train.sampling.settings import SamplerSettings
+from ediff_train.training.settings import GROUPS
 
 
 def _interval(lo: float, hi: float) -> list[Any]:
@@ -43,8 +46,21 @@ def node_config(name: str) -> dict[str, Any]:
     }
 
 
+def register_settings() -> None:
+    """Store each settings class's defaults as its group's `default` option (conf/train.yaml's
+    defaults list names them) and the sampler's (conf/sampling/config.yaml): the defaults live
+    in the dataclasses, not in YAML. Run when this module is imported, so code that composes
+    the configs with Hydra's compose API imports `ediff_train.cli` first."""
+    cs = ConfigStore.instance()
+    for group, schema in GROUPS.items():
+        cs.store(group=group, name="default", node=defaults(schema))
+    cs.store(group="sampler", name="default", node=defaults(SamplerSettings))
+
+
 def register_nodes(names: list[str] | None = None, always_levels: int = 3) -> None:
-    """Store the shallow tree levels plus the named nodes as `expert` group options."""
+    """Store the shallow tree levels plus the named nodes as `expert` group options, and the
+    settings groups (train.yaml composes both)."""
+    register_settings()
     cs = ConfigStore.instance()
     shallow = [f"E{lv}_{i}" for lv in range(always_levels + 1) for i in range(2**lv)]
     for name in dict.fromkeys(shallow + list(names or [])):
@@ -155,3 +171,6 @@ class WritableDirs(Callback):
             )
         except EdiffError as e:
             fail(str(e))
+
+
+register_settings()

@@ -11,7 +11,6 @@ from omegaconf import DictConfig
 
 from ediff_train import CONF_DIR
 from ediff_train.cli import entry_point, reporting_errors
-from ediff_train.core.solvers import SOLVERS
 from ediff_train.errors import EdiffError
 from ediff_train.io.files import write_json
 from ediff_train.nn.paint import Region, read_mask, regions_from_colour_map
@@ -23,8 +22,8 @@ from ediff_train.sampling.cascade import (
     write_cascade,
 )
 from ediff_train.sampling.grids import labelled_grid, save_images
-from ediff_train.sampling.guidance import TEXT_MODES, Guidance
 from ediff_train.sampling.pipeline import Sampler
+from ediff_train.sampling.settings import SamplerSettings
 
 CASCADES = CONF_DIR / "cascade"
 
@@ -49,26 +48,6 @@ def images_per_prompt(cfg: DictConfig) -> int:
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise EdiffError(f"n (images per prompt) must be a whole number ≥ 1, got {n!r}")
     return n
-
-
-def sampler_settings(cfg: DictConfig) -> Guidance:
-    """Check the solver and guidance settings before anything is loaded; the Guidance."""
-    if str(cfg.solver) not in SOLVERS:
-        raise EdiffError(f"unknown solver {cfg.solver!r}: choose one of {', '.join(SOLVERS)}")
-    if isinstance(cfg.steps, bool) or not isinstance(cfg.steps, int) or cfg.steps < 1:
-        raise EdiffError(f"steps must be ≥ 1 (a whole number of solver steps), got {cfg.steps!r}")
-    if str(cfg.text) not in TEXT_MODES:
-        raise EdiffError(f"text must be one of {', '.join(TEXT_MODES)}, got {cfg.text!r}")
-    style = cfg.get("style_image")
-    if style and not Path(str(style)).is_file():
-        raise EdiffError(f"style_image {style} does not exist")
-    interval = cfg.get("guidance_interval")
-    per = {str(k): float(v) for k, v in (cfg.get("guidance_per_expert") or {}).items()}
-    g = Guidance(
-        float(cfg.guidance), per, (float(interval[0]), float(interval[1])) if interval else None
-    )
-    g.check(list(per))  # the interval's form; expert names are checked once loaded
-    return g
 
 
 def paint_regions(cfg: DictConfig) -> list[Region] | None:
@@ -102,7 +81,7 @@ def main(cfg: DictConfig) -> None:
     if cfg.get("cascade"):
         sample_cascade(cfg)
         return
-    guidance, per = sampler_settings(cfg), images_per_prompt(cfg)
+    settings, per = SamplerSettings.from_config(cfg), images_per_prompt(cfg)
     regions = paint_regions(cfg)
     names = list(cfg.experts) if cfg.experts else [str(cfg.expert)]
     prompts = prompt_list(cfg)
@@ -114,56 +93,27 @@ def main(cfg: DictConfig) -> None:
         str(cfg.device),
         offload=bool(cfg.get("offload", False)),
     )
-    guidance.check(names)
+    settings.guidance_obj().check(names)
     out = Path(str(cfg.out))
     for seed in seeds:
         images = sampler(
-            [p for p in prompts for _ in range(per)],
-            seed=seed,
-            steps=int(cfg.steps),
-            guidance=guidance,
-            solver=str(cfg.solver),
-            batch_size=int(cfg.batch_size),
-            progress=bool(cfg.progress),
-            sigma_min=float(cfg.sigma_min),
-            sigma_max=float(cfg.sigma_max),
-            rho=float(cfg.rho),
-            order=int(cfg.order),
-            text=str(cfg.text),
-            style_image=cfg.get("style_image"),
-            style_guidance=float(cfg.style_guidance),
-            paint=regions,
-            paint_weight=float(cfg.paint_weight),
+            [p for p in prompts for _ in range(per)], seed=seed, paint=regions, **settings.call()
         )
         folder = out / f"seed{seed}" if len(seeds) > 1 else out
         grid = labelled_grid(images, prompts, per, upscale=max(1, 64 // images.shape[-1]))
         save_images(images, folder, grid=grid)
-        write_json(
-            folder / "settings.json",
-            {
-                "run_dir": str(cfg.run_dir),
-                "experts": names,
-                "weights": str(cfg.weights),
-                "prompts": prompts,
-                "per_prompt": per,
-                "seed": seed,
-                "steps": int(cfg.steps),
-                "solver": str(cfg.solver),
-                "order": int(cfg.order),
-                "rho": float(cfg.rho),
-                "sigma_min": float(cfg.sigma_min),
-                "sigma_max": float(cfg.sigma_max),
-                "guidance": float(cfg.guidance),
-                "guidance_per_expert": guidance.per_expert,
-                "guidance_interval": guidance.interval,
-                "text": str(cfg.text),
-                "style_image": cfg.get("style_image"),
-                "style_guidance": float(cfg.style_guidance),
-                "paint": [{"phrase": r.phrase, "strength": r.strength} for r in regions or []],
-                "paint_weight": float(cfg.paint_weight),
-                "files": [f"sample_{i:04d}.png" for i in range(len(images))],
-            },
-        )
+        record = {
+            "run_dir": str(cfg.run_dir),
+            "experts": names,
+            "weights": str(cfg.weights),
+            "prompts": prompts,
+            "per_prompt": per,
+            "seed": seed,
+            **settings.record(),
+            "paint": [{"phrase": r.phrase, "strength": r.strength} for r in regions or []],
+            "files": [f"sample_{i:04d}.png" for i in range(len(images))],
+        }
+        write_json(folder / "settings.json", record)
         print(f"wrote {len(images)} images, grid.png and settings.json to {folder}")
     print(f"expert calls: {', '.join(f'{k}: {v}' for k, v in sampler.expert_calls.items())}")
 

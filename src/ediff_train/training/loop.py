@@ -46,13 +46,13 @@ from ediff_train.training.resume import (
     persistent_run_id,
     resume_checkpoint,
 )
+from ediff_train.training.settings import validate_train_config
 from ediff_train.training.strategies import (
     build_strategy,
     cluster_plugins,
     share_cpu_threads,
     trainer_config,
 )
-from ediff_train.training.validate import validate_train_config
 
 
 def manifest_expectations(cfg: DictConfig) -> dict[str, Any]:
