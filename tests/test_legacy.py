@@ -163,7 +163,8 @@ def test_old_python_m_names_the_new(tmp_path: Path) -> None:
 
 def test_todays_composition_is_the_stored_config(monkeypatch: pytest.MonkeyPatch) -> None:
     """The settings groups now come from dataclasses (training/settings.py), not train.yaml:
-    composing the fixture's command today gives exactly the config the old layout stored."""
+    composing the fixture's command today gives exactly the config the old layout stored, plus
+    the `param` group (EDM, as the old run)."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
@@ -188,4 +189,6 @@ def test_todays_composition_is_the_stored_config(monkeypatch: pytest.MonkeyPatch
         cfg = compose("train", overrides=args)
     today = OmegaConf.to_container(cfg, resolve=True)
     stored = OmegaConf.to_container(OmegaConf.load(FIXTURE / "E0_0" / "config.yaml"))
+    # the one key added since: the parameterisation, whose default is what the old run trained
+    assert today.pop("param") == {"name": "edm", "sigma_data": 0.5, "p_mean": -1.2, "p_std": 1.2}
     assert today == stored

@@ -72,18 +72,34 @@ def loss_weight(sigma: Tensor, sigma_data: float = SIGMA_DATA) -> Tensor:
 
 
 class EDMPrecond(nn.Module):
-    """D(x; c, σ) = c_skip·x + c_out·F(c_in·x; c, c_noise) around any backbone F."""
+    """D(x; c, σ) = c_skip·x + c_out·F(c_in·x; c, c_noise) around any backbone F.
 
-    def __init__(self, backbone: nn.Module, sigma_data: float = SIGMA_DATA) -> None:
+    `param` (core/parameterisation.py: flow matching, VP, …) supplies other coefficients and
+    its loss weight; None is EDM's own."""
+
+    def __init__(
+        self, backbone: nn.Module, sigma_data: float = SIGMA_DATA, param: Any = None
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.sigma_data = sigma_data
+        self.param = param
+
+    def coefficients(self, sigma: Tensor) -> tuple[Tensor, ...]:
+        if self.param is None:
+            return precond_coefficients(sigma, self.sigma_data)
+        return self.param.coefficients(sigma)
+
+    def loss_weight(self, sigma: Tensor) -> Tensor:
+        if self.param is None:
+            return loss_weight(sigma, self.sigma_data)
+        return self.param.loss_weight(sigma)
 
     def forward(self, x: Tensor, sigma: Tensor, cond: Any, **kwargs: Any) -> Tensor:
         sigma = sigma.to(torch.float32).reshape(-1)
         if sigma.numel() == 1 and x.shape[0] > 1:
             sigma = sigma.expand(x.shape[0])
-        c_skip, c_out, c_in, c_noise = precond_coefficients(sigma, self.sigma_data)
+        c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
         b = (-1,) + (1,) * (x.ndim - 1)
         x32 = x.to(torch.float32)
         f = self.backbone(c_in.view(b) * x32, c_noise, cond, **kwargs)
@@ -97,12 +113,16 @@ def edm_loss(
     cond: Any,
     noise: Tensor | None = None,
     sigma_data: float = SIGMA_DATA,
+    weight: Any = None,
 ) -> Tensor:
-    """Per-sample λ(σ)·mean‖D(x + σn; c, σ) − x‖², shape [B]."""
+    """Per-sample λ(σ)·mean‖D(x + σn; c, σ) − x‖², shape [B]. λ: `weight`, else the
+    denoiser's own (`EDMPrecond.loss_weight`, which follows its parameterisation), else EDM's."""
     if noise is None:
         noise = torch.randn_like(x)
     b = (-1,) + (1,) * (x.ndim - 1)
     sigma = sigma.to(torch.float32)
     denoised = denoiser(x + sigma.view(b) * noise, sigma, cond)
     err = (denoised - x).pow(2).flatten(1).mean(1)
-    return loss_weight(sigma, sigma_data) * err
+    if weight is None:
+        weight = getattr(denoiser, "loss_weight", None) or (lambda s: loss_weight(s, sigma_data))
+    return weight(sigma) * err

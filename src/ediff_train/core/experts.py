@@ -13,7 +13,7 @@ import math
 import re
 import sys
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -39,7 +39,7 @@ class Node:
     pieces: tuple[Piece, ...]
     parent: str | None
     kind: str = "tree"  # "tree" | "complement" | "interval"
-    law: LogNormalSigma = LogNormalSigma()
+    law: Any = LogNormalSigma()  # the training noise law (core/parameterisation.py)
 
     @property
     def mass(self) -> float:
@@ -138,7 +138,7 @@ def interval_node(
     u_hi: float | None = None,
     name: str | None = None,
     parent: str | None = None,
-    law: LogNormalSigma = _LAW,
+    law: Any = _LAW,
 ) -> Node:
     """A custom band, given in σ or in quantiles (not both for the same end)."""
     if sigma_lo is not None and u_lo is not None or sigma_hi is not None and u_hi is not None:
@@ -173,8 +173,14 @@ def parse_node(name: str, parent: str | None = None) -> Node:
     )
 
 
-def node_from_config(cfg: Mapping[str, Any]) -> Node:
-    """Build the node an `expert:` config group describes (see conf/expert/)."""
+def node_from_config(cfg: Mapping[str, Any], law: Any = None) -> Node:
+    """Build the node an `expert:` config group describes (see conf/expert/), its quantiles
+    taken of `law` (the parameterisation's training noise law; default EDM's)."""
+    node = _node_from_config(cfg, law or _LAW)
+    return node if law is None else replace(node, law=law)
+
+
+def _node_from_config(cfg: Mapping[str, Any], law: Any) -> Node:
     kind = cfg.get("kind", "tree")
     parent = cfg.get("parent")
     if kind == "interval":
@@ -182,10 +188,10 @@ def node_from_config(cfg: Mapping[str, Any]) -> Node:
         lo, hi = cfg.get("sigma_lo"), cfg.get("sigma_hi")
         if split is not None:  # below/above a split point (noise-split sweeps)
             lo, hi = (None, split) if cfg.get("side") == "below" else (split, None)
-        node = interval_node(lo, hi, cfg.get("u_lo"), cfg.get("u_hi"), parent=parent)
+        node = interval_node(lo, hi, cfg.get("u_lo"), cfg.get("u_hi"), parent=parent, law=law)
         base = cfg.get("name") or "interval"
         name = node.name if base == "interval" else str(base)
-        return Node(name, node.pieces, node.parent, "interval")
+        return Node(name, node.pieces, node.parent, "interval", law)
     return parse_node(str(cfg["name"]), parent)
 
 
@@ -210,6 +216,11 @@ class Router:
             cur, prev = hi, i
         if cur < 1.0 - _EPS:
             raise EdiffError(f"experts leave a gap: no node owns u ∈ [{cur:.6g}, 1)")
+        if any(n.law != nodes[0].law for n in nodes):
+            raise EdiffError(
+                "experts were trained under different noise laws (param): an ensemble routes "
+                "one law's quantiles, so its experts must share it"
+            )
         self.nodes = list(nodes)
         self._bounds = torch.tensor([p[1] for p in pieces[:-1]], dtype=torch.float64)
         self._owner = torch.tensor([p[2] for p in pieces], dtype=torch.long)
@@ -226,11 +237,29 @@ class Router:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`ediff-experts E9_511 E3_0 not_E9_511_E3_0`: intervals and parents."""
-    names = (argv if argv is not None else sys.argv[1:]) or [ROOT, "E1_0", "E1_1"]
+    """`ediff-experts E9_511 E3_0 not_E9_511_E3_0 [--param flow --shift 3] [--conventions]
+    [--sample-shift 12]`: intervals and parents under a parameterisation's training law, and
+    each interval in every boundary convention (core/boundaries.py)."""
+    import argparse
+
+    from ediff_train.core import boundaries
+    from ediff_train.core.parameterisation import from_config
+
+    p = argparse.ArgumentParser(prog="ediff-experts", description=main.__doc__)
+    p.add_argument("names", nargs="*", default=[ROOT, "E1_0", "E1_1"])
+    p.add_argument("--param", default="edm", help="edm, flow, vp (the training noise law)")
+    p.add_argument("--shift", type=float, default=None, help="flow matching's training shift")
+    p.add_argument("--conventions", action="store_true", help="σ, log-SNR, t, … of each end")
+    p.add_argument("--sample-shift", type=float, default=1.0, help="the sampler's shift")
+    args = p.parse_args(argv if argv is not None else sys.argv[1:])
     try:
-        for name in names:
-            print(parse_node(name).describe())
+        spec = {"name": args.param} | ({"shift": args.shift} if args.shift is not None else {})
+        law = from_config(spec).law
+        for name in args.names:
+            node = replace(parse_node(name), law=law)
+            print(node.describe())
+            if args.conventions:
+                print(boundaries.table(list(node.sigma_pieces), args.sample_shift))
     except EdiffError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

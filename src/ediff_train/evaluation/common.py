@@ -9,11 +9,11 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ediff_train.core.experts import Router, node_from_config
+from ediff_train.core.experts import Router
 from ediff_train.errors import EdiffError
 from ediff_train.metrics.captions import Item, digits_items, file_items
 from ediff_train.run.layout import WEIGHTS, read_node_json
-from ediff_train.run.weights import load_train_config
+from ediff_train.run.weights import load_train_config, node_of
 from ediff_train.sampling.ensemble import Ensemble, load_ensemble
 
 
@@ -34,7 +34,7 @@ def run_specs(cfg: DictConfig) -> list[dict[str, Any]]:
                     f"train it first or fix run_dir/experts"
                 )
         # the tiling is checked here, before anything is generated or written
-        Router([node_from_config(load_train_config(d).expert) for d in dirs])
+        Router([node_of(load_train_config(d)) for d in dirs])
         label = "+".join(d.name if d.parent == Path(cfg.run_dir) else str(d) for d in dirs)
         specs.append(
             {

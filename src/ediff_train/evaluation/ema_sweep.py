@@ -19,13 +19,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ediff_train.core.edm import EDMPrecond
 from ediff_train.errors import EdiffError
 from ediff_train.evaluation.common import log_wandb, pick_device, run_specs
 from ediff_train.io.files import write_json, write_text
 from ediff_train.metrics.loss_by_sigma import band_means, loss_by_sigma, sigma_grid
 from ediff_train.run.posthoc_ema import Plan, combine, lineage_snapshots, plan
-from ediff_train.run.weights import load_expert, load_train_config
+from ediff_train.run.weights import denoiser_of, load_expert, load_train_config
 from ediff_train.sampling.ensemble import Ensemble
 
 STORED = "stored"  # the row of the EMA each node trained with (weights.safetensors)
@@ -44,7 +43,7 @@ def _sigma_rels(cfg: DictConfig) -> list[float]:
 
 def _expert(ndir: Path, ema: dict[str, torch.Tensor]) -> torch.nn.Module:
     """The node's denoiser, rebuilt from its config, with the given EMA weights."""
-    denoiser = EDMPrecond(instantiate(load_train_config(ndir).model))
+    denoiser = denoiser_of(load_train_config(ndir))
     denoiser.load_state_dict(ema)
     return denoiser.eval().requires_grad_(False)
 

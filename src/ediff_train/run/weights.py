@@ -14,6 +14,7 @@ from safetensors import SafetensorError, safe_open
 
 from ediff_train.core.edm import EDMPrecond
 from ediff_train.core.experts import node_from_config
+from ediff_train.core.parameterisation import from_config as param_from_config
 from ediff_train.errors import EdiffError
 from ediff_train.io.files import save_safetensors
 from ediff_train.legacy import rewrite_targets
@@ -81,9 +82,19 @@ def load_expert(ndir: str | os.PathLike, which: str = "ema") -> tuple[Any, torch
         raise EdiffError(f"weights must be 'ema' or 'model', got {which!r}")
     cfg = load_train_config(ndir)
     model, ema, _ = load_weights(Path(ndir) / WEIGHTS)
-    denoiser = EDMPrecond(instantiate(cfg.model))
+    denoiser = denoiser_of(cfg)
     denoiser.load_state_dict(ema if which == "ema" else model)
-    return node_from_config(cfg.expert), denoiser.eval().requires_grad_(False)
+    return node_of(cfg), denoiser.eval().requires_grad_(False)
+
+
+def node_of(cfg: Any) -> Any:
+    """The node a stored training config trained, its quantiles of the run's noise law."""
+    return node_from_config(cfg.expert, law=param_from_config(cfg.get("param")).law)
+
+
+def denoiser_of(cfg: Any) -> EDMPrecond:
+    """The config's network inside its parameterisation's preconditioning (random weights)."""
+    return EDMPrecond(instantiate(cfg.model), param=param_from_config(cfg.get("param")))
 
 
 def load_encoders(cfg: Any) -> Any:

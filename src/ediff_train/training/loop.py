@@ -22,6 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from ediff_train.core.conditioning import Conditioning
 from ediff_train.core.experts import Node, node_from_config
+from ediff_train.core.parameterisation import from_config as param_from_config
+from ediff_train.core.parameterisation import spec as param_spec
 from ediff_train.core.sr import NoiseAugment, SRConditioner
 from ediff_train.errors import EdiffError
 from ediff_train.io.files import write_text
@@ -31,7 +33,7 @@ from ediff_train.metrics.loss_by_sigma import SigmaLossMonitor, monitor_steps, s
 from ediff_train.nn.encoder_models import TINY_NAMES
 from ediff_train.run.layout import CKPT_DIR, CONFIG, node_dir, parent_weights
 from ediff_train.run.optim_state import OPTIMIZER
-from ediff_train.run.weights import load_encoders
+from ediff_train.run.weights import load_encoders, load_train_config
 from ediff_train.sampling.cascade import comparison_rows, upsample
 from ediff_train.sampling.generation import embed_prompts, generate
 from ediff_train.sampling.grids import labelled_grid
@@ -99,11 +101,12 @@ def build_module(cfg: DictConfig, node: Node, ndir: Path) -> tuple[ExpertModule,
         lr_schedule=OmegaConf.to_container(m.lr_schedule) if m.get("lr_schedule") else None,
         ema_halflife_images=m.get("ema_halflife_images"),
         ema_rampup_ratio=m.get("ema_rampup_ratio"),
+        param=param_from_config(cfg.get("param")),
     )
     if str(cfg.get("sigma_from") or "node") not in ("node", "root"):
         raise EdiffError(f"sigma_from must be node or root, got {cfg.sigma_from!r}")
     if cfg.get("sigma_from") == "root":  # the fair test's control: a child on the full range
-        module.sample_node = node_from_config({"name": "E0_0"})
+        module.sample_node = node_from_config({"name": "E0_0"}, law=node.law)
     if cont:  # the same run going on: its streams, optimiser, EMA and data position
         module.seed = place_continuation(cfg, ndir)
         module.handoff_record["continues"] = str(cont)
@@ -233,6 +236,25 @@ def isolated_job() -> Iterator[None]:
                 os.environ[key] = value
 
 
+def check_parent_param(cfg: DictConfig, node: Node, param: Any) -> None:
+    """A child trains under its parent's parameterisation: its weights predict that target, and
+    the tree's quantiles are of that law. Refused in one line before anything is written."""
+    if node.parent is None:
+        return
+    pdir = (
+        Path(str(cfg.parent_dir)) if cfg.get("parent_dir") else node_dir(cfg.run_dir, node.parent)
+    )
+    if not (pdir / CONFIG).is_file():
+        return  # parent_weights() names a missing parent
+    theirs = param_spec(param_from_config(load_train_config(pdir).get("param")))
+    if theirs != param_spec(param):
+        raise EdiffError(
+            f"param: parent {node.parent} was trained as {theirs}, this node asks for "
+            f"{param_spec(param)}; a child keeps its parent's parameterisation (train a new root "
+            "with the other one)"
+        )
+
+
 def _hydra_config() -> Any:
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -245,7 +267,9 @@ def train_node(cfg: DictConfig) -> Path:
     """Train the configured node; returns its directory. Values are checked before anything is
     written, and the node's lock is held for the whole run (one run per node at a time)."""
     validate_train_config(cfg)
-    node = node_from_config(cfg.expert)
+    param = param_from_config(cfg.get("param"))
+    node = node_from_config(cfg.expert, law=param.law)
+    check_parent_param(cfg, node, param)
     ndir = node_dir(cfg.run_dir, node.name)
     distributed = build_distributed(cfg)
     with training_lock(ndir):

@@ -21,11 +21,14 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from ediff_train.core import boundaries
 from ediff_train.core.conditioning import DEFAULT_DROP, Conditioning, drop_embeddings
 from ediff_train.core.edm import EDMPrecond, edm_loss
 from ediff_train.core.ema import EMA, full_fp32_state, restore_fp32
 from ediff_train.core.experts import Node
 from ediff_train.core.lr_schedule import LRSchedule, to_steps
+from ediff_train.core.parameterisation import EDM
+from ediff_train.core.parameterisation import spec as param_spec
 from ediff_train.core.perf import CompiledDenoiser, adamw, clip_gradients, is_fused, to_device
 from ediff_train.core.sr import SRConditioner
 from ediff_train.errors import EdiffError
@@ -35,6 +38,17 @@ from ediff_train.run.optim_state import OPTIMIZER, gather_state, hand_on, save_s
 from ediff_train.run.weights import load_weights, save_weights
 
 
+def _json_safe(value: Any) -> Any:
+    """±∞ as the strings "inf"/"-inf" (node.json is strict JSON)."""
+    if isinstance(value, float) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def stream_seed(seed: int, node: str) -> int:
     """The seed of a node's own σ, noise and data streams: children never replay their parent's
     batches, and siblings never share σ or dropout draws. The root keeps the plain seed."""
@@ -42,7 +56,7 @@ def stream_seed(seed: int, node: str) -> int:
 
 
 class ExpertModule(L.LightningModule):
-    """One node of the expert tree: EDM loss with σ ~ p(σ | node), AdamW, EMA."""
+    """One node of the expert tree: the parameterisation's loss with σ ~ p(σ | node), AdamW, EMA."""
 
     def __init__(
         self,
@@ -64,9 +78,10 @@ class ExpertModule(L.LightningModule):
         ema_halflife_images: float | None = None,
         ema_rampup_ratio: float | None = 0.05,
         handoff_optimizer: str | None = None,
+        param: Any = None,
     ) -> None:
         super().__init__()
-        self.denoiser = EDMPrecond(net)
+        self.denoiser = EDMPrecond(net, param=param)  # param: EDM, flow matching, VP (None: EDM)
         self.ema_state = EMA(self.denoiser)  # a plain attribute: see the module docstring
         self.node = node
         self.sample_node = node  # whose σ law the run draws from (sigma_from=root: the control)
@@ -252,7 +267,14 @@ class ExpertModule(L.LightningModule):
         self.sigma_seen[1] = torch.maximum(self.sigma_seen[1], sigma64.max())
         sigma = to_device(sigma64.to(torch.float32), x.device)
         noise = torch.randn(x.shape, generator=self._noise_gen, device=x.device, dtype=x.dtype)
-        per_sample = edm_loss(self._compiled or self.denoiser, x, sigma, cond, noise=noise)
+        per_sample = edm_loss(
+            self._compiled or self.denoiser,
+            x,
+            sigma,
+            cond,
+            noise=noise,
+            weight=self.denoiser.loss_weight,
+        )
         loss = per_sample.mean()
         self._check_finite(loss, sigma64)
         n = x.shape[0]
@@ -404,6 +426,10 @@ class ExpertModule(L.LightningModule):
             "quantile_interval": list(node.quantile_interval),
             "quantile_pieces": [list(p) for p in node.pieces],
             "sigma_interval": [lo, hi if math.isfinite(hi) else "inf"],
+            "param": param_spec(self.param),
+            "boundaries": _json_safe(
+                boundaries.interval(lo, hi, getattr(self.param, "shift", 1.0))
+            ),
             "sigma_seen": sigma_seen,
             **info,
         }
@@ -412,6 +438,15 @@ class ExpertModule(L.LightningModule):
             save_state(node_path / OPTIMIZER, optim, self.trainer.world_size)
         save_weights(node_path / WEIGHTS, model, ema, meta)
         write_json(node_path / NODE_JSON, record)
+
+    @property
+    def param(self) -> Any:
+        """The parameterisation this node trains under (EDM when none was given)."""
+        return self.denoiser.param or EDM()
+
+    @property
+    def param_shift(self) -> float:
+        return float(getattr(self.param, "shift", 1.0))
 
     def ema_record(self) -> dict[str, Any]:
         """The EMA this run used, in numbers: its rule and its half-life (in images and in this

@@ -15,6 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from ediff_train.core.parameterisation import from_config as param_from_config
 from ediff_train.core.settings import boolean, check, count, nested, one_of, optional, real, setting
 
 WHOLE_1 = "a whole number ≥ 1"
@@ -191,3 +192,4 @@ def validate_train_config(cfg: DictConfig) -> None:
     for group, schema in GROUPS.items():
         check(OmegaConf.select(cfg, group, default=None), schema, group)
     check(OmegaConf.select(cfg, "data", default=None), DataBatch, "data")
+    param_from_config(OmegaConf.select(cfg, "param", default=None))  # shift > 0, a known name
