@@ -253,3 +253,91 @@ def test_sample_cli_two_experts_each_serve_their_own_sigmas(
         assert np.array_equal(
             np.asarray(Image.open(out / n)), np.asarray(Image.open(tmp_path / "off" / n))
         ), n
+
+
+def test_metric_attention_records_every_solver_call(tree: Path) -> None:
+    """metric=attention end to end: one record per network call of Heun at the σ it ran, owned
+    by the expert whose band holds it, with the token groups' shares summing to one."""
+    from ediff_train.core.solvers import karras_sigmas
+
+    proc = _run(
+        tree,
+        "evaluate.py",
+        "run_dir=R",
+        "experts=[E1_0,E1_1]",
+        "metric=attention",
+        "steps=3",
+        "out=att",
+        "device=cpu",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tree / "att" / "attention.json").read_text())
+    s = [float(x) for x in karras_sigmas(3)]  # σ0 > σ1 > σ2 > 0
+    want = [s[0], s[1], s[1], s[2], s[2]]  # Heun: 2 calls a step, the last step Euler
+    calls = report["calls"]
+    assert [c["sigma"] for c in calls] == pytest.approx(want, rel=1e-6)
+    assert [c["expert"] for c in calls] == [
+        "E1_1" if c["sigma"] >= 0.30119 else "E1_0" for c in calls
+    ]
+    for c in calls:
+        assert sum(c[g] for g in report["groups"]) == pytest.approx(1.0, abs=1e-5)
+    assert (tree / "att" / "attention.csv").read_text().count("\n") == len(want) + 1
+
+
+def test_metric_all_is_loss_by_sigma_then_images(tree: Path) -> None:
+    """metric=all runs both metrics with the same settings: its loss-by-σ report is the one
+    metric=loss_by_sigma writes alone, and the image report is written beside it."""
+    common = [
+        "run_dir=R",
+        "expert=E0_0",
+        "loss_by_sigma.sigmas=4",
+        "loss_by_sigma.images=16",
+        "loss_by_sigma.batch_size=16",
+        *EVAL,
+        "guidance=[2]",
+    ]
+    alone = _run(tree, "evaluate.py", *common, "metric=loss_by_sigma", "out=lbs_alone")
+    both = _run(tree, "evaluate.py", *common, "metric=all", "out=all")
+    assert alone.returncode == 0 and both.returncode == 0, both.stderr[-3000:]
+    a = json.loads((tree / "lbs_alone" / "loss_by_sigma.json").read_text())
+    b = json.loads((tree / "all" / "loss_by_sigma.json").read_text())
+    assert b["runs"][0]["loss"] == a["runs"][0]["loss"]
+    assert b["runs"][0]["sigmas"] == a["runs"][0]["sigmas"]
+    images = json.loads((tree / "all" / "eval.json").read_text())
+    assert [row["guidance"] for row in images["runs"][0]["rows"]] == [2.0]
+
+
+def test_metric_switch_switches_where_it_says(tree: Path) -> None:
+    """metric=switch end to end: each fraction f switches prompts at the σ after round(f·N)
+    solver steps (never for f = 0, at the end for f = 1); the switched denoiser answers with
+    prompt A exactly while σ ≥ that σ."""
+    import torch
+
+    from ediff_train.core.solvers import karras_sigmas
+    from ediff_train.evaluation.switch import switched
+
+    proc = _run(
+        tree,
+        "evaluate.py",
+        "run_dir=R",
+        "experts=[E1_0,E1_1]",
+        "metric=switch",
+        "steps=4",
+        "switch.pairs=2",
+        "switch.per_pair=2",
+        "switch.fractions=[0.0,0.25,0.5,1.0]",
+        "out=sw",
+        "device=cpu",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tree / "sw" / "switch.json").read_text())["rows"]
+    s = [float(x) for x in karras_sigmas(4)]
+    assert [r["switch_sigma"] for r in rows] == pytest.approx([float("inf"), s[1], s[2], 0.0])
+    for r in rows:  # 2 pairs × 2 samples: each share is a count out of 4
+        assert 4 * r["reads_as_A"] == round(4 * r["reads_as_A"])
+        assert r["reads_as_A"] + r["reads_as_B"] <= 1.0  # a ≠ b: one digit per sample
+    a, b = (lambda x, sig: torch.full_like(x, 1.0)), (lambda x, sig: torch.full_like(x, 2.0))
+    den = switched(a, b, s[2])
+    x = torch.zeros(1)
+    got = [float(den(x, torch.tensor(v, dtype=torch.float64))[0]) for v in s[:4]]
+    assert got == [1.0, 1.0, 1.0, 2.0]
