@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ediff_train.core.experts import Router
@@ -101,3 +102,15 @@ def log_wandb(cfg: DictConfig, report: dict[str, Any], plots: list[Path]) -> Non
         run.log(data)
     finally:
         run.finish()
+
+
+def heldout_batches(train_cfg: Any, images: int, batch_size: int) -> list[Any]:
+    """The run's fixed held-out batches (about `images` samples); one line when it has none."""
+    data = instantiate(train_cfg.data, builder=None, _convert_="object")
+    batches = data.val_batches(max(1, images // batch_size), batch_size)
+    if not batches:
+        raise EdiffError(
+            f"no held-out data for {train_cfg.data.root}: set data.val_root or "
+            "data.val_fraction when training (digits builds hold out val/)"
+        )
+    return batches

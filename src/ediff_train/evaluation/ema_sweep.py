@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ediff_train.errors import EdiffError
-from ediff_train.evaluation.common import log_wandb, pick_device, run_specs
+from ediff_train.evaluation.common import heldout_batches, log_wandb, pick_device, run_specs
 from ediff_train.io.files import write_json, write_text
 from ediff_train.metrics.loss_by_sigma import band_means, loss_by_sigma, sigma_grid
 from ediff_train.run.posthoc_ema import Plan, combine, lineage_snapshots, plan
@@ -80,14 +79,7 @@ def evaluate_ema_sweep(cfg: DictConfig) -> dict[str, Any]:
         for d in spec["dirs"]
     }
     train_cfg = load_train_config(specs[0]["dirs"][0])
-    data = instantiate(train_cfg.data, builder=None, _convert_="object")
-    bs = int(c.batch_size)
-    batches = data.val_batches(max(1, int(c.images) // bs), bs)
-    if not batches:
-        raise EdiffError(
-            f"no held-out data for {train_cfg.data.root}: set data.val_root or "
-            "data.val_fraction when training (digits builds hold out val/)"
-        )
+    batches = heldout_batches(train_cfg, int(c.images), int(c.batch_size))
     sigmas = sigma_grid(int(c.sigmas), float(c.sigma_min), float(c.sigma_max))
     runs = []
     for spec in specs:
