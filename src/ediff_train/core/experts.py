@@ -9,6 +9,7 @@ inverse-CDF sampling, never by rejection, so a node at the far tail costs no mor
 
 from __future__ import annotations
 
+import argparse
 import math
 import re
 import sys
@@ -19,7 +20,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ediff_train.core import boundaries
 from ediff_train.core.edm import LogNormalSigma
+from ediff_train.core.parameterisation import from_config as param_from_config
 from ediff_train.errors import EdiffError
 
 MAX_LEVEL = 10
@@ -240,11 +243,6 @@ def main(argv: list[str] | None = None) -> int:
     """`ediff-experts E9_511 E3_0 not_E9_511_E3_0 [--param flow --shift 3] [--conventions]
     [--sample-shift 12]`: intervals and parents under a parameterisation's training law, and
     each interval in every boundary convention (core/boundaries.py)."""
-    import argparse
-
-    from ediff_train.core import boundaries
-    from ediff_train.core.parameterisation import from_config
-
     p = argparse.ArgumentParser(prog="ediff-experts", description=main.__doc__)
     p.add_argument("names", nargs="*", default=[ROOT, "E1_0", "E1_1"])
     p.add_argument("--param", default="edm", help="edm, flow, vp (the training noise law)")
@@ -254,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv if argv is not None else sys.argv[1:])
     try:
         spec = {"name": args.param} | ({"shift": args.shift} if args.shift is not None else {})
-        law = from_config(spec).law
+        law = param_from_config(spec).law
         for name in args.names:
             node = replace(parse_node(name), law=law)
             print(node.describe())

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from ediff_train.errors import EdiffError
@@ -87,14 +87,12 @@ def defaults(schema: type) -> dict[str, Any]:
     return dataclasses.asdict(schema())
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
     """OmegaConf containers as Python ones, so a message shows `[0.9, 1.0]`, not ListConfig."""
-    if hasattr(value, "items") and not isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
+    if hasattr(value, "items"):
+        return {k: plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig":
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     return value
 
 
@@ -113,7 +111,7 @@ def check(values: Any, schema: type, prefix: str) -> None:
             continue
         test = f.metadata.get("test")
         if test is not None and not test(value):
-            raise EdiffError(f"{key} must be {f.metadata['valid']}, got {_plain(value)!r}")
+            raise EdiffError(f"{key} must be {f.metadata['valid']}, got {plain(value)!r}")
 
 
 def nested(schema: type) -> Any:

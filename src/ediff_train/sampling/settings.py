@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ediff_train.core.settings import boolean, check, count, one_of, optional, real, setting
+from ediff_train.core.settings import boolean, check, count, one_of, optional, plain, real, setting
 from ediff_train.core.solvers import SOLVERS
 from ediff_train.errors import EdiffError
 from ediff_train.sampling.guidance import TEXT_MODES, Guidance
@@ -58,7 +58,7 @@ class SamplerSettings:
         """The settings of a composed sample.py config, checked (one line for the first bad
         value), before any model is loaded."""
         check(cfg, cls, "")
-        values = {f.name: _plain(cfg.get(f.name, f.default)) for f in dataclasses.fields(cls)}
+        values = {f.name: plain(cfg.get(f.name, f.default)) for f in dataclasses.fields(cls)}
         style = values["style_image"]
         if style and not Path(str(style)).is_file():
             raise EdiffError(f"style_image {style} does not exist")
@@ -94,11 +94,3 @@ class SamplerSettings:
         g = self.guidance_obj()
         out["guidance_interval"] = g.interval
         return out
-
-
-def _plain(value: Any) -> Any:
-    if hasattr(value, "items"):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig":
-        return [_plain(v) for v in value]
-    return value
