@@ -8,6 +8,7 @@ import json
 import math
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -90,7 +91,7 @@ def test_logit_normal_with_shift_is_log_normal_in_sigma() -> None:
 
 def test_tree_splits_at_the_laws_quantiles() -> None:
     law = FlowMatching(shift=3.0).law  # median of ln σ is ln 3
-    e11 = parse_node("E1_1").__class__("E1_1", ((0.5, 1.0),), "E0_0", "tree", law)
+    e11 = replace(parse_node("E1_1"), law=law)
     assert e11.sigma_interval[0] == pytest.approx(3.0, rel=1e-12)
     vp = VP().law
     half = vp.icdf(0.5)  # u = 0.5 is half-way through the index table
@@ -140,7 +141,7 @@ def test_bad_parameterisations_are_one_line() -> None:
     with pytest.raises(EdiffError, match="eps or v"):
         from_config({"name": "vp", "prediction": "x0"})
     assert from_config(None) == EDM()
-    flow = parse_node("E1_1").__class__("E1_1", ((0.5, 1.0),), "E0_0", "tree", FlowMatching().law)
+    flow = replace(parse_node("E1_1"), law=FlowMatching().law)
     with pytest.raises(EdiffError, match="different noise laws"):
         Router([parse_node("E1_0"), flow])
 
