@@ -73,7 +73,7 @@ fi
 # The package and its dependencies (and, with --dev, the whole [dev] extra of pyproject.toml).
 pip_step "ediff-train$extras" -e ".$extras"
 check_import imports \
-  "ediff_train, lightning, hydra, webdataset, open_clip, transformers, torchvision"
+  "ediff_train, lightning, hydra, webdataset, open_clip, transformers, torchvision, diffusers, peft"
 
 deepspeed="-"
 if [ "$dev" = 1 ]; then
