@@ -80,6 +80,10 @@ def load_expert(ndir: str | os.PathLike, which: str = "ema") -> tuple[Any, torch
 
     if which not in ("ema", "model"):
         raise EdiffError(f"weights must be 'ema' or 'model', got {which!r}")
+    from ediff_train.run.adapters import is_lora_node, load_lora_expert
+
+    if is_lora_node(ndir):  # base + peft adapter (run/adapters.py)
+        return load_lora_expert(ndir, "ema" if which == "ema" else "raw")
     cfg = load_train_config(ndir)
     model, ema, _ = load_weights(Path(ndir) / WEIGHTS)
     denoiser = denoiser_of(cfg)

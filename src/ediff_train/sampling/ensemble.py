@@ -29,6 +29,11 @@ class Ensemble(nn.Module):
     def offload(self, device: str | torch.device) -> Ensemble:
         """Keep the experts in host memory; each sits on `device` only while it runs, and the
         next one is copied over meanwhile (offload.Offloader). Returns self."""
+        if any(getattr(e, "shares_base", False) for e in self.experts):
+            raise EdiffError(
+                "offload: LoRA experts share one base on the device and differ only by small "
+                "adapters (sampling/lora.py); load them without offloading"
+            )
         self.offloader = Offloader(list(self.experts), device)
         return self
 
@@ -62,8 +67,14 @@ class Ensemble(nn.Module):
 
 
 def load_ensemble(run_dir: str | Path, names: Sequence[str], which: str = "ema") -> Ensemble:
-    """Experts trained in run_dir, each rebuilt from its saved config and weights."""
+    """Experts trained in run_dir, each rebuilt from its saved config and weights; LoRA experts
+    share one base, their adapters switched by σ (sampling/lora.py)."""
+    from ediff_train.run.adapters import is_lora_node
 
+    if any(is_lora_node(Path(run_dir) / n) for n in names):
+        from ediff_train.sampling.lora import load_lora_ensemble
+
+        return load_lora_ensemble(run_dir, names, which)
     nodes, denoisers = [], []
     for name in names:
         node, denoiser = load_expert(Path(run_dir) / name, which)

@@ -39,6 +39,7 @@ from ediff_train.sampling.generation import embed_prompts, generate
 from ediff_train.sampling.grids import labelled_grid
 from ediff_train.training.continuation import continuation_target, place_continuation
 from ediff_train.training.handoff import BranchPoints, HandOff, branch_dir
+from ediff_train.training.lora import check_lora, init_lora, lora_on
 from ediff_train.training.module import ExpertModule, stream_seed
 from ediff_train.training.posthoc import from_train_config
 from ediff_train.training.resume import (
@@ -113,7 +114,9 @@ def build_module(cfg: DictConfig, node: Node, ndir: Path) -> tuple[ExpertModule,
         return module, resume_checkpoint(ndir)
     module.seed = stream_seed(int(cfg.seed), node.name)
     resume = resume_checkpoint(ndir)
-    if node.parent is not None:
+    if node.parent is not None and lora_on(cfg):  # an adapter over a frozen base (lora.py)
+        init_lora(module, cfg, node)
+    elif node.parent is not None:
         branch = cfg.get("branch_step")
         pdir = (
             branch_dir(cfg.run_dir, node.parent, cfg.parent_dir, branch)
@@ -270,6 +273,7 @@ def train_node(cfg: DictConfig) -> Path:
     param = param_from_config(cfg.get("param"))
     node = node_from_config(cfg.expert, law=param.law)
     check_parent_param(cfg, node, param)
+    check_lora(cfg, node)
     ndir = node_dir(cfg.run_dir, node.name)
     distributed = build_distributed(cfg)
     with training_lock(ndir):

@@ -97,6 +97,7 @@ class ExpertModule(L.LightningModule):
         self.ema_rampup_ratio = ema_rampup_ratio
         self.handoff_optimizer = handoff_optimizer  # parent's optimizer.safetensors to start from
         self.handoff_record: dict[str, Any] = {}
+        self.lora: Any = None  # training/lora.py: this node is an adapter over a frozen base
         self.images_per_step = 1  # global batch: set in setup from the data and the strategy
         self.sr = sr  # super-resolution stages: makes the low-res conditioning (sr.py)
         # [min, max] of σ drawn in this node's run (kept in the checkpoint, on CPU, float64).
@@ -167,7 +168,7 @@ class ExpertModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         opt = adamw(
-            list(self.denoiser.parameters()),
+            [p for p in self.denoiser.parameters() if p.requires_grad],  # a LoRA base is frozen
             self.lr,
             self.betas,
             self.weight_decay,
@@ -436,7 +437,10 @@ class ExpertModule(L.LightningModule):
         meta = {"node": node.name, "step": self.total_step, "images": self.images_seen}
         if optim is not None:
             save_state(node_path / OPTIMIZER, optim, self.trainer.world_size)
-        save_weights(node_path / WEIGHTS, model, ema, meta)
+        if self.lora is not None:  # peft's adapter files instead of full weights (lora.py)
+            record["lora"] = self.lora.save(node_path, model, ema, meta)
+        else:
+            save_weights(node_path / WEIGHTS, model, ema, meta)
         write_json(node_path / NODE_JSON, record)
 
     @property
