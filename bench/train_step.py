@@ -1,6 +1,7 @@
 """Time one EDM training step (forward + backward) of the model configs and print a table.
 
     python bench/train_step.py --configs tiny base64 --json bench.json
+    python bench/train_step.py --configs tiny dit_tiny mmdit_tiny sd_unet_tiny
     python bench/train_step.py --configs sr_tiny sr256 sr1024 --infer 1024
     python bench/train_step.py --device cuda --configs base64 --batch 64,128,256 --compile both \
         --optim --json bench_gpu.json
@@ -17,9 +18,9 @@ augmented as in training. `--infer N` adds, for each SR config, one sampling-tim
 (no grad, batch 1, CFG's two rows) of an N×N image: SR1024's whole-image inference memory.
 
 Per config: parameters, images/s (from the median step time after warmup), peak memory, and
-FLOPs per step counted by `torch.utils.flop_counter.FlopCounterMode` on a meta-device copy
-(model FLOPs: no activation recompute, attention included). On CUDA, MFU = FLOPs/step ÷
-s/step ÷ the dense bf16 peak in PEAK_BF16_TFLOPS. Peak memory is
+FLOPs per step and per image counted by `torch.utils.flop_counter.FlopCounterMode` on a
+meta-device copy (model FLOPs: no activation recompute, attention included). On CUDA,
+MFU = FLOPs/step ÷ s/step ÷ the dense bf16 peak in PEAK_BF16_TFLOPS. Peak memory is
 `torch.cuda.max_memory_allocated` on CUDA; on CPU it is the growth of the process's
 resident-set high-water mark (Linux VmHWM, reset through /proc/self/clear_refs) from just
 before the model is built, so it covers weights, gradients, optimizer state (with --optim)
@@ -33,6 +34,7 @@ import json
 import resource
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
+import ediff_train.cli  # noqa: F401  (registers the resolvers the model configs use)
 from ediff_train.core.conditioning import Conditioning
 from ediff_train.core.edm import EDMPrecond, LogNormalSigma, edm_loss
 from ediff_train.core.perf import CompiledDenoiser, adamw, to_device
@@ -127,6 +130,15 @@ def random_cond(
     ).to(device)
 
 
+def fwd_bwd_flops(loss: Callable[[], torch.Tensor]) -> int:
+    """FLOPs that FlopCounterMode counts in `loss()` and its backward (matmuls, convolutions
+    and attention; elementwise work is not counted)."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        loss().backward()
+    return int(counter.get_total_flops())
+
+
 def count_flops(cfg: DictConfig, batch: int, t5_len: int, factor: int = 4) -> int:
     """FLOPs of one forward+backward at this batch, on the meta device (no memory, no time)."""
     meta = torch.device("meta")
@@ -136,10 +148,7 @@ def count_flops(cfg: DictConfig, batch: int, t5_len: int, factor: int = 4) -> in
         x = torch.randn(batch, net.in_channels, net.image_size, net.image_size)
         sigma = torch.ones(batch)
     cond = random_cond(cfg, batch, t5_len, meta, factor=factor)
-    counter = FlopCounterMode(display=False)
-    with counter:
-        edm_loss(den, x, sigma, cond).mean().backward()
-    return int(counter.get_total_flops())
+    return fwd_bwd_flops(lambda: edm_loss(den, x, sigma, cond).mean())
 
 
 def peak_tflops(device_name: str) -> float | None:
@@ -313,6 +322,7 @@ def bench_one(
         "peak_mem_mb": peak_mb,
         "mem_method": mem_method,
         "gflop_per_step": flops / 1e9,
+        "gflop_per_img": flops / batch / 1e9,
         "achieved_tflops": achieved,
         "peak_bf16_tflops": peak,
         "mfu": (achieved / peak) if (peak and bf16) else None,
@@ -362,19 +372,21 @@ def infer_memory(name: str, size: int, device: torch.device, bf16: bool) -> dict
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = f"{'config':<10}{'params(M)':>10}{'batch':>7}{'compile':>9}{'dtype':>15}"
-    head += f"{'steps/s':>9}{'img/s':>9}{'peak MB':>10}{'GFLOP/step':>12}{'TFLOP/s':>9}{'MFU':>8}"
+    head = f"{'config':<13}{'params(M)':>10}{'batch':>7}{'compile':>9}{'dtype':>15}"
+    head += f"{'steps/s':>9}{'img/s':>9}{'peak MB':>10}{'GFLOP/step':>12}{'GFLOP/img':>11}"
+    head += f"{'TFLOP/s':>9}{'MFU':>8}"
     lines = [head, "-" * len(head)]
     for r in rows:
         if r["oom"]:
-            lines.append(f"{r['config']:<10}{'':>10}{r['batch']:>7}  out of memory")
+            lines.append(f"{r['config']:<13}{'':>10}{r['batch']:>7}  out of memory")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         comp = (f"{r['compile_s']:.0f}s" if r["compiled"] else "failed") if r["compile"] else "-"
         lines.append(
-            f"{r['config']:<10}{r['params_m']:>10.2f}{r['batch']:>7}{comp:>9}{r['dtype']:>15}"
+            f"{r['config']:<13}{r['params_m']:>10.2f}{r['batch']:>7}{comp:>9}{r['dtype']:>15}"
             f"{r['steps_per_s']:>9.2f}{r['img_per_s']:>9.1f}{r['peak_mem_mb']:>10.0f}"
-            f"{r['gflop_per_step']:>12.1f}{r['achieved_tflops']:>9.3f}{mfu:>8}"
+            f"{r['gflop_per_step']:>12.1f}{r['gflop_per_img']:>11.3f}"
+            f"{r['achieved_tflops']:>9.3f}{mfu:>8}"
         )
     notes = {f"{r['device']}; memory: {r['mem_method']}" for r in rows if not r["oom"]}
     lines += [f"device: {n}" for n in sorted(notes)]
