@@ -33,6 +33,7 @@ from ediff_train.metrics.loss_by_sigma import SigmaLossMonitor, monitor_steps, s
 from ediff_train.nn.encoder_models import TINY_NAMES
 from ediff_train.run.layout import CKPT_DIR, CONFIG, node_dir, parent_weights
 from ediff_train.run.optim_state import OPTIMIZER
+from ediff_train.run.pretrained import apply_init_from
 from ediff_train.run.weights import load_encoders, load_train_config
 from ediff_train.sampling.cascade import comparison_rows, upsample
 from ediff_train.sampling.generation import embed_prompts, generate
@@ -273,6 +274,7 @@ def train_node(cfg: DictConfig) -> Path:
     param = param_from_config(cfg.get("param"))
     node = node_from_config(cfg.expert, law=param.law)
     check_parent_param(cfg, node, param)
+    apply_init_from(cfg, node)  # a root from a pretrained diffusers folder (run/pretrained.py)
     check_lora(cfg, node)
     ndir = node_dir(cfg.run_dir, node.name)
     distributed = build_distributed(cfg)

@@ -1,0 +1,305 @@
+"""Take the experts home: a run's experts as one folder diffusers loads (docs/export.md).
+
+The folder holds each expert's backbone as a diffusers model subfolder (`transformer`,
+`transformer_2`, … or `unet`, `unet_2`, …, most noise first, as WanPipeline orders its pair), a
+scheduler config, the VAE when the run trained on latents, `experts.json` (each expert's interval
+in every convention of core/boundaries.py and its guidance scale) and `pipeline.py`, the routing
+pipeline (export/pipeline.py), named by model_index.json so
+`DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` finds it. Everything is
+checked and written in a temporary folder first and renamed at the end: an error leaves nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ediff_train.core.boundaries import interval
+from ediff_train.core.experts import Node, Router
+from ediff_train.core.parameterisation import from_config as param_from_config
+from ediff_train.core.parameterisation import spec as param_spec
+from ediff_train.errors import EdiffError
+from ediff_train.export import pipeline as pipeline_module
+from ediff_train.run.layout import WEIGHTS, node_dir
+from ediff_train.run.weights import load_expert, load_train_config, node_of
+
+FORMAT = "ediff-export/1"
+EXPERTS_JSON = "experts.json"
+EXPORTABLE = {"SD3Transformer2DModel": "transformer", "UNet2DConditionModel": "unet"}
+EXPORTABLE_MODELS = "model=mmdit_tiny (MMDiT) or model=sd_unet_tiny (SDUNet), or init_from="
+
+
+@dataclass
+class Expert:
+    """One node on its way out: its node, training config and diffusers model."""
+
+    node: Node
+    cfg: Any
+    backbone: nn.Module
+    guidance: float
+    model: nn.Module | None = None  # the diffusers model to save (LoRA merged in)
+
+
+def finished_leaves(run_dir: str | os.PathLike) -> list[str]:
+    """The finished nodes of a run that no other finished node names as its parent."""
+    root = Path(run_dir)
+    if not root.is_dir():
+        raise EdiffError(f"run_dir {str(run_dir)!r} does not exist")
+    nodes = {
+        p.parent.name: node_of(load_train_config(p.parent))
+        for p in sorted(root.glob(f"*/{WEIGHTS}"))
+    }
+    if not nodes:
+        raise EdiffError(f"run_dir {str(run_dir)!r} holds no finished node ({WEIGHTS})")
+    parents = {n.parent for n in nodes.values()}
+    return [name for name, n in nodes.items() if n.name not in parents]
+
+
+def parse_guidance(text: str | float | None, default: float = 5.0) -> tuple[float, dict]:
+    """`5`, `E1_0:3,E1_1:7` or `5,E1_1:7` → (scale for all, per-expert scales)."""
+    if text is None or text == "":
+        return default, {}
+    scale, per = default, {}
+    for item in str(text).split(","):
+        name, sep, value = item.strip().rpartition(":")
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+        if not math.isfinite(number):
+            raise EdiffError(
+                f"guidance must be a number or NODE:number items (e.g. 5,E1_1:7), got {text!r}"
+            )
+        if sep:
+            per[name] = number
+        else:
+            scale = number
+    return scale, per
+
+
+def exportable(name: str, backbone: nn.Module) -> str:
+    """The diffusers class of an expert's backbone; one line when it cannot be exported."""
+    model = getattr(backbone, "diffusers_model", None)
+    cls = type(model).__name__ if model is not None else None
+    if cls not in EXPORTABLE:
+        raise EdiffError(
+            f"expert {name}'s backbone {type(backbone).__module__}.{type(backbone).__name__} "
+            f"is not a diffusers model: only SD3Transformer2DModel and UNet2DConditionModel "
+            f"backbones export ({EXPORTABLE_MODELS})"
+        )
+    if getattr(backbone, "token_proj", None) is not None:
+        raise EdiffError(
+            f"expert {name} projects its text tokens with its own layers (context_proj=linear), "
+            "which a diffusers model does not hold: only context_proj=pad experts export"
+        )
+    return cls
+
+
+def load_experts(
+    run_dir: str | os.PathLike, names: Sequence[str], guidance: tuple[float, dict], which: str
+) -> list[Expert]:
+    """The named experts, checked to tile σ, share one backbone class, noise law and codec;
+    ordered from the most noise to the least."""
+    scale, per = guidance
+    unknown = sorted(set(per) - set(names))
+    if unknown:
+        raise EdiffError(f"guidance names {', '.join(unknown)}, not among experts={list(names)}")
+    for name in names:
+        if not (node_dir(run_dir, name) / WEIGHTS).is_file():
+            raise EdiffError(
+                f"expert {name} is not a finished node of {run_dir}: "
+                f"{node_dir(run_dir, name) / WEIGHTS} does not exist"
+            )
+    cfgs = {name: load_train_config(node_dir(run_dir, name)) for name in names}
+    nodes = [node_of(cfgs[n]) for n in names]
+    try:
+        Router(nodes)
+    except EdiffError as e:
+        raise EdiffError(f"experts={list(names)} do not tile σ: {e}") from None
+    specs = {json.dumps(param_spec(param_from_config(c.get("param")))) for c in cfgs.values()}
+    if len(specs) > 1:
+        raise EdiffError(f"experts={list(names)} were trained under different parameterisations")
+    out = []
+    for name, node in zip(names, nodes):
+        _, denoiser = load_expert(node_dir(run_dir, name), which)
+        out.append(Expert(node, cfgs[name], denoiser.backbone, float(per.get(name, scale))))
+    classes = {exportable(e.node.name, e.backbone) for e in out}
+    for e in out:
+        e.model = merged(e.backbone.diffusers_model)
+    if len(classes) > 1:
+        raise EdiffError(f"experts={list(names)} mix backbones {sorted(classes)}")
+    codecs = {str((e.cfg.get("codec") or {}).get("_target_", "pixel")) for e in out}
+    if len(codecs) > 1:
+        raise EdiffError(f"experts={list(names)} mix codecs {sorted(codecs)}")
+    if len(out) > pipeline_module.MAX_EXPERTS:
+        raise EdiffError(
+            f"experts={list(names)}: {len(out)} experts, the pipeline holds at most "
+            f"{pipeline_module.MAX_EXPERTS}"
+        )
+    return sorted(out, key=lambda e: -e.node.sigma_pieces[-1][1])
+
+
+def merged(model: nn.Module) -> nn.Module:
+    """The diffusers model with any peft LoRA layers merged into plain weights (a fresh model
+    of the same config): a LoRA expert exports as base + adapter merged."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    if not layers:
+        return model
+    for layer in layers:
+        layer.merge()
+    state = {
+        k.replace(".base_layer.", "."): v
+        for k, v in model.state_dict().items()
+        if ".lora_" not in k and "lora_magnitude" not in k
+    }
+    fresh = type(model).from_config(model.config)
+    fresh.load_state_dict(state)
+    return fresh
+
+
+def _finite(x: Any) -> Any:
+    """JSON without infinities: an unbounded end is null."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+def scheduler_for(param: Any) -> Any:
+    """The diffusers scheduler that names the experts' noise law (the pipeline steps in σ)."""
+    import diffusers
+
+    if param.name == "flow":
+        return diffusers.FlowMatchEulerDiscreteScheduler(shift=float(param.shift))
+    if param.name == "vp":
+        kind = "epsilon" if param.prediction == "eps" else "v_prediction"
+        return diffusers.EulerDiscreteScheduler(
+            num_train_timesteps=param.steps,
+            beta_start=param.beta_start,
+            beta_end=param.beta_end,
+            beta_schedule="scaled_linear",
+            prediction_type=kind,
+        )
+    return diffusers.EDMEulerScheduler(sigma_data=float(param.sigma_data))
+
+
+def vae_of(cfg: Any) -> Any:
+    """The run's VAE (codec=vae) as a diffusers AutoencoderKL, else None."""
+    codec = cfg.get("codec") or {}
+    if not str(codec.get("_target_", "")).endswith("VAECodec"):
+        return None
+    import diffusers
+
+    path = codec.get("path") or Path(str(cfg.data.root)) / "vae"
+    sub = codec.get("subfolder")
+    kw = {"subfolder": str(sub)} if sub else {}
+    return diffusers.AutoencoderKL.from_pretrained(str(path), local_files_only=True, **kw)
+
+
+def expert_records(experts: list[Expert], kind: str, shift: float) -> list[dict[str, Any]]:
+    """experts.json's entries: node, component, σ interval, every convention, guidance."""
+    names = pipeline_module.SLOTS[kind]
+    rows = []
+    for slot, e in zip(names, experts):
+        pieces = e.node.sigma_pieces
+        if len(pieces) != 1:
+            raise EdiffError(
+                f"expert {e.node.name} owns {len(pieces)} separate σ bands; the pipeline routes "
+                "one band per expert (export the named nodes instead of a complement)"
+            )
+        lo, hi = pieces[0]
+        rows.append(
+            {
+                "node": e.node.name,
+                "component": slot,
+                "sigma": [lo, hi],
+                "guidance_scale": e.guidance,
+                "boundaries": interval(lo, hi, shift),
+            }
+        )
+    return rows
+
+
+def export_run(
+    run_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    names: Sequence[str] | None = None,
+    guidance: str | float | None = None,
+    which: str = "ema",
+    sample: dict[str, Any] | None = None,
+) -> Path:
+    """Write the experts of `run_dir` (default: its finished leaves) to the new folder `out`."""
+    out = Path(out)
+    if out.exists():
+        raise EdiffError(f"out={str(out)!r} exists; export writes a new folder")
+    names = list(names) if names else finished_leaves(run_dir)
+    experts = load_experts(run_dir, names, parse_guidance(guidance), which)
+    cfg = experts[0].cfg
+    param = param_from_config(cfg.get("param"))
+    kind = EXPORTABLE[type(experts[0].backbone.diffusers_model).__name__]
+    shift = float(getattr(param, "shift", 1.0))
+    rows = expert_records(experts, kind, shift)
+    backbone = experts[0].backbone
+    settings = {
+        "steps": 32,
+        "solver": "heun",
+        "sigma_min": 0.002,
+        "sigma_max": 80.0,
+        "rho": 7.0,
+        **(sample or {}),
+        "image_size": int(backbone.image_size),
+        "channels": int(backbone.in_channels),
+    }
+    ratio = rows[0]["boundaries"]["boundary_ratio"][0] if len(rows) == 2 else None
+    pipe = pipeline_module.EnsemblePipeline(
+        scheduler=scheduler_for(param),
+        vae=vae_of(cfg),
+        **{r["component"]: e.model for r, e in zip(rows, experts)},
+        experts=_finite(
+            [{k: r[k] for k in ("node", "component", "sigma", "guidance_scale")} for r in rows]
+        ),
+        param=param_spec(param),
+        timestep_scale=float(getattr(backbone, "timestep_scale", 1.0)),
+        boundary_ratio=ratio,
+        sample=settings,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        index = json.loads((tmp / "model_index.json").read_text())
+        index["_class_name"] = ["pipeline", "EnsemblePipeline"]
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+        shutil.copyfile(pipeline_module.__file__, tmp / "pipeline.py")
+        record = {
+            "format": FORMAT,
+            "run_dir": str(run_dir),
+            "weights": which,
+            "backbone": type(backbone.diffusers_model).__name__,
+            "param": param_spec(param),
+            "timestep_scale": pipe.config.timestep_scale,
+            "boundary_ratio": ratio,
+            "experts": rows,
+            "sample": settings,
+            "directions": "every convention runs up with noise except log_snr",
+        }
+        (tmp / EXPERTS_JSON).write_text(json.dumps(_finite(record), indent=2) + "\n")
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
