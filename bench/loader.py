@@ -4,6 +4,7 @@
     python bench/loader.py --dims tiny                   # the tiny encoders' dims (32/24)
     python bench/loader.py --remote s3 --readahead 0 2   # also from a local S3 server (moto)
     python bench/loader.py --quick                       # seconds: smallest useful settings
+    python bench/loader.py --reader fast                 # one reader only (default: both)
 
 Data: synthetic but shaped like COCO at the base stage: 64 px JPEG crops of real photographs
 (scikit-learn's two sample images), captions of COCO length (T5 tokens ~ N(15, 3) clipped to
@@ -24,6 +25,12 @@ for the transfer). The main process's own cost is shown per sample, and "all CPU
 the samples by the CPU-seconds of the workers and the main process together. Data sits in the
 page cache. Each row is the median of --repeat trials; all trials are listed, since shared
 machines are noisy.
+
+Readers (`--reader`): every row is measured with the fast reader (data.reader=fast: mapped
+tars, zero-copy members, tario.py) and with the webdataset one (data.reader=webdataset:
+webdataset's pipeline and Python's tarfile, wds_reader.py), on the same shards, settings and
+consumers, one after the other; a second table puts them side by side (samples/s, and CPU-µs
+per sample over the workers and the main process together). Both yield the same batches.
 
 Remote (`--remote s3`): the same shards uploaded to an S3-compatible server that the bench
 starts itself (moto in server mode, a separate process on 127.0.0.1: offline, no account) and
@@ -164,6 +171,7 @@ def measure(
     consumer: str,
     readahead: int = 2,
     server: int | None = None,
+    reader: str = "fast",
 ) -> dict[str, Any]:
     """One timed pass: wall rate, and CPU-seconds of the workers and of the main process.
 
@@ -183,6 +191,7 @@ def measure(
         rank=0,
         world_size=1,
         readahead=readahead,
+        reader=reader,
     )
     dm.setup("fit")
     loader = dm.train_dataloader()
@@ -231,6 +240,7 @@ def measure(
     del it
     rate = n / wall
     return {
+        "reader": reader,
         "consumer": consumer,
         "workers": workers,
         "readahead": readahead if server else None,
@@ -359,6 +369,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="what the training process does "
         "with a batch: expand it on the CPU, or ship it compact to the GPU",
     )
+    p.add_argument(
+        "--reader",
+        nargs="+",
+        choices=("fast", "webdataset"),
+        default=["fast", "webdataset"],
+        help="data.reader values to measure, each on every row (side by side)",
+    )
     p.add_argument("--fixed-samples", type=int, default=128)
     p.add_argument(
         "--remote",
@@ -404,19 +421,40 @@ def num(x: float | None) -> str:
 
 def print_table(runs: list[dict[str, Any]]) -> None:
     print(
-        f"{'source':>10} {'consumer':>8} {'workers':>7} {'samples/s':>10} {'per worker':>11} "
+        f"{'source':>10} {'reader':>10} {'consumer':>8} {'workers':>7} {'samples/s':>10} "
+        f"{'per worker':>11} "
         f"{'per worker-CPU-s':>17} {'main µs/sample':>15} {'per all CPU-s':>14} "
         f"{'server µs/sample':>17}  trials (per worker-CPU-s)"
     )
     for r in runs:
         trials = ", ".join(f"{t:,.0f}" for t in r["trials"] if t)
         print(
-            f"{r['source']:>10} {r['consumer']:>8} {r['workers']:>7} "
+            f"{r['source']:>10} {r['reader']:>10} {r['consumer']:>8} {r['workers']:>7} "
             f"{r['samples_per_s']:>10,.0f} {r['samples_per_s_per_worker']:>11,.0f} "
             f"{num(r['samples_per_worker_cpu_s']):>17} {num(r['main_cpu_us_per_sample']):>15} "
             f"{num(r['samples_per_cpu_s_all']):>14} {num(r['server_cpu_us_per_sample']):>17}"
             f"  {trials}"
         )
+
+
+def cpu_us_per_sample(r: dict[str, Any]) -> float | None:
+    """CPU-µs one sample cost, workers and main process together (in-process: the process)."""
+    rate = r["samples_per_cpu_s_all"] if r["workers"] else r["samples_per_worker_cpu_s"]
+    return 1e6 / rate if rate else None
+
+
+def print_side_by_side(runs: list[dict[str, Any]], readers: list[str]) -> None:
+    """One line per (source, consumer, workers): each reader's samples/s and CPU-µs/sample."""
+    rows: dict[tuple, dict[str, dict[str, Any]]] = {}
+    for r in runs:
+        rows.setdefault((r["source"], r["consumer"], r["workers"]), {})[r["reader"]] = r
+    head = " ".join(f"{'samples/s ' + n:>20}" for n in readers)
+    head += " " + " ".join(f"{'CPU-µs/sample ' + n:>24}" for n in readers)
+    print(f"\nreaders side by side\n{'source':>10} {'consumer':>8} {'workers':>7} {head}")
+    for (source, consumer, workers), by in rows.items():
+        rates = " ".join(f"{by[n]['samples_per_s']:>20,.0f}" for n in readers)
+        cost = " ".join(f"{num(cpu_us_per_sample(by[n])):>24}" for n in readers)
+        print(f"{source:>10} {consumer:>8} {workers:>7} {rates} {cost}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -439,15 +477,22 @@ def main(argv: list[str] | None = None) -> int:
             for name, url, depth, pid in sources:
                 for c in a.consumers:
                     for k in a.workers:
-                        row = median_run(
-                            [
+                        for reader in a.reader:
+                            trials = [
                                 measure(
-                                    url, k, a.batch_size, a.image_size, a.batches, c, depth, pid
+                                    url,
+                                    k,
+                                    a.batch_size,
+                                    a.image_size,
+                                    a.batches,
+                                    c,
+                                    depth,
+                                    pid,
+                                    reader,
                                 )
                                 for _ in range(max(a.repeat, 1))
                             ]
-                        )
-                        runs.append({"source": name, **row})
+                            runs.append({"source": name, **median_run(trials)})
     finally:
         if server is not None:
             server.kill()
@@ -468,6 +513,7 @@ def main(argv: list[str] | None = None) -> int:
             "shards": a.shards,
             "batch_size": a.batch_size,
             "t5_tokens_mean": round(tokens_mean, 2),
+            "readers": a.reader,
             "remote": a.remote,
             "s3_latency_ms": a.s3_latency_ms if server else None,
         },
@@ -491,6 +537,8 @@ def main(argv: list[str] | None = None) -> int:
         "(target ≤ 0.125)"
     )
     print_table(runs)
+    if len(a.reader) > 1:
+        print_side_by_side(runs, a.reader)
     print(
         "target: ≥ 3,000 samples/s per CPU core (a worker is one core: per worker-CPU-s; "
         "per all CPU-s adds the main process)"

@@ -47,7 +47,9 @@ def test_loader_bench_prints_positive_figures(
     size = figures["bytes_per_sample"]
     assert size["ours"] > 0 and 0 < size["ours_same_samples"] < size["fixed_fp32_113_same_samples"]
     rows = figures["loader"]
-    assert sorted(r["consumer"] for r in rows) == ["compact", "float32"]
+    assert sorted((r["consumer"], r["reader"]) for r in rows) == [
+        (c, r) for c in ("compact", "float32") for r in ("fast", "webdataset")
+    ]  # both readers by default, one after the other on each row
     for r in rows:
         assert r["workers"] == 1 and r["samples"] == 3 * 8  # the timed batches, all of them
         assert r["seconds"] > 0 and r["samples_per_s"] > 0 and r["samples_per_s_per_worker"] > 0
@@ -59,5 +61,17 @@ def test_loader_bench_prints_positive_figures(
     for r, line in zip(rows, table):
         cells = line.split()
         assert r["consumer"] in cells and f"{r['samples_per_s']:,.0f}" in cells, line
+        assert r["reader"] in cells, line
+    # the side-by-side table: per consumer, fast's then webdataset's samples/s, then CPU-µs
+    side = lines[lines.index("readers side by side") + 2 :][:2]
+    for line in side:
+        source, consumer, workers, *cells = line.split()
+        by = {r["reader"]: r for r in rows if r["consumer"] == consumer}
+        assert (source, workers) == ("local", "1") and cells[:2] == [
+            f"{by[n]['samples_per_s']:,.0f}" for n in ("fast", "webdataset")
+        ]
+        assert cells[2:] == [
+            f"{1e6 / by[n]['samples_per_cpu_s_all']:,.0f}" for n in ("fast", "webdataset")
+        ]
     assert any(ln.startswith("bytes/sample: ours") for ln in lines[:head])
     assert [p.name for p in tmp_path.iterdir()] == ["loader.json"]  # its temp shards are gone

@@ -28,6 +28,7 @@ from ediff_train.data.loader import (
 from ediff_train.data.manifest import check_manifest, read_manifest
 from ediff_train.data.position import POSITION, StreamPosition
 from ediff_train.data.samples import check_sizes
+from ediff_train.data.wds_reader import READERS, stream_class
 from ediff_train.errors import EdiffError
 from ediff_train.io.remote import Retry, is_remote, join, listing, normalize
 
@@ -185,6 +186,9 @@ class ShardDataModule(L.LightningDataModule):
 
     `root` may be a URL (s3://, gs://, https://, pipe:; see remote.py): its shards stream with
     `readahead` shards fetched ahead per worker, each request tried `retries` times.
+
+    `reader`: "fast" (tario's mapped zero-copy reading, the default) or "webdataset" (the same
+    stream through webdataset's pipeline, wds_reader.py); held-out batches always use fast.
     """
 
     def __init__(
@@ -205,12 +209,16 @@ class ShardDataModule(L.LightningDataModule):
         crop_size: int | None = None,
         readahead: int = 2,
         retries: int = 5,
+        reader: str = "fast",
         *,
         rank: int | None = None,
         world_size: int | None = None,
     ) -> None:
         super().__init__()
         check_sizes(image_size, lowres_size, crop_size)  # before any work
+        if reader not in READERS:
+            raise EdiffError(f"data.reader must be one of {', '.join(READERS)}, got {reader!r}")
+        self.reader = reader
         self.crop_size = crop_size
         self.root = normalize(root) if is_remote(root) else str(root)
         self.readahead, self.retries = int(readahead), int(retries)
@@ -268,7 +276,7 @@ class ShardDataModule(L.LightningDataModule):
             )
         num_samples = self.manifest.get("num_samples", sum(self.manifest["shards"].values()))
         num_samples = int(num_samples * (1.0 - self.val_fraction))  # the key split holds out
-        stream = ShardStream(
+        stream = stream_class(self.reader)(
             self.shard_paths,
             self.batch_size,
             self.image_size,

@@ -284,6 +284,17 @@ class ShardStream(IterableDataset):
             "holdout": list(self.holdout or ()),
         }
 
+    def raw_pass(
+        self, order: Sequence[str], skips: SkipCounter, rng: random.Random
+    ) -> Iterator[dict[str, Any]]:
+        """Raw samples of one pass over `order`, through the shuffle buffer (per pass, so one
+        pass never leaks into the next): the part `data.reader` swaps (wds_reader.py); the
+        decoding, checks, batching and positions below are the same for every reader."""
+        stream: Iterator[dict[str, Any]] = read_shards(order, skips, self.retry, self.readahead)
+        if self.shuffle_buffer > 1:
+            stream = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(stream)
+        return stream
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         physical, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
@@ -309,11 +320,7 @@ class ShardStream(IterableDataset):
             order = list(mine)
             if pass_no > 0:  # cycling: every later pass in a new order
                 _rng(*tag, "pass", pass_no).shuffle(order)
-            stream: Iterator[dict[str, Any]] = read_shards(order, skips, self.retry, self.readahead)
-            if self.shuffle_buffer > 1:  # per pass, so one pass never leaks into the next
-                stream = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=buffer_rng)(
-                    stream
-                )
+            stream = self.raw_pass(order, skips, buffer_rng)
             made_before, fresh = made, drawn >= passed
             for raw in stream:
                 drawn += 1

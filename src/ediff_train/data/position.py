@@ -141,7 +141,10 @@ class StreamPosition:
             why = f"format {state.get('format')!r}, expected {_FORMAT}"
         elif dict(state.get("identity", {})) != self.identity:
             old, new = state.get("identity", {}), self.identity
-            diff = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in new.items() if old.get(k) != v]
+            names = [*new, *(k for k in old if k not in new)]  # a key only one of them has too
+            diff = [
+                f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in names if old.get(k) != new.get(k)
+            ]
             why = "the stream changed: " + ", ".join(diff)
         elif str(self.rank) not in state.get("ranks", {}):
             why = f"no position saved for rank {self.rank}"
