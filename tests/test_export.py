@@ -259,3 +259,113 @@ def test_parse_guidance() -> None:
     assert parse_guidance("2,E1_1:7") == (2.0, {"E1_1": 7.0})
     with pytest.raises(EdiffError):
         parse_guidance(f"E1_0:{math.inf}")
+
+
+def built_run(run_dir: Path, *overrides: str) -> None:
+    """E1_0 and E1_1 stored directly (config.yaml + weights.safetensors, no training: the
+    trained case is above), each with its own random weights, zero-init output layers too."""
+    from omegaconf import OmegaConf
+
+    from ediff_train.run.weights import denoiser_of, save_weights
+
+    for seed, name in enumerate(("E1_0", "E1_1")):
+        cfg = compose_train(f"run_dir={run_dir}", f"expert={name}", *overrides)
+        torch.manual_seed(seed)
+        denoiser = denoiser_of(cfg)
+        with torch.no_grad():
+            for n, p in denoiser.named_parameters():
+                if "conv_out" in n or "proj_out" in n:
+                    p.normal_(0, 0.05)
+        ndir = run_dir / name
+        ndir.mkdir(parents=True)
+        (ndir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        state = denoiser.state_dict()
+        save_weights(ndir / "weights.safetensors", state, {k: v.clone() for k, v in state.items()})
+
+
+def tiny_vae(folder: Path) -> Path:
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(5)
+    AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 8),
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+    ).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("case", ["sd_unet_vp", "mmdit_vae"])
+def test_a_unet_tree_and_a_latent_tree_export_exactly(tmp_path: Path, case: str) -> None:
+    """An SD U-Net under VP (ε; the key mask reaches its cross-attention) and an MMDiT on VAE
+    latents (the folder's vae/ decodes): pipeline images = ediff-train's for the same noise."""
+    from diffusers import DiffusionPipeline
+
+    from ediff_train.run.weights import load_codec, load_train_config
+
+    if case == "sd_unet_vp":
+        built_run(tmp_path / "R", "model=sd_unet_tiny", "param=vp_eps")
+    else:
+        vae = tiny_vae(tmp_path / "vae")
+        built_run(
+            tmp_path / "R",
+            "model=mmdit_tiny",
+            "model.num_layers=1",
+            "param=flow",
+            "codec=vae",
+            f"codec.path={vae}",
+            "codec.channels=4",
+            "codec.downsample=2",
+        )
+    out = export_run(tmp_path / "R", tmp_path / "home", guidance="4")
+    pipe = DiffusionPipeline.from_pretrained(out, trust_remote_code=True)
+    ens = load_ensemble(tmp_path / "R", ["E1_0", "E1_1"])
+    backbone = ens.experts[0].backbone
+    c = cond()
+    tokens, mask = backbone.context(c, torch.float32)
+    codec = load_codec(load_train_config(tmp_path / "R" / "E1_0"))
+    size, ch = backbone.image_size, backbone.in_channels
+    noise = torch.randn(2, ch, size, size, generator=torch.Generator().manual_seed(1))
+    decode = None if codec.is_identity else codec.decode
+    ours = generate(ens, c, size, steps=4, guidance=4.0, noise=noise, channels=ch, decode=decode)
+    kw: dict[str, Any] = {"pooled_prompt_embeds": backbone.pooled(c, torch.float32)}
+    if case == "sd_unet_vp":
+        kw["prompt_attention_mask"] = mask
+        assert pipe.unet is not None and pipe.unet_2 is not None
+        assert type(pipe.scheduler).__name__ == "EulerDiscreteScheduler"
+    else:
+        assert pipe.vae is not None and ours.shape == (2, 3, 16, 16)
+    images = pipe(
+        prompt_embeds=tokens, latents=noise, num_inference_steps=4, output_type="pt", **kw
+    )
+    torch.testing.assert_close(images.images, ours, atol=2e-5, rtol=0)
+
+
+def test_a_lora_child_exports_merged_and_samples_the_same(run: Path, tmp_path: Path) -> None:
+    """E1_1 as a peft adapter over the root (lora=default, run/adapters.py) beside a full E1_0,
+    both trained from the fixture's root through parent_dir: exported with the adapter merged,
+    the pipeline still gives our sampler's images (which runs base + adapter unmerged)."""
+    from diffusers import DiffusionPipeline
+
+    root = f"parent_dir={run / 'E0_0'}"
+    train(tmp_path / "L", "expert=E1_0", root)
+    train(tmp_path / "L", "expert=E1_1", "lora=default", root)
+    assert (tmp_path / "L" / "E1_1" / "adapter_model.safetensors").is_file()
+    out = export_run(tmp_path / "L", tmp_path / "home", guidance="3")  # the leaves: E1_0, E1_1
+    pipe = DiffusionPipeline.from_pretrained(out, trust_remote_code=True)
+    ens = load_ensemble(tmp_path / "L", ["E1_0", "E1_1"])
+    c = cond()
+    noise = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    ours = generate(ens, c, 16, steps=4, guidance=3.0, noise=noise)
+    backbone = ens.experts[0].backbone
+    images = pipe(
+        prompt_embeds=backbone.context(c, torch.float32)[0],
+        pooled_prompt_embeds=backbone.pooled(c, torch.float32),
+        latents=noise,
+        num_inference_steps=4,
+        output_type="pt",
+    ).images
+    torch.testing.assert_close(images, ours, atol=2e-5, rtol=0)

@@ -29,6 +29,7 @@ from ediff_train.core.parameterisation import from_config as param_from_config
 from ediff_train.core.parameterisation import spec as param_spec
 from ediff_train.errors import EdiffError
 from ediff_train.export import pipeline as pipeline_module
+from ediff_train.run.adapters import ADAPTER
 from ediff_train.run.layout import WEIGHTS, node_dir
 from ediff_train.run.weights import load_expert, load_train_config, node_of
 
@@ -49,14 +50,20 @@ class Expert:
     model: nn.Module | None = None  # the diffusers model to save (LoRA merged in)
 
 
+def finished(ndir: Path) -> bool:
+    """A node's hand-off is there: full weights, or a LoRA adapter (run/adapters.py)."""
+    return (ndir / WEIGHTS).is_file() or (ndir / ADAPTER).is_file()
+
+
 def finished_leaves(run_dir: str | os.PathLike) -> list[str]:
     """The finished nodes of a run that no other finished node names as its parent."""
     root = Path(run_dir)
     if not root.is_dir():
         raise EdiffError(f"run_dir {str(run_dir)!r} does not exist")
     nodes = {
-        p.parent.name: node_of(load_train_config(p.parent))
-        for p in sorted(root.glob(f"*/{WEIGHTS}"))
+        p.name: node_of(load_train_config(p))
+        for p in sorted(root.iterdir())
+        if p.is_dir() and finished(p)
     }
     if not nodes:
         raise EdiffError(f"run_dir {str(run_dir)!r} holds no finished node ({WEIGHTS})")
@@ -114,7 +121,7 @@ def load_experts(
     if unknown:
         raise EdiffError(f"guidance names {', '.join(unknown)}, not among experts={list(names)}")
     for name in names:
-        if not (node_dir(run_dir, name) / WEIGHTS).is_file():
+        if not finished(node_dir(run_dir, name)):
             raise EdiffError(
                 f"expert {name} is not a finished node of {run_dir}: "
                 f"{node_dir(run_dir, name) / WEIGHTS} does not exist"
@@ -214,7 +221,7 @@ def expert_records(experts: list[Expert], kind: str, shift: float) -> list[dict[
     """experts.json's entries: node, component, σ interval, every convention, guidance."""
     names = pipeline_module.SLOTS[kind]
     rows = []
-    for slot, e in zip(names, experts):
+    for i, (slot, e) in enumerate(zip(names, experts)):
         pieces = e.node.sigma_pieces
         if len(pieces) != 1:
             raise EdiffError(
@@ -222,6 +229,10 @@ def expert_records(experts: list[Expert], kind: str, shift: float) -> list[dict[
                 "one band per expert (export the named nodes instead of a complement)"
             )
         lo, hi = pieces[0]
+        # the ends of the tiling are open, as the Router's are: a σ beyond the law's range
+        # (σ_max = 80 above a VP schedule's top, say) belongs to the end expert
+        hi = math.inf if i == 0 else hi
+        lo = 0.0 if i == len(experts) - 1 else lo
         rows.append(
             {
                 "node": e.node.name,
