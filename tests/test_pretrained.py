@@ -222,3 +222,31 @@ def test_training_refuses_a_bad_folder_before_writing(tmp_path: Path) -> None:
     assert err is not None and "\n" not in str(err)
     assert str(err) == f"pretrained {str(folder.resolve())!r} has in_channels=4, the data needs 3"
     assert not (tmp_path / "R" / "E0_0" / "config.yaml").exists()
+
+
+def test_a_child_inherits_the_folders_backbone_and_a_plain_tree_is_left_alone(
+    tmp_path: Path,
+) -> None:
+    """`expert=E1_0` under a root started from a folder trains the root's model and codec; under
+    a root that was not, the command's own model stands."""
+    from omegaconf import OmegaConf
+
+    folder = sd3_folder(tmp_path / "sd3", vae=True)
+    root = compose_train(f"init_from={folder}", f"run_dir={tmp_path / 'R'}")
+    apply_init_from(root, node_of_cfg(root))
+    (tmp_path / "R" / "E0_0").mkdir(parents=True)
+    (tmp_path / "R" / "E0_0" / "config.yaml").write_text(OmegaConf.to_yaml(root, resolve=True))
+    child = compose_train("expert=E1_0", f"run_dir={tmp_path / 'R'}")
+    record = apply_init_from(child, node_of_cfg(child))
+    assert record == {
+        "folder": str(folder.resolve()),
+        "inherited_from": str(tmp_path / "R" / "E0_0"),
+    }
+    assert child.model._target_ == "ediff_train.nn.mmdit.MMDiT"
+    assert child.model.pretrained == str(folder.resolve()) and child.codec.subfolder == "vae"
+    plain = compose_train(f"run_dir={tmp_path / 'P'}")
+    (tmp_path / "P" / "E0_0").mkdir(parents=True)
+    (tmp_path / "P" / "E0_0" / "config.yaml").write_text(OmegaConf.to_yaml(plain, resolve=True))
+    child = compose_train("expert=E1_0", f"run_dir={tmp_path / 'P'}")
+    assert apply_init_from(child, node_of_cfg(child)) is None
+    assert child.model._target_ == "ediff_train.nn.unet.TextUNet" and child.init_from is None
