@@ -106,6 +106,28 @@ def test_diffusers_pipeline_images_equal_our_samplers(
     ).images
     torch.testing.assert_close(images, ours, atol=2e-5, rtol=0)
     assert (ours - 0.5).abs().mean() > 0.05  # not a constant image: the experts did something
+    # Wan's call: guidance_scale for `transformer` (E1_1), guidance_scale_2 for `transformer_2`
+    wan = pipe(
+        prompt_embeds=tokens,
+        pooled_prompt_embeds=backbone.pooled(c, torch.float32),
+        latents=noise,
+        num_inference_steps=5,
+        solver=solver,
+        guidance_scale=6.0,
+        guidance_scale_2=3.0,
+        output_type="pt",
+    ).images
+    assert torch.equal(wan, images)
+    swapped = generate(
+        ens,
+        c,
+        16,
+        steps=5,
+        guidance=Guidance(5.0, {"E1_0": 6.0, "E1_1": 3.0}),
+        solver=solver,
+        noise=noise,
+    )
+    assert not torch.allclose(swapped, ours, atol=1e-3)  # the scales do reach their experts
 
 
 def test_each_step_goes_to_the_expert_owning_its_sigma(run: Path, tmp_path: Path) -> None:
