@@ -9,6 +9,9 @@ the ratio should be ≈ 1 (the router's lookup is the only extra work). `--offlo
 ensemble with offloading (each expert on the device only while it runs, the next one prefetched:
 offload.Offloader) and reports its step time and peak memory beside the resident ensemble's.
 Prints a table; `--json` writes it. Peak memory is CUDA's max allocated (on CPU: not measured).
+`--lora R` adds the same experts as rank-R LoRA adapters over one shared base (sampling/lora.py:
+the adapter switched by σ, no weight copied): its step time against the single model, and the
+parameter bytes of N experts as full copies vs one base + N adapters.
 """
 
 from __future__ import annotations
@@ -34,8 +37,10 @@ from ediff_train.core.solvers import (
     karras_sigmas,  # noqa: E402
     solve,  # noqa: E402
 )
-from ediff_train.sampling.ensemble import Ensemble
-from ediff_train.sampling.guidance import guided
+from ediff_train.run.adapters import inject, lora_config, resolve_targets  # noqa: E402
+from ediff_train.sampling.ensemble import Ensemble  # noqa: E402
+from ediff_train.sampling.guidance import guided  # noqa: E402
+from ediff_train.sampling.lora import AdapterExpert, AdapterSwitch  # noqa: E402
 
 NODES = ["E9_511", "E3_0", "not_E9_511_E3_0", "E1_0", "E1_1"]
 
@@ -73,6 +78,56 @@ def peak_mb(run: Any, device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**20
 
 
+def param_bytes(*modules: torch.nn.Module) -> int:
+    """Bytes of the distinct parameter tensors of `modules` (a shared base counted once)."""
+    seen: dict[int, int] = {}
+    for m in modules:
+        for p in m.parameters():
+            seen[p.data_ptr()] = p.numel() * p.element_size()
+    return sum(seen.values())
+
+
+def lora_ensemble(base: torch.nn.Module, nodes: list[Any], rank: int) -> Ensemble:
+    """`base` with one rank-`rank` adapter per node (B random, so the adapters do real work),
+    as an ensemble whose experts switch the adapter."""
+    targets = resolve_targets(base.backbone, "auto")
+    g = torch.Generator().manual_seed(1)
+    for node in nodes:
+        inject(base.backbone, lora_config(rank, rank, 0.0, targets), node.name)
+    with torch.no_grad():
+        for name, p in base.named_parameters():
+            if ".lora_B." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.01)
+    base.eval().requires_grad_(False)
+    switch = AdapterSwitch(base)
+    return Ensemble(nodes, [AdapterExpert(base, n.name, switch) for n in nodes])
+
+
+def lora_row(a: Any, cfg: Any, nodes: list[Any], nets: list[Any], cond: Any) -> dict[str, Any]:
+    """Step time of the LoRA ensemble vs the single model, and parameter bytes both ways."""
+    device, size = torch.device(a.device), int(cfg.image_size)
+    ens = lora_ensemble(copy.deepcopy(nets[0]), nodes, a.lora).to(device)
+    single_t: list[float] = []
+    lora_t: list[float] = []
+    for _ in range(2):  # interleaved, as above
+        single_t += time_sampler(nets[0], cond, size, a.steps, a.solver, a.repeats, device)
+        lora_t += time_sampler(ens, cond, size, a.steps, a.solver, a.repeats, device)
+    s, e = statistics.median(single_t), statistics.median(lora_t)
+    full = param_bytes(nets[0]) * len(nodes)
+    shared = param_bytes(*ens.experts)
+    return {
+        "lora_rank": a.lora,
+        "experts": len(nodes),
+        "single_s_per_step": s,
+        "lora_ensemble_s_per_step": e,
+        "lora_ratio": e / s,
+        "adapter_switches": ens.experts[0].switch.switches,
+        "full_copies_mb": full / 2**20,
+        "base_plus_adapters_mb": shared / 2**20,
+        "adapters_mb": (shared - param_bytes(nets[0])) / 2**20,
+    }
+
+
 def _mb(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.0f}"
 
@@ -88,6 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--offload", action="store_true", help="also time an offloaded ensemble")
+    p.add_argument("--lora", type=int, default=0, help="also time rank-R LoRA experts (0: off)")
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args(argv)
     if a.threads:
@@ -164,6 +220,18 @@ def main(argv: list[str] | None = None) -> None:
         f"device: {device}{f' ({threads} threads)' if device.type == 'cpu' else ''}; "
         f"expert calls in the ensemble runs: {dict(zip([n.name for n in nodes], ens.calls))}"
     )
+    if a.lora:
+        nets[0].to(device)
+        r = lora_row(a, cfg, nodes, nets, cond)
+        rows.append(r)
+        print(
+            f"LoRA rank {r['lora_rank']}, {r['experts']} experts: "
+            f"{r['lora_ensemble_s_per_step']:.4f} s/step vs single {r['single_s_per_step']:.4f} "
+            f"(ratio {r['lora_ratio']:.3f}, "
+            f"{r['adapter_switches']} adapter switches); parameters: {r['full_copies_mb']:.2f} MB "
+            f"as full copies vs {r['base_plus_adapters_mb']:.2f} MB base + adapters "
+            f"({r['adapters_mb']:.3f} MB of adapters)"
+        )
     if a.json:
         a.json.write_text(json.dumps(rows, indent=1))
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from test_train import train
@@ -30,13 +31,13 @@ QUIET = ["sample.per_prompt=0", "probe.enabled=false"]
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """R/E0_0 (3 steps) and R/E1_1 as a LoRA adapter over it through train.py: 2 steps, then
-    the same command with steps=3 resumes its last checkpoint for the third. The raw adapter of
-    the first run is kept as R/E1_1_step2.safetensors."""
+    """R/E0_0 (3 steps) and R/E1_1 as a LoRA adapter over it through train.py: 2 steps as a
+    2-process DDP run (gloo), then the same command with steps=3 and one process resumes its
+    last checkpoint for the third. The raw adapter after step 2 is kept beside it."""
     tmp = tmp_path_factory.mktemp("lora")
     child = ["run_dir=R", "expert=E1_1", "lora=default", *QUIET]
     train(tmp, "run_dir=R", "steps=3", *QUIET)
-    train(tmp, *child, "steps=2")
+    train(tmp, *child, "steps=2", "trainer=ddp_cpu")
     shutil.copy(tmp / "R/E1_1/raw/adapter_model.safetensors", tmp / "R/E1_1_step2.safetensors")
     train(tmp, *child, "steps=3")
     return tmp
@@ -162,6 +163,9 @@ def test_adapter_over_another_base_is_refused(lora_run: Path) -> None:
     key = next(k for k in tensors if k.startswith("ema."))
     tensors[key] = tensors[key] + 1e-3
     save_file(tensors, path)
+    info = json.loads((run / "E1_1" / "node.json").read_text())
+    info["lora"]["base_dir"] = str(run / "gone")  # the base it was trained over is not here
+    (run / "E1_1" / "node.json").write_text(json.dumps(info))
     with pytest.raises(EdiffError, match="another base") as e:
         load_expert(run / "E1_1")
     assert "\n" not in str(e.value)
@@ -228,6 +232,8 @@ def test_resumed_lora_node_carries_on(lora_run: Path) -> None:
         not torch.equal(before[k], after[k]) for k in before
     )
     assert json.loads((child / "node.json").read_text())["steps_this_run"] == 3
+    rank1 = json.loads((child / "data" / "rank1.json").read_text())  # the DDP leg's 2nd rank
+    assert sum(rank1.values()) == 2 * 16  # its two batches of 16
 
 
 def test_in_process_pieces() -> None:
@@ -275,3 +281,31 @@ def test_lora_child_of_a_lora_parent_starts_from_its_adapter(lora_run: Path) -> 
     for k, v in module.denoiser.state_dict().items():
         if ".lora_" not in k:
             assert torch.equal(v, root_ema[k.replace(".base_layer.", ".")]), k
+
+
+def test_bench_counts_one_base_plus_adapters() -> None:
+    """bench/sample.py's LoRA memory figure: N experts over one base are the base's bytes plus
+    rank·(in + out) fp32 values per targeted Linear per expert (counted here from the layers)."""
+    import copy as _copy
+    import importlib.util
+
+    from hydra.utils import instantiate
+
+    from ediff_train.core.edm import EDMPrecond
+    from ediff_train.core.experts import parse_node
+
+    spec = importlib.util.spec_from_file_location("_bench_sample", ROOT / "bench" / "sample.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    base = EDMPrecond(instantiate(bench.model_config("tiny"), grad_checkpointing=False))
+    plain = _copy.deepcopy(base)
+    nodes = [parse_node(n) for n in ("E1_0", "E1_1")]
+    ens = bench.lora_ensemble(base, nodes, 4)
+    lin = [
+        m
+        for n, m in plain.backbone.named_modules()
+        if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in ("qkv", "proj", "q", "kv")
+    ]
+    adapter = sum(4 * (m.in_features + m.out_features) * 4 for m in lin) * len(nodes)
+    assert bench.param_bytes(*ens.experts) == bench.param_bytes(plain) + adapter
+    assert bench.param_bytes(plain) == sum(p.numel() * 4 for p in plain.parameters())

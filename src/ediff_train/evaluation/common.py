@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from ediff_train.core.experts import Router
 from ediff_train.errors import EdiffError
 from ediff_train.metrics.captions import Item, digits_items, file_items
+from ediff_train.run.adapters import is_lora_node
 from ediff_train.run.layout import WEIGHTS, read_node_json
 from ediff_train.run.weights import load_train_config, node_of
 from ediff_train.sampling.ensemble import Ensemble, load_ensemble
@@ -29,7 +30,7 @@ def run_specs(cfg: DictConfig) -> list[dict[str, Any]]:
     ]:
         dirs = [Path(n) if "/" in str(n) else Path(cfg.run_dir) / str(n) for n in names]
         for d in dirs:
-            if not (d / WEIGHTS).is_file():
+            if not (d / WEIGHTS).is_file() and not is_lora_node(d):  # LoRA: run/adapters.py
                 raise EdiffError(
                     f"no trained node at {d} (weights.safetensors missing); "
                     f"train it first or fix run_dir/experts"

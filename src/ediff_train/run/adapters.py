@@ -112,7 +112,8 @@ def _examples(layers: list[str], n: int = 6) -> list[str]:
     """A few distinct last names of the backbone's layers, for messages."""
     seen: list[str] = []
     for name in layers:
-        last = name.rsplit(".", 1)[-1]
+        parts = name.split(".")
+        last = ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
         if last not in seen:
             seen.append(last)
     return seen[:n]
@@ -224,16 +225,20 @@ def lora_record(ndir: str | os.PathLike) -> dict[str, Any]:
     return rec
 
 
-def base_dir(ndir: str | os.PathLike, record: dict[str, Any]) -> Path:
-    """The base node's folder: the node named `base` beside this one (the run directory at
-    hand, even if it moved), else where the base was at training time (a `parent_dir=` run).
-    Checked by hash afterwards, never trusted by name."""
-    for cand in (Path(ndir).parent / str(record["base"]), Path(str(record.get("base_dir", "")))):
-        if (cand / WEIGHTS).is_file():
+def base_dir(ndir: str | os.PathLike, record: dict[str, Any], who: str | None = None) -> Path:
+    """The folder of the base an adapter was trained over: the node named `base` beside this
+    one (a run directory that moved), else where the base was at training time. The first whose
+    weights hash to the recorded SHA-256 is it; a base with another hash is refused in one line."""
+    cands = [Path(ndir).parent / str(record["base"]), Path(str(record.get("base_dir", "")))]
+    found = [c for c in cands if (c / WEIGHTS).is_file()]
+    for cand in found:
+        if file_sha256(cand / WEIGHTS) == str(record.get("base_sha256")):
             return cand
+    if found:
+        check_base(record, found[0], who or str(ndir))
     raise EdiffError(
-        f"{ndir}: its LoRA base {record['base']} is missing ({record.get('base_dir')}/{WEIGHTS} "
-        "not found); the adapter needs the exact weights it was trained over"
+        f"{who or ndir}: its LoRA base {record['base']} is missing ({record.get('base_dir')}/"
+        f"{WEIGHTS} not found); the adapter needs the exact weights it was trained over"
     )
 
 
@@ -265,9 +270,7 @@ def load_lora_expert(ndir: str | os.PathLike, which: str = "ema") -> tuple[Any, 
     active (the base's file hash checked first)."""
     from ediff_train.run.weights import load_expert, load_train_config, node_of
 
-    record = lora_record(ndir)
-    bdir = base_dir(ndir, record)
-    check_base(record, bdir, str(ndir))
+    bdir = base_dir(ndir, lora_record(ndir))
     _, denoiser = load_expert(bdir, "ema")
     add_adapter(denoiser.backbone, ndir, which)
     return node_of(load_train_config(ndir)), denoiser.eval().requires_grad_(False)

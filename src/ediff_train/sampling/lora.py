@@ -18,7 +18,6 @@ from torch import Tensor, nn
 from ediff_train.run.adapters import (
     add_adapter,
     base_dir,
-    check_base,
     file_sha256,
     is_lora_node,
     lora_record,
@@ -78,9 +77,7 @@ def load_lora_ensemble(run_dir: str | Path, names: Sequence[str], which: str = "
     for i, name in enumerate(names):
         ndir = Path(run_dir) / name
         if is_lora_node(ndir):
-            record = lora_record(ndir)
-            bdir = base_dir(ndir, record)
-            check_base(record, bdir, str(ndir))
+            bdir = base_dir(ndir, lora_record(ndir))
             groups.setdefault(file_sha256(bdir / WEIGHTS), (bdir, []))[1].append(i)
             nodes.append(node_of(load_train_config(ndir)))
             experts.append(None)

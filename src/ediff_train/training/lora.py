@@ -24,7 +24,6 @@ from ediff_train.run.adapters import (
     ADAPTER,
     RAW,
     base_dir,
-    check_base,
     file_sha256,
     inject,
     is_adapter_param,
@@ -146,16 +145,15 @@ def init_lora(module: Any, cfg: DictConfig, node: Node) -> None:
     backbone = module.denoiser.backbone
     if is_lora_node(pdir):  # the same base as the parent; its adapter as this one's start
         record = lora_record(pdir)
-        bdir = base_dir(pdir, record)
-        check_base(record, bdir, f"parent {node.parent}")
+        bdir = base_dir(pdir, record, f"parent {node.parent}")
         parent = read_node_json(pdir)
         meta = {"step": parent["step"], "images": parent["images"]}
         base = {k: record[k] for k in ("base", "base_dir", "base_sha256")}
     else:
         bdir = parent_weights(cfg.run_dir, node.parent, cfg.get("parent_dir")).parent
-        base = {"base": node.parent, "base_dir": str(bdir.resolve()), "base_sha256": ""}
+        base = {"base": bdir.name, "base_dir": str(bdir.resolve()), "base_sha256": ""}
         meta = {}
-    model, ema, wmeta = load_weights(bdir / WEIGHTS)
+    _, ema, wmeta = load_weights(bdir / WEIGHTS)
     meta = meta or wmeta
     base["base_sha256"] = base["base_sha256"] or file_sha256(bdir / WEIGHTS)
     try:  # the base is the EMA: the weights the sampler holds
@@ -166,10 +164,9 @@ def init_lora(module: Any, cfg: DictConfig, node: Node) -> None:
             f"{bdir / WEIGHTS}: base weights do not fit this model ({first})"
         ) from None
     lo = cfg.lora
-    targets = resolve_targets(backbone, lo.target_modules)
-    if isinstance(targets, list):
-        targets = list(targets)
-    config = lora_config(lo.rank, lo.alpha, lo.dropout, targets)
+    config = lora_config(
+        lo.rank, lo.alpha, lo.dropout, resolve_targets(backbone, lo.target_modules)
+    )
     if is_lora_node(pdir):  # the parent's adapter shape decides: it is continued, not resized
         config, _ = read_adapter(pdir)
     inject(backbone, config, node.name)
