@@ -391,3 +391,21 @@ def test_a_lora_child_exports_merged_and_samples_the_same(run: Path, tmp_path: P
         output_type="pt",
     ).images
     torch.testing.assert_close(images, ours, atol=2e-5, rtol=0)
+
+
+def test_the_command_prints_each_expert_and_hints_at_experts(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert export_main([f"run_dir={run}", f"out={tmp_path / 'home'}", "guidance=2,E1_1:6"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1:] == [
+        "  transformer    E1_1       σ ∈ [1, ∞)  t ∈ [0.5, 1]  guidance 6",
+        "  transformer_2  E1_0       σ ∈ [0, 1)  t ∈ [0, 0.5]  guidance 2",
+    ]
+    built_run(tmp_path / "R", "model=sd_unet_tiny", "param=vp_eps")
+    (tmp_path / "R" / "E1_0" / "weights.safetensors").unlink()  # E1_0 unfinished: a gap
+    assert export_main([f"run_dir={tmp_path / 'R'}", f"out={tmp_path / 'out'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: experts=['E1_1'] do not tile σ: experts leave a gap")
+    assert err.rstrip().endswith("(the run's finished leaves; name the experts: experts=...)")
+    assert not (tmp_path / "out").exists()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 from ediff_train.errors import EdiffError, run_reporting
@@ -52,6 +53,14 @@ def main(argv: list[str] | None = None) -> int:
             f"wrote {out}: DiffusionPipeline.from_pretrained({str(out)!r}, "
             "trust_remote_code=True) loads it"
         )
+        for e in json.loads((out / "experts.json").read_text())["experts"]:
+            lo, hi = e["sigma"]
+            t = e["boundaries"]["boundary_ratio"]
+            print(
+                f"  {e['component']:<14} {e['node']:<10} σ ∈ [{lo:g}, "
+                f"{'∞' if hi is None else f'{hi:g}'})  t ∈ [{t[0]:.4g}, {t[1]:.4g}]  "
+                f"guidance {e['guidance_scale']:g}"
+            )
         return 0
 
     return run_reporting(task)

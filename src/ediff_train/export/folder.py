@@ -257,8 +257,16 @@ def export_run(
     out = Path(out)
     if out.exists():
         raise EdiffError(f"out={str(out)!r} exists; export writes a new folder")
+    given = bool(names)
     names = list(names) if names else finished_leaves(run_dir)
-    experts = load_experts(run_dir, names, parse_guidance(guidance), which)
+    try:
+        experts = load_experts(run_dir, names, parse_guidance(guidance), which)
+    except EdiffError as e:
+        if given or "do not tile" not in str(e):
+            raise
+        raise EdiffError(
+            f"{e} (the run's finished leaves; name the experts: experts=...)"
+        ) from None
     cfg = experts[0].cfg
     param = param_from_config(cfg.get("param"))
     kind = EXPORTABLE[type(experts[0].backbone.diffusers_model).__name__]
