@@ -309,3 +309,41 @@ def test_bench_counts_one_base_plus_adapters() -> None:
     adapter = sum(4 * (m.in_features + m.out_features) * 4 for m in lin) * len(nodes)
     assert bench.param_bytes(*ens.experts) == bench.param_bytes(plain) + adapter
     assert bench.param_bytes(plain) == sum(p.numel() * 4 for p in plain.parameters())
+
+
+@pytest.mark.parametrize("model", ["dit_tiny", "mmdit_tiny", "sd_unet_tiny"])
+def test_auto_targets_on_every_backbone_give_the_merged_answer(model: str) -> None:
+    """`target_modules: auto` on the DiT and on the diffusers backbones (inner model at .model):
+    a fresh adapter leaves the output as is, a random one gives the base with W + B·A merged."""
+    import importlib.util
+
+    from hydra.utils import instantiate
+
+    from ediff_train.core.edm import EDMPrecond
+    from ediff_train.run.adapters import inject, lora_config, to_peft
+
+    if not (ROOT / "conf" / "model" / f"{model}.yaml").is_file():
+        pytest.skip(f"no conf/model/{model}.yaml")
+    spec = importlib.util.spec_from_file_location("_bench_step", ROOT / "bench" / "train_step.py")
+    step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(step)
+    cfg = step.model_config(model)
+    torch.manual_seed(0)
+    base = EDMPrecond(instantiate(cfg, grad_checkpointing=False)).eval()
+    with torch.no_grad():  # off adaLN-Zero's zero init, where attention has no effect yet
+        for p in base.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    plain = copy.deepcopy(base)
+    inject(base.backbone, lora_config(4, 4, 0.0, resolve_targets(base.backbone, "auto")), "k")
+    size = int(cfg.image_size)
+    x, s = torch.randn(2, int(cfg.in_channels), size, size), torch.tensor([0.5, 2.0])
+    cond = step.random_cond(cfg, 2, 8, torch.device("cpu"))
+    with torch.no_grad():
+        assert torch.equal(base(x, s, cond), plain(x, s, cond))  # B = 0
+        for name, p in base.named_parameters():
+            if ".lora_B." in name:
+                p.copy_(torch.randn_like(p) * 0.1)
+        adapter = to_peft(base.state_dict(), "k", "backbone.")
+        want = merged(plain, adapter, 1.0)(x, s, cond)
+        torch.testing.assert_close(base(x, s, cond), want, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(plain(x, s, cond), want, atol=1e-3)
