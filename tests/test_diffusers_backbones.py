@@ -131,6 +131,7 @@ def test_packing_equals_a_hand_built_call_of_the_inner_model() -> None:
     assert torch.equal(net(x, c_noise, make_cond()), hand_mmdit(net.model, x, c_noise))
     net = randomize_zero_init(mmdit(clip_tokens=4)).eval()
     assert torch.equal(net(x, c_noise, make_cond()), hand_mmdit(net.model, x, c_noise, 4))
+    assert net.context_slices(5) == {"clip_txt": slice(0, 4), "t5": slice(4, 10)}
     net = randomize_zero_init(sd_unet()).eval()
     assert isinstance(net.diffusers_model, diffusers.UNet2DConditionModel)
     assert torch.equal(net(x, c_noise, make_cond()), hand_unet(net.model, x, c_noise))

@@ -155,6 +155,12 @@ class DiffusersBackbone(TextBackbone):
         else:
             self.model.disable_gradient_checkpointing()
 
+    def context_slices(self, t5_len: int, clip_len: int = 77) -> dict[str, slice]:
+        """Positions of 'clip_txt' and 't5' along the packed context (no image or null token)."""
+        n_clip = min(clip_len, self.clip_tokens or clip_len)
+        n_t5 = self.t5_tokens or t5_len
+        return {"clip_txt": slice(0, n_clip), "t5": slice(n_clip, n_clip + n_t5)}
+
     def check_input(self, x: Tensor, cond: Conditioning) -> None:
         if x.shape[1] != self.in_channels:
             raise EdiffError(
