@@ -317,3 +317,36 @@ def test_lr_schedule_known_values() -> None:
     inv = LRSchedule(decay="inv_sqrt", ref=100, offset=300, total=200)
     assert inv.factor(0) == pytest.approx(1 / math.sqrt(3)) and inv.factor(100) == 0.5
     assert LRSchedule(warmup=0).factor(0) == 1.0
+
+
+def test_adamw_state_handed_on_through_the_file_continues_adam_exactly(tmp_path: Path) -> None:
+    """gather_state → optimizer.safetensors → read_state → load_state into a fresh AdamW: the
+    next update equals the one the original optimiser makes, bit for bit. Both the moments and
+    Adam's step must travel (a step restarted at 0 changes the bias correction). In process,
+    one second: the subprocess tests above check the same through train.py, minutes each."""
+    import copy
+
+    from torch import nn
+
+    from ediff_train.run.optim_state import gather_state, load_state, save_state
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 1))
+    x = torch.randn(16, 4)
+
+    def step(model: nn.Module, opt: torch.optim.Optimizer) -> None:
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.01)
+    for _ in range(3):
+        step(net, opt)
+    path = save_state(tmp_path / OPTIMIZER, gather_state(net, opt), world_size=1)
+    twin = copy.deepcopy(net)
+    fresh = torch.optim.AdamW(twin.parameters(), lr=1e-2, weight_decay=0.01)
+    moments, at = read_state(path)
+    assert at == 3 and load_state(twin, fresh, moments, at)
+    step(net, opt)
+    step(twin, fresh)
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), twin.parameters()))

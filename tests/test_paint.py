@@ -3,6 +3,7 @@ phrase → token mapping, painted mass moving into the mask, w′ = 0 bit-identi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from ediff_train.core.conditioning import Conditioning
 from ediff_train.core.edm import EDMPrecond
 from ediff_train.errors import EdiffError
 from ediff_train.nn.attention import AttentionHook, CrossAttention
@@ -138,6 +140,28 @@ def test_zero_weight_is_bit_identical_and_bad_input_is_refused(
     assert torch.equal(generate(den, cond, 16, steps=3, guidance=3.0, paint=hooked), plain)
     layers = sum(isinstance(m, CrossAttention) for m in den.modules())
     assert len(calls) == 5 * layers and min(calls) > 0  # Heun, 3 steps: 5 network calls
+    # w′ = 0 forced through the explicit path: every cross-attention adds w·A with the same
+    # structured A and w = 0·log(1+σ)·max(QKᵀ), in its own float32 softmax. Another computation
+    # (so not bit-equal), the same images up to rounding: the bias term really vanishes at w′ = 0
+    explicit: list[tuple[int, float]] = []
+
+    class Forced(Painter):
+        def bias_fn(self, sigma: float, cond: Conditioning) -> Callable[[int, int], AttentionHook]:
+            inner = super().bias_fn(sigma, cond)
+
+            def hook(h: int, w: int) -> AttentionHook:
+                made = inner(h, w)
+                a = self.matrix(h, w, cond.t5.shape[1], cond.batch_size)
+                seen = lambda probs, a=a: explicit.append((probs.ndim, float(a.sum())))  # noqa: E731
+                return AttentionHook(paint=a, weight=made.weight, record=seen)
+
+            return hook
+
+    forced = Forced(enc, [prompt] * 2, [Region("3", mask)], w_prime=0.0, record=lambda *a: None)
+    through = generate(den, cond, 16, steps=3, guidance=3.0, paint=forced)
+    assert len(explicit) == 5 * layers and min(a for _, a in explicit) > 0  # _explicit ran
+    assert not torch.equal(through, plain)
+    torch.testing.assert_close(through, plain, rtol=0, atol=1e-4)
     on = Painter(enc, [prompt] * 2, [Region("3", torch.ones(5, 7))], w_prime=1.0)
     assert not torch.equal(generate(den, cond, 16, steps=3, guidance=3.0, paint=on), plain)
     with pytest.raises(EdiffError, match="not in the prompt"):
