@@ -42,6 +42,8 @@ SHIPPED = [
     "fig7_toy",
     "table5_base",
     "table6_sr256",
+    "wan22_i2v",
+    "wan22_t2v",
 ]
 
 
@@ -88,7 +90,7 @@ def test_shipped_schedules_valid_and_ordered(name: str) -> None:
         assert st.parent is None or st.parent in seen, f"{st.name} before its parent"
         assert st.steps >= 1 and st.source.strip()
         seen.add(st.name)
-    if name.startswith("digits"):  # toy schedules: counts are ours and say so
+    if name.startswith(("digits", "wan22")):  # counts are ours (Wan2.2's are unpublished)
         assert all(st.source.startswith("ours") for st in s.stages)
     elif name != "fig7" and not name.endswith(("_toy", "_fair", "_plateau", "_lora")):  # rebuilt
         # (the *_toy schedules are scaled from the paper's: tests/test_schedule_run.py)

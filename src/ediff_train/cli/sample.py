@@ -23,7 +23,7 @@ from ediff_train.sampling.cascade import (
 )
 from ediff_train.sampling.grids import labelled_grid, save_images
 from ediff_train.sampling.pipeline import Sampler
-from ediff_train.sampling.settings import SamplerSettings
+from ediff_train.sampling.settings import SamplerSettings, recorded_guidance
 
 CASCADES = CONF_DIR / "cascade"
 
@@ -93,6 +93,7 @@ def main(cfg: DictConfig) -> None:
         str(cfg.device),
         offload=bool(cfg.get("offload", False)),
     )
+    settings = settings.with_recorded(recorded_guidance(cfg.run_dir, names))
     settings.guidance_obj().check(names)
     out = Path(str(cfg.out))
     for seed in seeds:
@@ -111,6 +112,7 @@ def main(cfg: DictConfig) -> None:
             "seed": seed,
             **settings.record(),
             "paint": [{"phrase": r.phrase, "strength": r.strength} for r in regions or []],
+            "codec": sampler.codec.spec(),  # a VAE run: which VAE decoded the latents
             "files": [f"sample_{i:04d}.png" for i in range(len(images))],
         }
         write_json(folder / "settings.json", record)

@@ -29,12 +29,15 @@ from typing import Any
 import yaml
 from omegaconf import OmegaConf
 
+from ediff_train.core.parameterisation import from_config as param_from_config
 from ediff_train.errors import EdiffError, run_reporting
 from ediff_train.evaluation.images import evaluate_images
 from ediff_train.evaluation.loss import evaluate_loss_by_sigma
 from ediff_train.experiments.report import write_summary
 from ediff_train.experiments.runner import done_step, run_schedule
 from ediff_train.experiments.schedule import CONF_DIR, Schedule, load_schedule, schedule_path
+from ediff_train.run.layout import node_dir
+from ediff_train.run.weights import load_train_config
 
 
 def experiment_spec(name: str) -> dict[str, Any]:
@@ -198,8 +201,16 @@ def run_experiment(name: str, args: Sequence[str]) -> Path:
             )
         result = evaluate_seed(spec, seed_dir, report_dir / f"seed{seed}", opts["eval"])
         per_seed.append({"seed": seed, "run_dir": str(seed_dir), **result})
-    write_summary(report_dir, schedule.name, schedule, spec, per_seed)
+    law = training_law(run_dir / "seed0", schedule)
+    write_summary(report_dir, schedule.name, schedule, spec, per_seed, law)
     return report_dir
+
+
+def training_law(seed_dir: Path, schedule: Schedule) -> Any:
+    """The noise law the schedule trained under (its first stage's `param`, e.g. param=flow on
+    the command line), which the gate weighs held-out loss by and the report's tree follows."""
+    cfg = load_train_config(node_dir(seed_dir, schedule.stages[0].name))
+    return param_from_config(cfg.get("param")).law
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -121,6 +121,7 @@ def markdown(
     text: str,
     n_seeds: int,
     gate: dict[str, Any] | None = None,
+    law: Any = None,
 ) -> str:
     q, a = images["quality_key"], images["alignment_key"]
     lines = [
@@ -129,7 +130,7 @@ def markdown(
         f"**{text}**",
         "",
         "```",
-        schedule.tree(),
+        schedule.tree(law=law),
         "```",
         "",
         f"## Images ({n_seeds} seeds, mean ± std)",
@@ -233,13 +234,20 @@ def markdown(
 
 
 def write_summary(
-    out: Path, name: str, schedule: Schedule, spec: dict[str, Any], per_seed: list[dict[str, Any]]
+    out: Path,
+    name: str,
+    schedule: Schedule,
+    spec: dict[str, Any],
+    per_seed: list[dict[str, Any]],
+    law: Any = None,
 ) -> dict[str, Any]:
+    """The report's files; `law`: the noise law the runs trained under (default EDM's), for the
+    gate's held-out loss and the tree's σ bands."""
     out.mkdir(parents=True, exist_ok=True)
     names = list(spec["ensembles"])
     images = image_table(spec, per_seed)
     loss = loss_table(spec, per_seed)
-    gate = gate_table(spec, loss)
+    gate = gate_table(spec, loss, law)
     claim_runs = per_seed[0]["loss_by_sigma"]["runs"][names.index(spec["claim"])]
     loss["band_share_of_sampler_grid"] = band_shares(spec, claim_runs["bands"])
     text = verdict(spec, images, len(per_seed), gate)
@@ -281,7 +289,7 @@ def write_summary(
     curve_plot(images, per_seed, list(images["table"]), out / "curve.png")
     loss_plot(loss, spec, out / "loss_by_sigma.png")
     (out / "report.md").write_text(
-        markdown(name, schedule, spec, images, loss, text, len(per_seed), gate)
+        markdown(name, schedule, spec, images, loss, text, len(per_seed), gate, law)
     )
     print(text)
     print(f"wrote {out}/report.md, summary.json, summary.csv, curve.png, loss_by_sigma.png")

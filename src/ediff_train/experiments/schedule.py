@@ -1,11 +1,12 @@
 """Schedules as data: which nodes are trained, from which parent, for how many steps.
 
 A schedule is a list of stages. A stage trains one node (`node`, any name `experts.parse_node`
-reads) into the run directory `run_dir/<name>` (`name` defaults to the node), starting from the
-weights of the stage `parent` (default: the node's tree parent; complements: the root). Its
-`steps` are trained on top of the parent's global step, exactly like `train.py steps=`, so a
-stage's target global step is its parent's target plus its own steps. Every count carries a
-`source` saying where the number came from, because most of the paper's are not recoverable.
+reads, or an expert spec of conf/expert/ such as `wan22_t2v_high`) into the run directory
+`run_dir/<name>` (`name` defaults to the node), starting from the weights of the stage
+`parent` (default: the node's tree parent; complements: the root). Its `steps` are trained
+on top of the parent's global step, exactly like `train.py steps=`, so a stage's target global
+step is its parent's target plus its own steps. Every count carries a `source` saying where
+the number came from, because most of the paper's are not recoverable.
 
 A stage whose `name` differs from its node (the Fig. 7 root continued to 800K, `E0_0_cont`) is
 trained as a custom interval with the node's quantiles, so it gets its own directory without
@@ -28,7 +29,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from ediff_train import CONF_DIR
-from ediff_train.core.experts import Node, parse_node
+from ediff_train.core.experts import Node, node_from_config, parse_node
 from ediff_train.errors import EdiffError
 
 SCHEDULE_DIR = CONF_DIR / "schedule"
@@ -179,11 +180,21 @@ class Schedule:
         for root in self.children(None):
             yield from visit(root, "", True, True)
 
-    def tree(self, notes: bool = True) -> str:
-        """The schedule as a tree: σ interval, steps, global step at the end, source."""
+    def tree(self, notes: bool = True, law: Any = None) -> str:
+        """The schedule as a tree: σ interval, steps, global step at the end, source. `law`:
+        the noise law the stages train under (default EDM's), whose quantiles the tree nodes'
+        σ follow (bands given in σ, such as the Wan2.2 pair, stay where they are)."""
         targets = self.targets()
         rows = [
-            (prefix + _label(s), _sigma(s.node), f"{s.steps:,}", f"{targets[s.name]:,}", s.source)
+            (
+                prefix + _label(s),
+                _sigma(
+                    s.node if law is None or s.node.kind == "interval" else replace(s.node, law=law)
+                ),
+                f"{s.steps:,}",
+                f"{targets[s.name]:,}",
+                s.source,
+            )
             for prefix, s in self.walk()
         ]
         head = ("stage", "σ interval", "steps", "→ step", "where the count comes from")
@@ -301,7 +312,7 @@ def stage_from_config(cfg: Mapping[str, Any], index: int = 0) -> Stage:
             f"stage #{index + 1} ({cfg['node']}): unknown keys {unknown}; "
             f"allowed: {sorted(_STAGE_KEYS)}"
         )
-    node = parse_node(str(cfg["node"]))
+    node = stage_node(str(cfg["node"]))
     name = str(cfg.get("name") or node.name)
     parent = cfg["parent"] if "parent" in cfg else node.parent
     steps = cfg.get("steps")
@@ -317,6 +328,25 @@ def stage_from_config(cfg: Mapping[str, Any], index: int = 0) -> Stage:
         continues=_flag(cfg.get("continue", False), f"stage #{index + 1} ({cfg['node']})"),
         branch_step=cfg.get("branch_step"),
     )
+
+
+def stage_node(name: str) -> Node:
+    """A tree node or complement by name, or an expert spec of conf/expert/ by file name (the
+    Wan2.2 pairs: bands given in σ, whose parent is the root), which train.py takes as
+    `expert=<name>` just the same."""
+    try:
+        return parse_node(name)
+    except EdiffError:
+        spec = CONF_DIR / "expert" / f"{name}.yaml"
+        if not (_RUN_NAME.match(name) and spec.is_file()):
+            raise
+    node = node_from_config(yaml.safe_load(spec.read_text()) or {})
+    if node.name != name:
+        raise EdiffError(
+            f"conf/expert/{name}.yaml names its expert {node.name!r}: a stage's node must be a "
+            "spec whose name: is its file name"
+        )
+    return node
 
 
 def _flag(value: Any, where: str) -> bool:

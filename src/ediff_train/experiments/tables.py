@@ -122,23 +122,33 @@ def loss_table(spec: dict[str, Any], per_seed: list[dict[str, Any]]) -> dict[str
     }
 
 
-def law_weighted(sigmas: list[float], loss: list[float]) -> float:
-    """Held-out loss averaged under the training law (ln σ ~ N(P_mean, P_std²)) over a grid
-    log-spaced in σ: what "the loss" of a model is, one number."""
+def law_weighted(sigmas: list[float], loss: list[float], law: Any = None) -> float:
+    """Held-out loss averaged under the training law (ln σ ~ N(p_mean, p_std²): `law`, the
+    runs' own, default EDM's) over a grid log-spaced in σ: what "the loss" of a model is, one
+    number. A law that is not log-normal (VP's index law) weighs each grid point by the
+    probability of its cell (between the neighbours' geometric means)."""
 
-    w = [math.exp(-0.5 * ((math.log(x) - P_MEAN) / P_STD) ** 2) for x in sigmas]
+    if law is None or hasattr(law, "p_mean"):
+        m, s = (P_MEAN, P_STD) if law is None else (law.p_mean, law.p_std)
+        w = [math.exp(-0.5 * ((math.log(x) - m) / s) ** 2) for x in sigmas]
+    else:
+        cuts = [0.0, *(math.sqrt(a * b) for a, b in zip(sigmas, sigmas[1:])), math.inf]
+        w = [law.cdf(hi) - law.cdf(lo) for lo, hi in zip(cuts, cuts[1:])]
     return sum(wi * li for wi, li in zip(w, loss)) / sum(w)
 
 
-def gate_table(spec: dict[str, Any], loss: dict[str, Any]) -> dict[str, Any] | None:
+def gate_table(
+    spec: dict[str, Any], loss: dict[str, Any], law: Any = None
+) -> dict[str, Any] | None:
     """Is the root at its plateau? The continued root's held-out loss gain over the root, per
-    seed; the comparison means nothing where more shared steps still pay (no verdict then)."""
+    seed, under the runs' training `law`; the comparison means nothing where more shared steps
+    still pay (no verdict then)."""
     gate = spec.get("gate")
     if not gate:
         return None
     sig = loss["sigmas"]
-    root = [law_weighted(sig, c) for c in loss["curves"][gate["root"]]]
-    cont = [law_weighted(sig, c) for c in loss["curves"][gate["continued"]]]
+    root = [law_weighted(sig, c, law) for c in loss["curves"][gate["root"]]]
+    cont = [law_weighted(sig, c, law) for c in loss["curves"][gate["continued"]]]
     gains = [(r - c) / r for r, c in zip(root, cont)]
     limit = float(gate["max_gain"])
     return {

@@ -13,6 +13,7 @@ from typing import Any
 from ediff_train.core.settings import boolean, check, count, one_of, optional, plain, real, setting
 from ediff_train.core.solvers import SOLVERS
 from ediff_train.errors import EdiffError
+from ediff_train.run.weights import load_train_config
 from ediff_train.sampling.guidance import TEXT_MODES, Guidance
 
 STEPS_VALID = "≥ 1 (a whole number of solver steps)"
@@ -40,6 +41,9 @@ class SamplerSettings:
     guidance_per_expert: Any = setting(
         None, "null or {node: scale}", lambda v: v is None or hasattr(v, "items")
     )
+    # each expert's expert_guidance from its training config (train.py) as its default scale;
+    # a scale in guidance_per_expert wins; false: ignore them
+    recorded_guidance: bool = setting(True, "true or false", boolean)
     # [lo, hi]: guide only for σ in (lo, hi], the conditional alone elsewhere
     guidance_interval: Any = setting(None, "null or [lo, hi]", optional(_interval))
     # both, t5 (T5 only) or clip (CLIP text only); unconditional = all dropped
@@ -70,6 +74,13 @@ class SamplerSettings:
     def per_expert(self) -> dict[str, float]:
         return {str(k): float(v) for k, v in (self.guidance_per_expert or {}).items()}
 
+    def with_recorded(self, recorded: dict[str, float]) -> SamplerSettings:
+        """These settings with the experts' recorded scales (`recorded_guidance`) under the ones
+        named in guidance_per_expert, so a schedule's per-expert guidance is the default."""
+        if not self.recorded_guidance or not recorded:
+            return self
+        return dataclasses.replace(self, guidance_per_expert={**recorded, **self.per_expert})
+
     def guidance_obj(self) -> Guidance:
         interval = self.guidance_interval
         return Guidance(
@@ -81,7 +92,7 @@ class SamplerSettings:
     def call(self) -> dict[str, Any]:
         """The Sampler's keywords (paint regions are added by the caller)."""
         kw = dataclasses.asdict(self)
-        for key in ("guidance_per_expert", "guidance_interval"):
+        for key in ("guidance_per_expert", "guidance_interval", "recorded_guidance"):
             kw.pop(key)
         kw["guidance"] = self.guidance_obj()
         return kw
@@ -94,3 +105,14 @@ class SamplerSettings:
         g = self.guidance_obj()
         out["guidance_interval"] = g.interval
         return out
+
+
+def recorded_guidance(run_dir: str | Path, names: list[str]) -> dict[str, float]:
+    """{expert: scale} for the experts whose training config records `expert_guidance`
+    (a schedule sets it per stage, e.g. conf/schedule/wan22_t2v.yaml)."""
+    out = {}
+    for name in names:
+        value = load_train_config(Path(run_dir) / name).get("expert_guidance")
+        if value is not None:
+            out[name] = float(value)
+    return out

@@ -177,6 +177,7 @@ class TopLevel:
     steps: Any = setting(None, WHOLE_1, count(1))
     seed: Any = setting(None, "a whole number in [0, 4294967295]", count(0, 2**32 - 1))
     checkpoint_every: Any = setting(None, WHOLE_1, count(1))
+    expert_guidance: Any = setting(None, "null or a finite number", optional(real()))
 
 
 @dataclass
