@@ -26,6 +26,11 @@ from ediff_train.errors import EdiffError, user_error
 from ediff_train.sampling.settings import SamplerSettings
 from ediff_train.training.settings import GROUPS
 
+# conf/model/*.yaml: image_size = ${floordiv:${data.image_size},${codec.downsample}}, the
+# backbone's size in the codec's space (docs/latent.md)
+if not OmegaConf.has_resolver("floordiv"):
+    OmegaConf.register_new_resolver("floordiv", lambda a, b: int(a) // int(b))
+
 
 def _interval(lo: float, hi: float) -> list[Any]:
     return [lo, hi if math.isfinite(hi) else "inf"]

@@ -18,9 +18,11 @@ from ediff_train.cli import reporting_errors
 
 
 def register_encoder_configs() -> None:
+    """The trainer's `encoders` and `codec` groups (conf/), so both read one definition."""
     cs = ConfigStore.instance()
-    for path in sorted((CONF_DIR / "encoders").glob("*.yaml")):
-        cs.store(group="encoders", name=path.stem, node=OmegaConf.load(path))
+    for group in ("encoders", "codec"):
+        for path in sorted((CONF_DIR / group).glob("*.yaml")):
+            cs.store(group=group, name=path.stem, node=OmegaConf.load(path))
 
 
 @hydra.main(config_path=str(REPO / "data_prep" / "conf"), config_name="embed", version_base="1.3")
@@ -33,6 +35,7 @@ def main(cfg: DictConfig) -> None:
     from ediff_train.data.sources import list_input
     from ediff_train.data.store import open_store
     from ediff_train.errors import EdiffError
+    from ediff_train.nn.codec import codec_from_config
     from ediff_train.nn.encoders import build_encoders
 
     missing = [k for k in ("input", "output") if OmegaConf.is_missing(cfg, k)]
@@ -60,6 +63,8 @@ def main(cfg: DictConfig) -> None:
     )
     listing = list_input(prep.input, prep.unit_size)  # bad input fails before encoders load
     open_store(prep.output).check()  # so does an output URL without backend, bucket or access
+    codec_cfg = cfg.get("codec")
+    codec = codec_from_config(codec_cfg, device=enc_cfg["device"]) if codec_cfg else None
     encoders = build_encoders(**enc_cfg)
     print(
         f"encoders: {encoders.spec['t5']['name']} + {encoders.spec['clip']['name']} on "
@@ -67,7 +72,9 @@ def main(cfg: DictConfig) -> None:
         f"{task_id}/{num_tasks}",
         flush=True,
     )
-    job = EmbedJob(prep, encoders, listing)
+    if codec is not None and not codec.is_identity:
+        print(f"codec: VAE {codec.path} ({codec.channels} channels, /{codec.downsample})")
+    job = EmbedJob(prep, encoders, listing, codec=codec)
     report = job.run(
         task_id,
         num_tasks,

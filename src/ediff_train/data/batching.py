@@ -123,6 +123,9 @@ def collate(
     for name in ("image", "lowres"):
         if name in first:
             specs[name] = ((b, *first[name].shape), torch.uint8)
+    if "latent" in first:  # a VAE codec's latents (docs/latent.md): the model input
+        lat16 = all(s["latent"].dtype == np.float16 for s in samples)
+        specs["latent"] = ((b, *first["latent"].shape), torch.float16 if lat16 else torch.float32)
     if pool is not None:
         out, slab = pool.carve(specs)
     else:
@@ -140,7 +143,9 @@ def collate(
                 bad.append((i, name))
     for name in specs.keys() - {"t5", "t5_mask", "clip_txt"}:
         np.stack([s[name] for s in samples], out=arrays[name])
-    for name in ("clip_pool", "clip_img"):  # small: one check per batch, rows only on a hit
+    for name in ("clip_pool", "clip_img", "latent"):  # one check per batch, rows on a hit
+        if name not in arrays:
+            continue
         if not all_finite(arrays[name]):
             bad += [(i, name) for i in range(b) if not all_finite(arrays[name][i])]
     if bad:
@@ -173,6 +178,8 @@ def expand_batch(batch: dict[str, Any], flags: Tensor | None = None) -> dict[str
                 batch[name] = to_unit_range(batch[name])  # .float() copies uint8
         for name in EMBEDDINGS:
             batch[name] = batch[name].to(torch.float32, copy=True)
+        if "latent" in batch:  # latent shards: the latent is the model's input
+            batch["image"] = batch.pop("latent").to(torch.float32, copy=True)
         batch["t5_mask"] = batch["t5_mask"].clone()
     finally:
         torch.set_num_threads(threads)

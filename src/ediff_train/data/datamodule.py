@@ -31,6 +31,7 @@ from ediff_train.data.samples import check_sizes
 from ediff_train.data.wds_reader import READERS, stream_class
 from ediff_train.errors import EdiffError
 from ediff_train.io.remote import Retry, is_remote, join, listing, normalize
+from ediff_train.nn.codec import PIXEL_SPEC, codec_mismatch, recorded_codec
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,26 @@ def check_image_size(
         f"shards at {root} hold {stored} px images, this stage trains at "
         f"{image_size} px ({guess} {fix})"
     )
+
+
+def check_codec(
+    manifest: dict, root: str | Path, codec: dict | None, image_size: int
+) -> tuple[int, int, int] | None:
+    """Refuse shards encoded with another codec than the config's (another VAE, pixel shards
+    under a VAE config or the reverse: nn/codec.codec_mismatch); returns the latent shape
+    [C, h, w] the samples must hold (None: pixel shards)."""
+    want = dict(codec or PIXEL_SPEC)
+    why = codec_mismatch(recorded_codec(manifest), want)
+    if why:
+        raise EdiffError(f"shards at {root} do not fit the codec: {why}")
+    if want.get("class") == "PixelCodec":
+        return None
+    factor = int(want["factor"])
+    if image_size % factor:
+        raise EdiffError(
+            f"data.image_size {image_size} is not divisible by the VAE's downsample {factor}"
+        )
+    return (int(want["channels"]), image_size // factor, image_size // factor)
 
 
 class ShardLoader(DataLoader):
@@ -184,6 +205,10 @@ class ShardDataModule(L.LightningDataModule):
     the aligned low-res crop; held-out batches take the centre crop. Size rules are in
     samples.check_sizes, checked here; the shard set must store image_size px images (setup).
 
+    `codec`: the config codec's spec (nn/codec.py; None = pixels). Shards encoded with another
+    codec are refused in `setup` (check_codec); a VAE's shards yield each sample's stored latent
+    as `image` (docs/latent.md).
+
     `root` may be a URL (s3://, gs://, https://, pipe:; see remote.py): its shards stream with
     `readahead` shards fetched ahead per worker, each request tried `retries` times.
 
@@ -210,6 +235,7 @@ class ShardDataModule(L.LightningDataModule):
         readahead: int = 2,
         retries: int = 5,
         reader: str = "fast",
+        codec: dict | None = None,
         *,
         rank: int | None = None,
         world_size: int | None = None,
@@ -229,6 +255,8 @@ class ShardDataModule(L.LightningDataModule):
         self.cast_on_device = cast_on_device
         self.rank, self.world_size = rank, world_size
         self.val_root, self.val_fraction = val_root, float(val_fraction or 0.0)
+        self.codec = dict(codec) if codec else None  # the config codec's spec (nn/codec.py)
+        self.latent_shape: tuple[int, int, int] | None = None
         self.manifest: dict | None = None
         self.dims: EmbedDims | None = None
         self.shard_paths: list[str] = []
@@ -244,6 +272,7 @@ class ShardDataModule(L.LightningDataModule):
         if self.expect:
             check_manifest(manifest, self.expect, where=f"shards at {self.root}")
         check_image_size(manifest, self.root, self.image_size, self.lowres_size)
+        self.latent_shape = check_codec(manifest, self.root, self.codec, self.image_size)
         shards = manifest.get("shards") or {}
         if not shards:
             raise EdiffError(f"manifest at {self.root} lists no shards")
@@ -292,6 +321,7 @@ class ShardDataModule(L.LightningDataModule):
             crop_size=self.crop_size,
             readahead=self.readahead,
             retries=self.retries,
+            latent_shape=self.latent_shape,
         )
         # under a trainer a batch is consumed when its step takes it (on_before_batch_transfer):
         # Lightning fetches one batch ahead, and that one must not count if the run stops now
@@ -320,6 +350,7 @@ class ShardDataModule(L.LightningDataModule):
         root, fraction = source
         manifest = read_manifest(root)
         check_image_size(manifest, root, self.image_size, self.lowres_size)
+        latent_shape = check_codec(manifest, root, self.codec, self.image_size)
         paths = [join(root, name) for name in sorted(manifest.get("shards") or {})]
         stream = ShardStream(
             paths,
@@ -337,6 +368,7 @@ class ShardDataModule(L.LightningDataModule):
             centre_crop=True,
             readahead=self.readahead,
             retries=self.retries,
+            latent_shape=latent_shape,
         )
         return [{k: v for k, v in b.items() if k not in ("skipped", POSITION)} for b in stream]
 

@@ -30,6 +30,8 @@ import torch
 from PIL import Image
 
 from ediff_train.data.align import align_encoders
+from ediff_train.data.digits_vae import codec_params, digits_codec
+from ediff_train.data.latents import encode_arrays
 from ediff_train.data.manifest import MANIFEST, read_manifest
 from ediff_train.data.shards import ShardWriter
 from ediff_train.errors import EdiffError
@@ -141,6 +143,8 @@ def is_built(root: str | os.PathLike, params: dict[str, int], dataset: str = "di
         return False
     if manifest.get("dataset") != dataset or manifest.get("params") != params:
         return False
+    if "own_vae" in (params.get("codec") or {}) and not (root / "vae" / "config.json").is_file():
+        return False
     sets = [root] + ([root / VAL_DIR] if params["val_size"] else [])
     try:
         return all((r / name).is_file() for r in sets for name in read_manifest(r)["shards"])
@@ -181,8 +185,11 @@ def lock(path: Path) -> Iterator[None]:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _write(out: Path, params: dict[str, int]) -> None:
-    """Build the whole shard set into `out` (a fresh private folder)."""
+def _write(
+    out: Path, params: dict[str, Any], codec_cfg: dict | None = None, final: Path | None = None
+) -> None:
+    """Build the whole shard set into `out` (a fresh private folder; `final`: where it goes).
+    With a VAE codec (`params["codec"]`) every sample also holds its latent (docs/latent.md)."""
 
     size, seed = params["image_size"], params["seed"]
     images, labels = digit_images(size, float(params.get("stroke", 0.0)))
@@ -210,7 +217,11 @@ def _write(out: Path, params: dict[str, int]) -> None:
     # Embed with the saved-and-reloaded copy: exactly what sampling will load later.
     enc.save(out / "encoders")
     enc = Encoders.load(out / "encoders")
-    extra = {"align": report} if report else {}
+    extra: dict[str, Any] = {"align": report} if report else {}
+    codec = None
+    if params.get("codec"):
+        codec, vae_record = digits_codec(out, final or out, codec_cfg or {}, params, images[train])
+        extra["vae"] = vae_record or {"given": str(codec.path)}
     write_split(
         out,
         enc,
@@ -221,10 +232,22 @@ def _write(out: Path, params: dict[str, int]) -> None:
         captions,
         params,
         validation=VAL_DIR if len(val) else None,
+        codec=codec,
         **extra,
     )
     if len(val):
-        write_split(out / VAL_DIR, enc, val, images, pixels, labels, captions, params, split="val")
+        write_split(
+            out / VAL_DIR,
+            enc,
+            val,
+            images,
+            pixels,
+            labels,
+            captions,
+            params,
+            split="val",
+            codec=codec,
+        )
 
 
 def write_split(
@@ -237,15 +260,18 @@ def write_split(
     captions: list[str],
     params: dict[str, int],
     dataset: str = "digits",
+    codec: Any = None,
     **extra: Any,
 ) -> None:
-    """One shard set of the given sklearn indices, shuffled so every shard mixes all digits."""
+    """One shard set of the given sklearn indices, shuffled so every shard mixes all digits;
+    with a VAE `codec`, each sample's latent too."""
     order = np.random.default_rng([params["seed"], 2, len(indices)]).permutation(indices)
     caps = [captions[i] for i in order]
     unique = sorted(set(caps))  # at most 150 distinct captions: embed each once
     with one_thread():
         emb = enc.encode_text(unique, batch_size=256)
         img = enc.encode_image(pixels[order], batch_size=256)
+        latents = encode_arrays(codec, images[order], 256) if codec is not None else None
     row = {c: j for j, c in enumerate(unique)}
     writer = ShardWriter(
         out,
@@ -253,6 +279,7 @@ def write_split(
         image_format="png",
         image_size=params["image_size"],
         samples_per_shard=params["samples_per_shard"],
+        codec=codec.spec() if codec is not None else None,
     )
     with writer:
         for j, i in enumerate(order):
@@ -266,6 +293,7 @@ def write_split(
                 emb["clip_pool"][r],
                 img[j],
                 meta={"source": SOURCE, "index": int(i), "label": int(labels[i])},
+                latent=latents[j] if latents is not None else None,
             )
     writer.finish(created_by=f"ediff_train.data.{dataset}", dataset=dataset, params=params, **extra)
 
@@ -279,15 +307,24 @@ def build_digits(
     align_steps: int = 300,
     force: bool = False,
     stroke: float = 0.0,
+    codec: dict | None = None,
+    vae_steps: int = 300,
 ) -> Path:
     """Build (or find cached) the digits shard set at `root`; returns `root`.
 
     `seed` fixes the split, the sample order and each sample's caption wording; `val_size`
     images are held out in `root/val`; `align_steps` trains the tiny encoders on the training
     pairs first (0 = leave them random). `force` rebuilds even when a matching build exists.
-    `stroke` renders crisp ink (digit_images), for the super-resolution toy."""
+    `stroke` renders crisp ink (digit_images), for the super-resolution toy. `codec` (a
+    `codec:` config, conf/codec/vae.yaml) adds each sample's VAE latent; with `codec.path` null
+    the build trains its own VAE for `vae_steps` steps on the training split, into root/vae."""
     root = Path(root).absolute()
-    params = _params(image_size, seed, samples_per_shard, val_size, align_steps, stroke)
+    params: dict[str, Any] = _params(
+        image_size, seed, samples_per_shard, val_size, align_steps, stroke
+    )
+    latent = codec_params(codec, vae_steps)
+    if latent is not None:
+        params["codec"] = latent
     if not force and is_built(root, params):
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -298,7 +335,7 @@ def build_digits(
         tmp = root.parent / f".{root.name}.building-{tag}"
         old = root.parent / f".{root.name}.old-{tag}"
         try:
-            _write(tmp, params)
+            _write(tmp, params, codec, root)
             if root.exists():
                 os.rename(root, old)
             os.rename(tmp, root)
@@ -334,11 +371,16 @@ def main(argv: list[str] | None = None) -> int:
         default=0.0,
         help="crisp-ink contrast slope (the super-resolution toy uses 14; 0: off)",
     )
+    p.add_argument("--codec", choices=("pixel", "vae"), default="pixel", help="vae: latents too")
+    p.add_argument("--vae-path", default=None, help="codec vae: a diffusers AutoencoderKL folder")
+    p.add_argument("--vae-steps", type=int, default=300, help="codec vae without --vae-path")
     a = p.parse_args(argv)
     start = time.perf_counter()
+    codec = {"_target_": "ediff_train.nn.codec.VAECodec", "path": a.vae_path}
+    suffix = "_vae" if a.codec == "vae" else ""  # conf/codec/vae.yaml's data_suffix
     try:
         root = build_digits(
-            a.root or default_root(a.image_size),
+            a.root or default_root(a.image_size).with_name(f"digits{a.image_size}{suffix}"),
             a.image_size,
             a.seed,
             a.samples_per_shard,
@@ -346,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
             a.align_steps,
             a.force,
             a.stroke,
+            codec if a.codec == "vae" else None,
+            a.vae_steps,
         )
     except EdiffError as e:
         print(f"error: {e}", file=sys.stderr)

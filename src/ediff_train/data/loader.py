@@ -227,8 +227,16 @@ class ShardStream(IterableDataset):
         centre_crop: bool = False,
         readahead: int = 2,
         retries: int = 5,
+        latent_shape: tuple[int, ...] | None = None,
     ) -> None:
         super().__init__()
+        if latent_shape is not None and (lowres_size is not None or crop_size is not None):
+            raise EdiffError(
+                "latent shards (codec=vae) train a base stage: lowres_size and crop_size "
+                "must be null"
+            )
+        # VAE codec shards: batches carry each sample's latent as `image` (docs/latent.md)
+        self.latent_shape = tuple(latent_shape) if latent_shape is not None else None
         if batch_size < 1 or image_size < 1:
             raise EdiffError(
                 f"batch_size ({batch_size}) and image_size ({image_size}) must be >= 1"
@@ -341,6 +349,7 @@ class ShardStream(IterableDataset):
                             seed=self.seed,
                             epoch=epoch,
                             centre_crop=self.centre_crop,
+                            latent_shape=self.latent_shape,
                         )
                     )
                 except _Skip as s:

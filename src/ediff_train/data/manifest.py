@@ -83,7 +83,7 @@ def merge_manifests(parts: list[dict]) -> dict:
     merged = {k: v for k, v in first.items() if k != "shards"}
     merged["shards"] = {}
     for part in parts:
-        for key in ("encoders", "image"):
+        for key in ("encoders", "image", "codec"):
             if part.get(key) != first.get(key):
                 raise EdiffError(f"cannot merge manifests: their {key!r} settings differ")
         overlap = merged["shards"].keys() & part["shards"].keys()

@@ -14,16 +14,14 @@ The output may be an object-store URL (s3://, gs://): store.py keeps the same ru
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import logging
 import os
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +30,15 @@ import torch
 from tqdm.auto import tqdm
 
 from ediff_train.data.images import ImageSkip, ImageSpec, prepare_image, read_source
+from ediff_train.data.latents import encode_stored
 from ediff_train.data.manifest import MANIFEST, merge_manifests
+from ediff_train.data.prep_tasks import (
+    TaskReport,
+    _diff,
+    _Skips,
+    _torch_threads,
+    resolve_task,  # noqa: F401  (its old home)
+)
 from ediff_train.data.shards import ShardWriter, encode_image
 from ediff_train.data.sources import Item, Listing, Unit, iter_unit, list_input
 from ediff_train.data.store import LocalStore, load_json, open_store
@@ -71,88 +77,16 @@ class PrepConfig:
     clip_min_similarity: float | None = None
 
 
-@dataclass
-class TaskReport:
-    task_id: int
-    num_tasks: int
-    units_total: int
-    units_mine: int
-    done_before: int = 0
-    embedded: int = 0
-    written: int = 0
-    skipped: Counter[str] = field(default_factory=Counter)
-    units_complete: int = 0
-    manifest: Path | str | None = None
-
-    def summary(self) -> str:
-        skips = ", ".join(f"{r} {n}" for r, n in sorted(self.skipped.items()) if n) or "none"
-        lines = [
-            f"task {self.task_id}/{self.num_tasks}: {self.embedded} of my "
-            f"{self.units_mine} units embedded now, {self.done_before} were done before; "
-            f"{self.written} samples written, skipped: {skips}"
-        ]
-        if self.manifest is not None:
-            lines.append(f"all {self.units_total} units done: {self.manifest}")
-        else:
-            lines.append(
-                f"{self.units_complete} of {self.units_total} units done; manifest.json "
-                "is written when all are (re-run any task to finish)"
-            )
-        return "\n".join(lines)
-
-
-def resolve_task(
-    task_id: int | None, num_tasks: int | None, env: Mapping[str, str] | None = None
-) -> tuple[int, int]:
-    """Explicit values win, then SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT, then 0 / 1."""
-    env = os.environ if env is None else env
-    if task_id is None:
-        task_id = int(env.get("SLURM_ARRAY_TASK_ID", 0))
-    if num_tasks is None:
-        num_tasks = int(env.get("SLURM_ARRAY_TASK_COUNT", 1))
-    if num_tasks < 1 or not 0 <= task_id < num_tasks:
-        raise EdiffError(
-            f"task_id {task_id} is not in [0, num_tasks={num_tasks}); SLURM arrays "
-            "must be numbered from 0 (--array=0-N), else set task_id and num_tasks"
-        )
-    return task_id, num_tasks
-
-
-class _Skips(Counter):
-    """Skip counts; the first few of each reason are logged with their key."""
-
-    def __call__(self, reason: str, key: str, detail: str = "") -> None:
-        self[reason] += 1
-        if self[reason] <= 3:
-            log.warning("skipped %s: %s%s", key, reason, f" ({detail})" if detail else "")
-
-
-def _diff(want: Any, have: Any, prefix: str = "") -> list[str]:
-    if isinstance(want, dict) and isinstance(have, dict):
-        return [
-            d
-            for k in sorted(want.keys() | have.keys())
-            for d in _diff(want.get(k), have.get(k), f"{prefix}{k}.")
-        ]
-    return [] if want == have else [prefix.rstrip(".")]
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
-    before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 class EmbedJob:
     """One shard set being made from one input; `run` does one task's share."""
 
-    def __init__(self, cfg: PrepConfig, encoders: Any, listing: Listing | None = None) -> None:
+    def __init__(
+        self, cfg: PrepConfig, encoders: Any, listing: Listing | None = None, codec: Any = None
+    ) -> None:
         self.cfg, self.enc = cfg, encoders
+        # a VAE codec (nn/codec.py): each sample's latent is encoded once, into the shards
+        self.codec = None if codec is None or codec.is_identity else codec
+        self.codec_spec = self.codec.spec() if self.codec is not None else None
         self.listing = listing or list_input(cfg.input, cfg.unit_size)
         self.store = open_store(cfg.output)
         if (
@@ -178,6 +112,7 @@ class EmbedJob:
             "image": asdict(self.cfg.image),
             "clip_min_similarity": self.cfg.clip_min_similarity,
             "encoders": self.entry,
+            **({"codec": self.codec_spec} if self.codec_spec else {}),
         }
 
     def _claim_output(self) -> None:
@@ -275,12 +210,15 @@ class EmbedJob:
             image_size=self.cfg.image.size,
             samples_per_shard=_ONE_SHARD,
             start_index=unit.index,
+            codec=self.codec_spec,
         )
         items = iter_unit(self.listing, unit, skips)
         seen: set[str] = set()
         with writer:
             while window := list(itertools.islice(items, self.cfg.sort_window)):
-                for item, image, emb in self._embed_window(window, skips, threads):
+                rows = self._embed_window(window, skips, threads)
+                latents = self._latents([image.stored for _, image, _ in rows])
+                for (item, image, emb), latent in zip(rows, latents):
                     if item.key in seen:
                         skips("duplicate_key", item.key)
                         continue
@@ -291,7 +229,9 @@ class EmbedJob:
                         "original_height": image.height,
                         **emb.pop("meta"),
                     }
-                    writer.write(item.key, image.stored, item.caption, meta=meta, **emb)
+                    writer.write(
+                        item.key, image.stored, item.caption, meta=meta, latent=latent, **emb
+                    )
                     keys.append(item.key)
                 bar.update(len(window))
         if name not in writer.shards:  # nothing usable: no shard (drop one from a crash)
@@ -312,6 +252,12 @@ class EmbedJob:
             f"{PARTS}/{unit.index:06d}.json", json.dumps(part, indent=1, sort_keys=True)
         )
         return part
+
+    def _latents(self, stored: list[bytes]) -> list[Any]:
+        """The codec's latents of these stored images (None each without a VAE codec)."""
+        if self.codec is None:
+            return [None] * len(stored)
+        return encode_stored(self.codec, stored, self.cfg.image.size, self.cfg.batch_size)
 
     def _prepare(self, item: Item) -> Any:
         try:

@@ -150,9 +150,21 @@ def all_finite(arr: np.ndarray) -> bool:
 
 
 def nonfinite_fields(sample: Mapping[str, Any]) -> list[str]:
-    """The embeddings of a decoded sample that hold NaN/Inf (collate checks whole batches;
-    this is for samples that never reach one)."""
-    return [name for name in EMBEDDINGS if not all_finite(sample[name])]
+    """The embeddings (and latent) of a decoded sample that hold NaN/Inf (collate checks whole
+    batches; this is for samples that never reach one)."""
+    names = (*EMBEDDINGS, "latent") if "latent" in sample else EMBEDDINGS
+    return [name for name in names if not all_finite(sample[name])]
+
+
+def _load_latent(data: bytes | bytearray | memoryview, shape: tuple[int, ...]) -> np.ndarray:
+    """A VAE codec's stored latent (docs/latent.md), checked for shape [C, h, w]."""
+    try:
+        arr = read_npy(data)
+    except Exception as e:  # as _load_embedding
+        raise _Skip("bad_npy", f"latent.npy: {e}") from None
+    if tuple(arr.shape) != tuple(shape) or arr.dtype not in _FLOATS:
+        raise _Skip("bad_shape", f"latent.npy is {arr.dtype}{list(arr.shape)}, want {shape}")
+    return arr.astype(np.float32) if arr.dtype == np.float64 else arr
 
 
 def check_sizes(
@@ -225,6 +237,7 @@ def decode_sample(
     seed: int = 0,
     epoch: int = 0,
     centre_crop: bool = False,
+    latent_shape: tuple[int, ...] | None = None,
 ) -> dict[str, Any]:
     """Raw tar members → numpy arrays; raises _Skip with a reason for anything unusable
     except NaN/Inf in an embedding, which `collate` finds (see batching.py).
@@ -233,13 +246,19 @@ def decode_sample(
     batch holds, so nothing is converted twice. `lowres` is the whole image_size image
     downsampled (as a base stage's output is, at inference); with `crop_size` the image is a
     crop_size² crop (see crop_offset; sizes as check_sizes allows) and `lowres` the low-res
-    pixels under exactly that crop."""
+    pixels under exactly that crop. `latent_shape` [C, h, w] (a VAE codec's shards): the
+    sample's `latent.npy` is read instead of its image, which is not decoded at all."""
     missing = missing_fields(raw)
+    if latent_shape is not None and "latent.npy" not in raw:
+        missing.append("latent.npy")
     if missing:
         raise _Skip("missing_field", "no " + ", ".join(missing))
     out: dict[str, Any] = {
         name: _load_embedding(name, raw[f"{name}.npy"], dims) for name in EMBEDDINGS
     }
+    if latent_shape is not None:
+        out["latent"] = _load_latent(raw["latent.npy"], latent_shape)
+        return _text_and_key(raw, out)
     ext = next(e for e in IMAGE_EXTS if e in raw)
     try:
         im = load_image(raw[ext], image_size, ext)
@@ -260,6 +279,10 @@ def decode_sample(
     out["image"] = image_array(im)
     if low is not None:
         out["lowres"] = image_array(low)
+    return _text_and_key(raw, out)
+
+
+def _text_and_key(raw: Mapping[str, Any], out: dict[str, Any]) -> dict[str, Any]:
     txt = raw.get("txt", b"")
     out["caption"] = (
         bytes(txt).decode("utf-8", "replace")

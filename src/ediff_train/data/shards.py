@@ -24,6 +24,7 @@ from ediff_train.errors import EdiffError
 
 IMAGE_FORMATS = ("png", "jpg")
 EMBEDDINGS = ("t5", "clip_txt", "clip_pool", "clip_img")
+LATENT = "latent"  # `latent.npy`: float16 [C, H/f, W/f], a VAE codec's latent (docs/latent.md)
 
 
 def _f16(x: Any, name: str) -> np.ndarray:
@@ -80,6 +81,7 @@ class ShardWriter:
         samples_per_shard: int = 1000,
         start_index: int = 0,
         prefix: str = "",
+        codec: dict[str, Any] | None = None,
     ) -> None:
         if image_format not in IMAGE_FORMATS:
             raise EdiffError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
@@ -94,6 +96,9 @@ class ShardWriter:
         self.image_size = image_size
         self.samples_per_shard = int(samples_per_shard)
         self.prefix = prefix
+        # a VAE codec's spec (nn/codec.py): every sample then carries its latent, and the
+        # manifest records which VAE made them; None: pixel shards, as before codecs
+        self.codec = dict(codec) if codec and codec.get("class") != "PixelCodec" else None
         self.index = int(start_index)
         self.shards: dict[str, int] = {}
         self._tar: tarfile.TarFile | None = None
@@ -144,8 +149,10 @@ class ShardWriter:
         clip_pool: Any,
         clip_img: Any,
         meta: dict[str, Any] | None = None,
+        latent: Any = None,
     ) -> None:
-        """Add one sample. Embeddings: tensors or arrays of any float dtype (stored float16)."""
+        """Add one sample. Embeddings: tensors or arrays of any float dtype (stored float16);
+        `latent` [C, H/f, W/f] is required exactly when the writer has a VAE codec."""
         if not key or "." in key or "/" in key:
             raise EdiffError(f"sample key {key!r} must be non-empty without '.' or '/'")
         if key in self._keys:
@@ -160,13 +167,28 @@ class ShardWriter:
                 raise EdiffError(f"sample {key}: {n} has shape {arr.shape}, expected {shown}")
         if arrays["t5"].shape[0] < 1:
             raise EdiffError(f"sample {key}: t5 has no tokens")
+        if (latent is None) != (self.codec is None):
+            raise EdiffError(
+                f"sample {key}: a latent is written exactly when the writer has a VAE codec"
+            )
+        if latent is not None:
+            assert self.codec is not None
+            arrays[LATENT] = _f16(latent, LATENT)
+            want = (int(self.codec["channels"]),)
+            if self.image_size is not None:
+                side = int(self.image_size) // int(self.codec["factor"])
+                want += (side, side)
+            if arrays[LATENT].shape[: len(want)] != want or arrays[LATENT].ndim != 3:
+                raise EdiffError(
+                    f"sample {key}: latent has shape {arrays[LATENT].shape}, expected {want}"
+                )
         data, width, height = encode_image(image, self.image_format)
         info = {"width": width, "height": height, "source": "", **(meta or {})}
         if self._tar is None:
             self._open()
         self._add(f"{key}.{self.image_format}", data)
         self._add(f"{key}.txt", str(caption).encode("utf-8"))
-        for n in EMBEDDINGS:
+        for n in (*EMBEDDINGS, LATENT) if latent is not None else EMBEDDINGS:
             self._add(f"{key}.{n}.npy", npy_bytes(arrays[n]))
         self._add(f"{key}.json", json.dumps(info, sort_keys=True).encode("utf-8"))
         self._keys.add(key)
@@ -191,6 +213,8 @@ class ShardWriter:
         """This writer's manifest (shards sealed so far); `extra` keys are stored as given."""
         image = {"format": self.image_format, "size": self.image_size}
         m = new_manifest(self.encoders, image, **extra)
+        if self.codec is not None:
+            m["codec"] = dict(self.codec)
         m["shards"] = dict(self.shards)
         m["num_samples"] = int(sum(self.shards.values()))
         return m

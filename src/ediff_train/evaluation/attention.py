@@ -24,7 +24,7 @@ from ediff_train.io.files import write_json
 from ediff_train.metrics.plots import attention_plot
 from ediff_train.nn.attention import AttentionHook
 from ediff_train.nn.embed import CONTEXT_ORDER, ConditionEmbedder
-from ediff_train.run.weights import load_encoders, load_train_config
+from ediff_train.run.weights import load_codec, load_encoders, load_train_config
 from ediff_train.sampling.generation import embed_prompts, generate
 
 
@@ -65,10 +65,12 @@ def evaluate_attention(cfg: DictConfig) -> dict[str, Any]:
     prompts = [str(p) for p in cfg.attention.prompts]
     cond = embed_prompts(load_encoders(train_cfg), prompts).to(device)
     rec = AttentionRecorder(model, len(prompts))
+    codec = load_codec(train_cfg)  # a VAE run attends over its latent (no decode needed)
     generate(
         rec,
         cond,
-        int(train_cfg.data.image_size),
+        int(train_cfg.data.image_size) // codec.downsample,
+        channels=codec.channels,
         steps=int(cfg.steps),
         guidance=float(cfg.attention.guidance),
         seed=int(cfg.seed),

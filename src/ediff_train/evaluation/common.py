@@ -15,7 +15,7 @@ from ediff_train.errors import EdiffError
 from ediff_train.metrics.captions import Item, digits_items, file_items
 from ediff_train.run.adapters import is_lora_node
 from ediff_train.run.layout import WEIGHTS, read_node_json
-from ediff_train.run.weights import load_train_config, node_of
+from ediff_train.run.weights import load_codec, load_train_config, node_of
 from ediff_train.sampling.ensemble import Ensemble, load_ensemble
 
 
@@ -106,8 +106,11 @@ def log_wandb(cfg: DictConfig, report: dict[str, Any], plots: list[Path]) -> Non
 
 
 def heldout_batches(train_cfg: Any, images: int, batch_size: int) -> list[Any]:
-    """The run's fixed held-out batches (about `images` samples); one line when it has none."""
-    data = instantiate(train_cfg.data, builder=None, _convert_="object")
+    """The run's fixed held-out batches (about `images` samples); one line when it has none.
+    A VAE run's batches hold its latents (loss by σ stays in latent space, docs/latent.md)."""
+    codec = load_codec(train_cfg)
+    spec = None if codec.is_identity else codec.spec()
+    data = instantiate(train_cfg.data, builder=None, codec=spec, _convert_="object")
     batches = data.val_batches(max(1, images // batch_size), batch_size)
     if not batches:
         raise EdiffError(

@@ -28,7 +28,7 @@ from ediff_train.metrics import scorers
 from ediff_train.metrics.captions import Item
 from ediff_train.metrics.generation import claim_folder, generate_items, rank_world, wait_for_images
 from ediff_train.metrics.plots import fid_clip_plot
-from ediff_train.run.weights import load_encoders, load_train_config
+from ediff_train.run.weights import load_codec, load_encoders, load_train_config
 from ediff_train.sampling.ensemble import Ensemble
 from ediff_train.sampling.generation import embed_prompts, generate
 
@@ -81,6 +81,9 @@ def evaluate_images(cfg: DictConfig) -> dict[str, Any] | None:
     train_cfg = load_train_config(specs[0]["dirs"][0])
     size = int(train_cfg.data.image_size)
     encoders = load_encoders(train_cfg)
+    # a VAE run samples latents and scores the decoded pixels (docs/latent.md)
+    codec = load_codec(train_cfg, device)
+    side, decode = size // codec.downsample, None if codec.is_identity else codec.decode
     scales = guidance_list(cfg)
     # rank 0 builds its scorer first: missing weights or an empty reference set fail before
     # any image is generated
@@ -98,13 +101,15 @@ def evaluate_images(cfg: DictConfig) -> dict[str, Any] | None:
                 return generate(
                     model,
                     cond,
-                    size,
+                    side,
                     steps=int(cfg.steps),
                     guidance=g,
                     sigma_min=float(cfg.sigma_min),
                     sigma_max=float(cfg.sigma_max),
                     rho=float(cfg.rho),
+                    channels=codec.channels,
                     noise=noise,
+                    decode=decode,
                 )
 
             claim_folder(
@@ -127,7 +132,7 @@ def evaluate_images(cfg: DictConfig) -> dict[str, Any] | None:
                 sample,
                 items,
                 folder,
-                (3, size, size),
+                (codec.channels, side, side),
                 seed=int(cfg.seed),
                 batch_size=int(cfg.batch_size),
                 rank=rank,

@@ -19,7 +19,7 @@ from ediff_train.evaluation.common import load_spec, pick_device, run_specs
 from ediff_train.io.files import write_json
 from ediff_train.metrics.digits import classifier_for, digit_pairs
 from ediff_train.metrics.plots import switch_plot
-from ediff_train.run.weights import load_encoders, load_train_config
+from ediff_train.run.weights import load_codec, load_encoders, load_train_config
 from ediff_train.sampling.generation import embed_prompts
 from ediff_train.sampling.guidance import guided
 
@@ -60,13 +60,15 @@ def evaluate_switch(cfg: DictConfig) -> dict[str, Any]:
     want_a = torch.tensor([a for a, _ in pairs for _ in range(per)])
     want_b = torch.tensor([b for _, b in pairs for _ in range(per)])
     sigmas = karras_sigmas(int(cfg.steps))
-    noise = torch.randn(len(want_a), 3, size, size, generator=g).to(device) * 80.0
+    codec = load_codec(train_cfg, device)  # a VAE run: latents sampled, decoded to classify
+    side = size // codec.downsample
+    noise = torch.randn(len(want_a), codec.channels, side, side, generator=g).to(device) * 80.0
     den_a = guided(model, cond_a, cond_a.null(), float(c.guidance))
     den_b = guided(model, cond_b, cond_b.null(), float(c.guidance))
     rows = []
     for f in [float(v) for v in c.fractions]:
         s = switch_sigma(sigmas, f)
-        out = solve("heun", switched(den_a, den_b, s), noise.clone(), sigmas)
+        out = codec.decode(solve("heun", switched(den_a, den_b, s), noise.clone(), sigmas))
         with torch.no_grad():
             guess = classifier((out.float().cpu() * 0.5 + 0.5).clamp(0, 1)).argmax(1)
         rows.append(

@@ -18,6 +18,7 @@ from ediff_train.core.parameterisation import from_config as param_from_config
 from ediff_train.errors import EdiffError
 from ediff_train.io.files import save_safetensors
 from ediff_train.legacy import rewrite_targets
+from ediff_train.nn.codec import Codec, codec_from_config
 from ediff_train.nn.encoders import Encoders, build_encoders
 from ediff_train.run.layout import CONFIG, WEIGHTS
 
@@ -109,3 +110,38 @@ def load_encoders(cfg: Any) -> Any:
     if enc.get("kind", "tiny") == "tiny":
         return Encoders.load(enc.get("path") or Path(cfg.data.root) / "encoders")
     return build_encoders(**{k: v for k, v in enc.items() if k != "dims"})
+
+
+def load_codec(cfg: Any, device: Any = "cpu") -> Codec:
+    """The codec a config trains in (nn/codec.py): pixels for a stored run without `codec`;
+    a VAE without a path is the data set's own (<data.root>/vae)."""
+    codec = codec_from_config(cfg.get("codec"), cfg.data.get("root"))
+    return codec.to(device)
+
+
+def check_codec_fits(cfg: Any, codec: Codec) -> None:
+    """The backbone must take the codec's channels at the codec's size (conf/model/ interpolate
+    both; an override that breaks them is refused here, before anything trains). Pixels: no
+    new check (an SR stage's model may train on crops of another size)."""
+    if codec.is_identity:
+        return
+    if cfg.data.get("lowres_size") or cfg.data.get("crop_size"):
+        raise EdiffError(
+            "codec=vae trains a base stage: data.lowres_size and crop_size must be null"
+        )
+    model, size = cfg.model, int(cfg.data.image_size)
+    if size % codec.downsample:
+        raise EdiffError(
+            f"data.image_size {size} is not divisible by the codec's downsample {codec.downsample}"
+        )
+    want = {"in_channels": codec.channels, "image_size": size // codec.downsample}
+    if model.get("out_channels") is not None:
+        want["out_channels"] = codec.channels
+    for key, value in want.items():
+        have = model.get(key)
+        if have is not None and int(have) != value:
+            raise EdiffError(
+                f"model.{key}={have} does not fit codec {type(codec).__name__} "
+                f"({codec.channels} channels, {size}px // {codec.downsample} = "
+                f"{size // codec.downsample}); need model.{key}={value}"
+            )

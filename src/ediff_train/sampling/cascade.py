@@ -96,6 +96,11 @@ def load_stages(
     loaded: list[LoadedStage] = []
     for k, st in enumerate(stages):
         cfg = load_train_config(Path(st.run_dir) / st.experts[0])
+        if str((cfg.get("codec") or {}).get("_target_", "")).endswith("VAECodec"):
+            raise EdiffError(  # its latents would need decoding between stages (docs/latent.md)
+                f"cascade {st.name}: {st.run_dir} trains in a VAE's latent space; cascades "
+                "take pixel stages (sample it with sample.py run_dir=...)"
+            )
         low = cfg.data.get("lowres_size")
         train_size = int(cfg.data.image_size)
         size = int(st.size or train_size)

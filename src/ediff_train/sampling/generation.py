@@ -46,6 +46,7 @@ def generate(
     style: Tensor | None = None,
     style_guidance: float = 1.0,
     paint: Any = None,
+    decode: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Text-to-image with Heun + CFG; returns images in [0, 1]. One sample per cond row.
 
@@ -56,7 +57,9 @@ def generate(
     `solver` is one of solvers.SOLVERS (`order`: deis_ab's), `guidance` a scale or a Guidance,
     `text` both / t5 / clip (text_only). `style` [Di] (style_embedding) conditions every image
     on a reference image's CLIP embedding, weighted by `style_guidance` (style_guided). `paint`
-    (paint.Painter for these rows) paints phrases onto regions in every cross-attention."""
+    (paint.Painter for these rows) paints phrases onto regions in every cross-attention.
+    `decode` (a VAE codec's, nn/codec.py): the solver runs in latent space, `image_size` and
+    `channels` being the latent's, and its result is decoded to [-1, 1] pixels here."""
     if steps < 1:
         raise EdiffError(f"steps must be ≥ 1, got {steps}")
     if isinstance(guidance, Guidance) and isinstance(model, Ensemble):
@@ -88,6 +91,8 @@ def generate(
     else:
         denoise = guided(model, cond, cond.null(), guidance)
     out = solvers.solve(solver, denoise, x, sigmas, order)
+    if decode is not None:
+        out = decode(out.float())
     return (out.float() * 0.5 + 0.5).clamp(0, 1)
 
 

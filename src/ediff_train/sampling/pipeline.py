@@ -19,15 +19,17 @@ from torch import Tensor
 from tqdm import tqdm
 
 from ediff_train.errors import EdiffError
+from ediff_train.nn.codec import Codec, PixelCodec
 from ediff_train.nn.paint import Painter
-from ediff_train.run.weights import load_encoders, load_train_config
+from ediff_train.run.weights import load_codec, load_encoders, load_train_config
 from ediff_train.sampling.ensemble import Ensemble, load_ensemble
 from ediff_train.sampling.generation import embed_prompts, generate, image_noise
 from ediff_train.sampling.guidance import Guidance, style_embedding
 
 
 class Sampler:
-    """A base-stage ensemble with its encoders and image size, called like a function."""
+    """A base-stage ensemble with its encoders, image size and codec, called like a function.
+    A VAE codec's run samples latents of image_size // downsample and decodes them."""
 
     def __init__(
         self,
@@ -36,9 +38,11 @@ class Sampler:
         image_size: int,
         device: str | torch.device = "cpu",
         offload: bool = False,
+        codec: Codec | None = None,
     ) -> None:
         self.ensemble = ensemble.offload(device) if offload else ensemble.to(device)
         self.encoders, self.image_size, self.device = encoders, int(image_size), device
+        self.codec = (codec or PixelCodec()).to(device)
 
     @classmethod
     def from_run(
@@ -62,6 +66,7 @@ class Sampler:
             int(cfg.data.image_size),
             device,
             offload,
+            load_codec(cfg),
         )
 
     @property
@@ -94,7 +99,8 @@ class Sampler:
             raise EdiffError(f"batch_size must be ≥ 1, got {batch_size}")
         if not prompts:
             raise EdiffError("no prompts to sample")
-        shape = (3, self.image_size, self.image_size)
+        side = self.image_size // self.codec.downsample
+        shape = (self.codec.channels, side, side)
         starts = range(0, len(prompts), batch_size)
         if progress:
             starts = tqdm(starts, desc="sampling", unit="batch")
@@ -110,13 +116,15 @@ class Sampler:
                 generate(
                     self.ensemble,
                     cond,
-                    self.image_size,
+                    side,
                     steps=steps,
                     guidance=guidance,
                     seed=seed,
+                    channels=self.codec.channels,
                     noise=noise,
                     solver=solver,
                     paint=painter,
+                    decode=None if self.codec.is_identity else self.codec.decode,
                     **kw,
                 ).cpu()
             )

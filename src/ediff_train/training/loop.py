@@ -30,16 +30,18 @@ from ediff_train.io.files import write_text
 from ediff_train.io.lock import training_lock
 from ediff_train.metrics.handoff_probe import PROBE_JSON, HandoffProbe, probe_steps
 from ediff_train.metrics.loss_by_sigma import SigmaLossMonitor, monitor_steps, sigma_grid
+from ediff_train.nn.codec import PixelCodec
 from ediff_train.nn.encoder_models import TINY_NAMES
 from ediff_train.run.layout import CKPT_DIR, CONFIG, node_dir, parent_weights
 from ediff_train.run.optim_state import OPTIMIZER
 from ediff_train.run.pretrained import apply_init_from
-from ediff_train.run.weights import load_encoders, load_train_config
+from ediff_train.run.weights import load_codec, load_encoders, load_train_config
 from ediff_train.sampling.cascade import comparison_rows, upsample
 from ediff_train.sampling.generation import embed_prompts, generate
 from ediff_train.sampling.grids import labelled_grid
 from ediff_train.training.continuation import continuation_target, place_continuation
 from ediff_train.training.handoff import BranchPoints, HandOff, branch_dir
+from ediff_train.training.latent import check_parent_codec, prepare_codec
 from ediff_train.training.lora import check_lora, init_lora, lora_on
 from ediff_train.training.module import ExpertModule, stream_seed
 from ediff_train.training.posthoc import from_train_config
@@ -276,14 +278,20 @@ def train_node(cfg: DictConfig) -> Path:
     check_parent_param(cfg, node, param)
     apply_init_from(cfg, node)  # a root from a pretrained diffusers folder (run/pretrained.py)
     check_lora(cfg, node)
+    codec = prepare_codec(cfg)  # a VAE run: refused here, before the node's folder exists
+    check_parent_codec(cfg, node.parent, codec)
     ndir = node_dir(cfg.run_dir, node.name)
     distributed = build_distributed(cfg)
     with training_lock(ndir):
-        return _train_locked(cfg, node, ndir, distributed)
+        return _train_locked(cfg, node, ndir, distributed, codec)
 
 
 def _train_locked(
-    cfg: DictConfig, node: Node, ndir: Path, distributed: tuple[dict[str, Any], Any]
+    cfg: DictConfig,
+    node: Node,
+    ndir: Path,
+    distributed: tuple[dict[str, Any], Any],
+    codec: dict[str, Any] | None = None,
 ) -> Path:
     """The run itself, under the node's lock."""
     # In a SLURM job we requeue on SIGUSR1; under submitit, submitit owns preemption (SIGUSR2).
@@ -292,12 +300,17 @@ def _train_locked(
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     module, resume = build_module(cfg, node, ndir)
     # the node's own data order (a continuation: the stream it continues)
-    data = instantiate(cfg.data, expect=manifest_expectations(cfg), seed=module.seed)
+    # a VAE run's data was built (if it builds itself) with its codec by prepare_codec
+    built = {"builder": None} if codec is not None else {}
+    data = instantiate(
+        cfg.data, expect=manifest_expectations(cfg), seed=module.seed, codec=codec, **built
+    )
     max_steps = continuation_target(cfg) if cfg.get("continue_from") else int(cfg.steps)
 
     ndir.mkdir(parents=True, exist_ok=True)
     write_text(ndir / CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
     info = {"run_dir": str(cfg.run_dir), "data_root": str(cfg.data.root), "config": CONFIG}
+    info["codec"] = codec or PixelCodec().spec()
     ckpt = PeriodicCheckpoint(ndir / CKPT_DIR, int(cfg.checkpoint_every))
     callbacks: list[Callback] = [ckpt, HandOff(ndir, info), TQDMProgressBar(refresh_rate=10)]
     posthoc = posthoc_ema_callback(cfg, node, ndir)  # first: the checkpoints save its update
@@ -396,13 +409,16 @@ def sample_grid(cfg: DictConfig, module: ExpertModule, data: Any = None) -> Path
     prompts = [p for p in cfg.sample.prompts for _ in range(int(cfg.sample.per_prompt))]
     cond = embed_prompts(encoders, prompts)
     denoiser = module.ema.to("cpu").float()
+    codec = load_codec(cfg)
     images = generate(
         denoiser,
         cond,
-        image_size=int(cfg.data.image_size),
+        image_size=int(cfg.data.image_size) // codec.downsample,
         steps=int(cfg.sample.steps),
         guidance=float(cfg.sample.guidance),
         seed=int(cfg.seed),
+        channels=codec.channels,
+        decode=None if codec.is_identity else codec.decode,
     )
     path = node_dir(cfg.run_dir, module.node.name) / "samples.png"
     labelled_grid(images, list(cfg.sample.prompts), int(cfg.sample.per_prompt), upscale=4).save(
