@@ -113,7 +113,6 @@ def main(cfg: DictConfig) -> None:
             **settings.record(),
             "paint": [{"phrase": r.phrase, "strength": r.strength} for r in regions or []],
             "codec": sampler.codec.spec(),  # a VAE run: which VAE decoded the latents
-            "codec": sampler.codec.spec(),  # a VAE run: which VAE decoded the latents
             "files": [f"sample_{i:04d}.png" for i in range(len(images))],
         }
         write_json(folder / "settings.json", record)
