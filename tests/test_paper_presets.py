@@ -267,9 +267,7 @@ def test_fig7_experiment_under_flow_and_recorded_guidance(tmp_path: Path) -> Non
     settings = json.loads((out / "settings.json").read_text())
     assert settings["guidance_per_expert"] == {"E1_0": 4.0, "E1_1": 2.0}
     assert settings["guidance"] == 9.0 and settings["recorded_guidance"] is True
-    got = torch.stack(
-        [torch.from_numpy(np.asarray(Image.open(out / f))) for f in settings["files"]]
-    )
+    got = torch.stack([torch.from_numpy(np.array(Image.open(out / f))) for f in settings["files"]])
     got = got.permute(0, 3, 1, 2).float()
     sampler = Sampler.from_run(seed, ["E1_0", "E1_1"])
 
