@@ -89,6 +89,7 @@ def test_only_the_adapter_trains_and_the_base_stays_bit_identical(lora_run: Path
     rec = info["lora"]
     digest = hashlib.sha256((root / "weights.safetensors").read_bytes()).hexdigest()
     assert rec["base"] == "E0_0" and rec["base_sha256"] == digest and info["step"] == 6
+    assert info["handoff"]["optimizer"] == "fresh (a LoRA adapter)"
     assert not (child / "weights.safetensors").exists()
     assert rec["adapter_params"] == sum(state[k].numel() for k in lora)
 

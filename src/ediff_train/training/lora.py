@@ -181,4 +181,6 @@ def init_lora(module: Any, cfg: DictConfig, node: Node) -> None:
     module.step_offset = int(meta.get("step", 0))
     module.images_offset = int(meta.get("images", module.step_offset * int(cfg.data.batch_size)))
     module.is_handoff = True
-    module.handoff_record.update({"from": str(pdir), "lora_base": base["base"]})
+    module.handoff_record.update(
+        {"from": str(pdir), "lora_base": base["base"], "optimizer": "fresh (a LoRA adapter)"}
+    )

@@ -228,7 +228,7 @@ class ExpertModule(L.LightningModule):
         # uninterrupted one would, and no generator state needs saving per rank
         if self.trainer.ckpt_path is None and self.handoff_optimizer is not None:
             self.handoff_record["optimizer"] = hand_on(self, Path(self.handoff_optimizer))
-        elif self.trainer.ckpt_path is None and self.step_offset:
+        elif self.trainer.ckpt_path is None and self.step_offset and self.lora is None:
             self.handoff_record["optimizer"] = "reset (handoff.optimizer=reset)"
         self._compiled = self._compile()
 
