@@ -4,6 +4,7 @@ and an SR1024-style crop model; sample.py runs Config-B- and SR1024-shaped casca
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -186,6 +187,158 @@ def test_evaluate_sr_reports_sr_beside_bicubic(runs: Path) -> None:
     # an untrained stage is no better than bicubic: the metric can tell
     assert report["rows"][1]["psnr_db"] < report["rows"][0]["psnr_db"]
     assert (runs / "ev" / "sr_samples.png").is_file()
+
+
+def test_sr_psnr_and_bicubic_baseline_against_an_independent_computation(
+    runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """metric=sr in process, its PSNR inputs and the sampler's outputs recorded: every row's
+    PSNR is numpy's 10·log10(1/MSE) per image, averaged, of the images it scored; the bicubic
+    row scores F.interpolate(bicubic) of the very low-res the SR stage was given; that low-res
+    is PIL's bicubic down-sampling of the truth (as training's loader makes it); the SR rows
+    score what the sampler returned. A wrong PSNR scale, baseline or pairing fails here."""
+    import numpy as np
+    import torch.nn.functional as F
+    from hydra import compose, initialize_config_dir
+
+    import ediff_train.evaluation.sr as sr_eval
+
+    scored: list[tuple[torch.Tensor, torch.Tensor]] = []
+    generated: list[tuple[torch.Tensor, torch.Tensor]] = []
+    real_psnr, real_generate = sr_eval.psnr, sr_eval.generate
+
+    def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        scored.append((a.clone(), b.clone()))
+        return real_psnr(a, b)
+
+    def generate(*args: object, **kwargs: object) -> torch.Tensor:
+        out = real_generate(*args, **kwargs)
+        generated.append((kwargs["lowres"].clone(), out.clone()))
+        return out
+
+    monkeypatch.setattr(sr_eval, "psnr", psnr)
+    monkeypatch.setattr(sr_eval, "generate", generate)
+    with initialize_config_dir(str(ROOT / "conf" / "evaluate"), version_base="1.3"):
+        cfg = compose(
+            "config",
+            overrides=[
+                f"run_dir={runs / 'sr'}",
+                "metric=sr",
+                "sr.images=12",
+                "batch_size=6",
+                "steps=2",
+                "sr.sigma_aug=[0.002,0.5]",
+                "metrics.classifier_steps=20",
+                f"out={tmp_path}",
+            ],
+        )
+    report = sr_eval.evaluate_sr(cfg)
+    rows = report["rows"]
+    assert [r["method"] for r in rows] == ["bicubic", "SR σ_aug=0.002", "SR σ_aug=0.5"]
+    assert len(scored) == 3 and len(generated) == 4  # 2 batches × 2 σ_aug levels
+    for row, (images, truth) in zip(rows, scored):
+        mse = ((images.double().numpy() - truth.double().numpy()) ** 2).reshape(12, -1).mean(1)
+        assert row["psnr_db"] == pytest.approx(float(np.mean(10 * np.log10(1 / mse))), abs=6e-4)
+    truth = scored[0][1]
+    assert truth.shape == (12, 3, 32, 32)
+    low = torch.cat([lo for lo, _ in generated[:2]])
+    assert low.shape == (12, 3, 16, 16)
+    for lo, _ in generated[2:]:  # the second level sees the same inputs
+        assert any(torch.equal(lo, g) for g, _ in generated[:2])
+    pil = np.stack(
+        [
+            np.asarray(
+                Image.fromarray((t.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).resize(
+                    (16, 16), Image.Resampling.BICUBIC
+                )
+            )
+            for t in truth
+        ]
+    )
+    np.testing.assert_allclose(low.permute(0, 2, 3, 1).numpy() * 255, pil, atol=1e-3)
+    bicubic = F.interpolate(low, size=(32, 32), mode="bicubic", align_corners=False).clamp(0, 1)
+    torch.testing.assert_close(scored[0][0], bicubic, rtol=0, atol=1e-6)
+    for k, (images, _) in enumerate(scored[1:]):
+        torch.testing.assert_close(images, torch.cat([o for _, o in generated[2 * k : 2 * k + 2]]))
+
+
+def test_metric_cascade_scores_every_stage_against_known_digits(
+    runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """metric=cascade with the cascade's images replaced by held-out real digits: the base stage
+    gets a real image of each caption's digit, the SR stage (32 px) the same images shifted
+    by one caption, so its labels are wrong. Each stage's prompt accuracy must be the fraction
+    the base data's classifier gets right on exactly those images (computed here, directly),
+    ≥ 0.9 for the true digits and ≤ 0.2 for the shifted ones."""
+    import torch.nn.functional as F
+    from hydra import compose, initialize_config_dir
+
+    import ediff_train.evaluation.sr as sr_eval
+    from ediff_train.data.heldout import read_records, validation_source
+    from ediff_train.metrics.digits import load_or_train, prompt_digit, records_tensor
+    from ediff_train.run.weights import load_train_config
+
+    data = load_train_config(runs / "base" / "E0_0").data
+    val = validation_source(str(data.root), data.get("val_root"))
+    real, labels = records_tensor(read_records(val[0]))
+    bank = {d: real[labels == d] for d in range(10)}
+    shown: list[tuple[list[int], torch.Tensor, torch.Tensor]] = []
+
+    def run_cascade(stages: object, prompts: list[str], seed: int = 0, **kw: object) -> list:
+        digits = [prompt_digit(p) for p in prompts]
+        base = torch.stack([bank[d][(seed + i) % len(bank[d])] for i, d in enumerate(digits)])
+        sr = F.interpolate(base.roll(1, 0), size=(32, 32), mode="bicubic").clamp(0, 1)
+        shown.append((digits, base, sr))
+        return [base, sr]
+
+    monkeypatch.setattr(sr_eval, "run_cascade", run_cascade)
+    spec = cascade_file(
+        tmp_path,
+        "ev",
+        f"{{name: base, run_dir: {runs / 'base'}, experts: [E0_0], steps: 2}}",
+        f"{{name: sr, run_dir: {runs / 'sr'}, experts: [E0_0], steps: 2, sigma_aug: 0.05}}",
+    )
+    # the default classifier (400 steps, cached in the digits build): 20 steps is chance
+    overrides = ["metric=cascade", f"cascade={spec}", "captions.per_caption=2", "batch_size=16"]
+    overrides += [f"out={tmp_path / 'ev'}"]
+    with initialize_config_dir(str(ROOT / "conf" / "evaluate"), version_base="1.3"):
+        report = sr_eval.evaluate_cascade(compose("config", overrides=overrides))
+    classifier = load_or_train(data.root, val[0])[0]
+    want = torch.tensor([d for digits, _, _ in shown for d in digits])
+    assert report["images"] == len(want) == 300  # 15 wordings × 10 digits × 2
+    expected = [
+        float((classifier(torch.cat([s[k] for s in shown])).argmax(1) == want).float().mean())
+        for k in (1, 2)
+    ]
+    got = [s["prompt_accuracy"] for s in report["stages"]]
+    assert got == pytest.approx(expected, abs=6e-5), (got, expected)
+    assert expected[0] >= 0.9 and expected[1] <= 0.2, expected
+    assert [(s["name"], s["size"]) for s in report["stages"]] == [("base", 16), ("sr", 32)]
+    assert json.loads((tmp_path / "ev" / "cascade.json").read_text())["stages"] == report["stages"]
+
+
+def test_evaluate_cascade_cli_end_to_end(runs: Path) -> None:
+    """evaluate.py metric=cascade through the real cascade and the entry point: one accuracy per
+    stage, each a whole number of the 10 images right."""
+    spec = cascade_file(runs, "evc", BASE, "{name: sr, run_dir: sr, experts: [E0_0], steps: 2}")
+    proc = run(
+        runs,
+        "evaluate.py",
+        "metric=cascade",
+        f"cascade={spec}",
+        "captions.templates=plain",
+        "captions.per_caption=1",
+        "metrics.classifier_steps=20",
+        "out=evc",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((runs / "evc" / "cascade.json").read_text())
+    assert report["images"] == 10 and [s["size"] for s in report["stages"]] == [16, 32]
+    for s in report["stages"]:
+        assert round(s["prompt_accuracy"] * 10, 6) == int(round(s["prompt_accuracy"] * 10))
+        assert (
+            f"{s['name']} ({s['size']} px): prompt accuracy {s['prompt_accuracy']}" in proc.stdout
+        )
 
 
 def test_sampler_api_and_sample_cli_for_real_use(runs: Path) -> None:
