@@ -166,3 +166,18 @@ def test_cli_prints_intervals_and_parents() -> None:
         [sys.executable, "-m", "ediff_train.core.experts", "E9_600"], capture_output=True, text=True
     )
     assert bad.returncode != 0 and "0–511" in bad.stderr
+
+
+def test_a_sigma_on_a_boundary_belongs_to_the_node_above() -> None:
+    """Nodes own half-open quantile intervals [lo, hi): a σ whose u is exactly a boundary is
+    the upper node's. σ = exp(P_mean) has u = 0.5 exactly (E1_0 | E1_1), and the level-2
+    boundaries u = 1/4, 1/2, 3/4 round-trip exactly through the law, so ties really occur."""
+    pair = Router([parse_node("E1_0"), parse_node("E1_1")])
+    at = math.exp(pair.law.p_mean)
+    assert float(pair.law.cdf_t(torch.tensor(at, dtype=torch.float64))) == 0.5
+    assert pair(at).name == "E1_1" and pair(at * (1 - 1e-9)).name == "E1_0"
+    four = Router([parse_node(f"E2_{i}") for i in (3, 1, 0, 2)])  # any order
+    for k in (1, 2, 3):
+        sigma = four.law.icdf(k / 4)
+        assert float(four.law.cdf_t(torch.tensor(sigma, dtype=torch.float64))) == k / 4
+        assert four(sigma).name == f"E2_{k}"

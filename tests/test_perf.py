@@ -5,7 +5,9 @@ Lightning would clip a plain one; the deferred NaN/Inf check (the GPU default) n
 weights reach a checkpoint; bench/train_step.py writes compile and batch-sweep rows.
 
 Compiled runs use the `aot_eager` backend: dynamo and AOTAutograd as with inductor, without
-inductor's C++ build, which takes ~5 minutes for the tiny net on a 2-core machine (measured)."""
+inductor's C++ build, which takes ~5 minutes for the tiny net on a 2-core machine (measured).
+The compiled run's backend is aot_eager registered under another name with counting graph
+compilers, so a test can tell that the compiled graphs, forward and backward, actually ran."""
 
 from __future__ import annotations
 
@@ -30,7 +32,36 @@ from ediff_train.errors import EdiffError
 from ediff_train.run.weights import load_expert
 from ediff_train.training.module import ExpertModule
 
-BACKEND = "aot_eager"
+BACKEND = "ediff_counted_aot_eager"
+GRAPH_CALLS: dict[str, list[int]] = {"forward": [], "backward": []}  # calls per compiled graph
+
+
+def _counting(kind: str) -> object:
+    """An AOTAutograd graph compiler that runs the graph as it is and counts each call."""
+
+    def compiler(gm: torch.fx.GraphModule, inputs: object) -> object:
+        GRAPH_CALLS[kind].append(0)
+        index = len(GRAPH_CALLS[kind]) - 1
+
+        def run(*args: object) -> object:
+            GRAPH_CALLS[kind][index] += 1
+            return gm(*args)
+
+        return run
+
+    return compiler
+
+
+def _register_counting_backend() -> None:
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._dynamo.backends.registry import list_backends
+
+    if BACKEND not in list_backends(exclude_tags=()):
+        backend = aot_autograd(fw_compiler=_counting("forward"), bw_compiler=_counting("backward"))
+        torch._dynamo.register_backend(compiler_fn=backend, name=BACKEND)
+
+
+_register_counting_backend()
 KEYS = ("perf_eager", "perf_compiled", "perf_fallback", "perf_nan", "perf_fused")
 
 
@@ -48,9 +79,20 @@ def runs(tmp_path_factory: pytest.TempPathFactory, digits_root: Path) -> Path:
     base = tmp_path_factory.mktemp("perf")
     common = ("steps=2", "checkpoint_every=100")
     train(base / "eager", digits_root, "perf_eager", *common)
+    for calls in GRAPH_CALLS.values():
+        calls.clear()
     train(base / "compiled", digits_root, "perf_compiled", *common, f"module.compile={BACKEND}")
     torch._dynamo.reset()
     return base
+
+
+def test_compiled_graphs_ran_forward_and_backward_at_every_step(runs: Path) -> None:
+    """Dynamo captured the denoiser and AOTAutograd's compiled graphs, not the eager module,
+    computed both training steps: one compiled forward and one compiled backward call per step
+    (a recompile for the second batch, e.g. another T5 length, is a new graph: the calls are
+    summed over graphs; an eager fallback would leave them at zero)."""
+    assert GRAPH_CALLS["forward"] and GRAPH_CALLS["backward"], GRAPH_CALLS
+    assert sum(GRAPH_CALLS["forward"]) == 2 and sum(GRAPH_CALLS["backward"]) == 2, GRAPH_CALLS
 
 
 def test_compiled_run_trains_the_eager_step(runs: Path) -> None:

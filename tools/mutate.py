@@ -3,9 +3,9 @@ tests meant to guard that line fail.
 
 Each mutant is one (file, old text, new text) edit plus the test files that should catch it.
 For each: the file is copied to a backup, the edit applied, `pytest -x -q -n 0 <tests>` run,
-and the file restored from the backup in a `finally` (also on Ctrl-C or a timeout). By default
-all of this happens in a scratch copy of the checkout (git's tracked and unignored files, the
-copy's `src/` first on PYTHONPATH), so a shared working tree never holds a broken file;
+and the file restored from the backup in a `finally` (also on Ctrl-C, `kill` or a timeout). By
+default all of this happens in a scratch copy of the checkout (git's tracked and unignored
+files, the copy's `src/` first on PYTHONPATH), so a shared working tree never holds a broken file;
 `--in-place` mutates the checkout itself. A mutant is
 *killed* when pytest fails, *survived* when it passes (a missing test), *stale* when its old text
 is no longer in the file (the list needs updating; counted as neither).
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -80,7 +81,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "self._owner[torch.searchsorted(self._bounds, u, right=True)]",
         "self._owner[torch.searchsorted(self._bounds, u, right=False)]",
         ("tests/test_experts.py", "tests/test_sampling.py"),
-        select="router or ensemble_routes",
+        select="router or ensemble_routes or boundary_belongs",
     ),
     Mutant(
         "router_owner",  # the owner table read one piece off
@@ -88,7 +89,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "self._owner = torch.tensor([p[2] for p in pieces], dtype=torch.long)",
         "self._owner = torch.tensor([p[2] for p in pieces], dtype=torch.long).flip(0)",
         ("tests/test_experts.py", "tests/test_sampling.py"),
-        select="router or ensemble_routes",
+        select="router or ensemble_routes or boundary_belongs",
     ),
     Mutant(
         "node_interval",  # a tree node's quantile interval starts half a slot late
@@ -293,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
             sel = f" -k {m.select}" if m.select else ""
             print(f"{m.name:<18} {m.file}  ->  {' '.join(m.tests)}{sel}")
         return 0
+    # a plain `kill` must restore the file too: SIGTERM becomes SystemExit, so `finally` runs
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     counts = {"killed": 0, "survived": 0, "stale": 0}
     total = time.monotonic()
     root = ROOT if args.in_place else scratch_copy()
