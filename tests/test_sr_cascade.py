@@ -266,8 +266,8 @@ def test_metric_cascade_scores_every_stage_against_known_digits(
     runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """metric=cascade with the cascade's images replaced by held-out real digits: the base stage
-    gets a real image of each caption's digit, the SR stage (32 px) the same images shifted
-    by one caption, so its labels are wrong. Each stage's prompt accuracy must be the fraction
+    gets a real image of each caption's digit, the SR stage (32 px) a real image of the next
+    digit, so its labels are wrong. Each stage's prompt accuracy must be the fraction
     the base data's classifier gets right on exactly those images (computed here, directly),
     ≥ 0.9 for the true digits and ≤ 0.2 for the shifted ones."""
     import torch.nn.functional as F
@@ -287,7 +287,9 @@ def test_metric_cascade_scores_every_stage_against_known_digits(
     def run_cascade(stages: object, prompts: list[str], seed: int = 0, **kw: object) -> list:
         digits = [prompt_digit(p) for p in prompts]
         base = torch.stack([bank[d][(seed + i) % len(bank[d])] for i, d in enumerate(digits)])
-        sr = F.interpolate(base.roll(1, 0), size=(32, 32), mode="bicubic").clamp(0, 1)
+        nxt = [bank[(d + 1) % 10] for d in digits]
+        other = torch.stack([b[(seed + i) % len(b)] for i, b in enumerate(nxt)])
+        sr = F.interpolate(other, size=(32, 32), mode="bicubic").clamp(0, 1)
         shown.append((digits, base, sr))
         return [base, sr]
 
