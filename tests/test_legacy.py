@@ -164,7 +164,7 @@ def test_old_python_m_names_the_new(tmp_path: Path) -> None:
 def test_todays_composition_is_the_stored_config(monkeypatch: pytest.MonkeyPatch) -> None:
     """The settings groups now come from dataclasses (training/settings.py), not train.yaml:
     composing the fixture's command today gives exactly the config the old layout stored, plus
-    the `param` group (EDM, as the old run)."""
+    the groups added since, each at a default that does what the old run did."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
@@ -189,6 +189,21 @@ def test_todays_composition_is_the_stored_config(monkeypatch: pytest.MonkeyPatch
         cfg = compose("train", overrides=args)
     today = OmegaConf.to_container(cfg, resolve=True)
     stored = OmegaConf.to_container(OmegaConf.load(FIXTURE / "E0_0" / "config.yaml"))
-    # the one key added since: the parameterisation, whose default is what the old run trained
+    # the keys added since, each defaulting to what the old run did: the parameterisation (EDM),
+    # the codec (pixels), the shard reader, no pretrained start, no LoRA, no recorded guidance
     assert today.pop("param") == {"name": "edm", "sigma_data": 0.5, "p_mean": -1.2, "p_std": 1.2}
+    assert today.pop("codec") == {
+        "_target_": "ediff_train.nn.codec.PixelCodec",
+        "channels": 3,
+        "downsample": 1,
+    }
+    assert today["data"].pop("reader") == "fast"
+    assert today["data"]["builder"].pop("vae_steps") == 300  # read only under codec=vae
+    # one default changed: the encoders' alignment runs to convergence (docs/data.md); the old
+    # run keeps its own 300 in its config.yaml, which is what loading it reads
+    assert today["data"]["builder"]["align_steps"] == 600
+    assert stored["data"]["builder"].pop("align_steps") == 300
+    del today["data"]["builder"]["align_steps"]
+    assert today.pop("init_from") is None and today.pop("expert_guidance") is None
+    assert today.pop("lora") == {"enabled": False}
     assert today == stored

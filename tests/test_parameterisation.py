@@ -188,6 +188,16 @@ def test_flow_matching_tree_trains_and_refuses_a_mixed_child(tmp_path: Path) -> 
         "other one)"
     ]
     assert not (tmp_path / "R" / "E1_0" / "config.yaml").exists()
+    # the finished flow root relaunched as EDM (the default): refused, its config left as it was
+    stored = (tmp_path / "R" / "E0_0" / "config.yaml").read_bytes()
+    again = _train(tmp_path, "expert=E0_0", "steps=2")
+    assert again.returncode == 2
+    assert again.stderr.strip().splitlines() == [
+        "error: param: E0_0 in R was trained as {'name': 'flow', 'p_mean': 0.0, 'p_std': 1.0, "
+        "'shift': 3.0}, this run asks for {'name': 'edm', 'sigma_data': 0.5, 'p_mean': -1.2, "
+        "'p_std': 1.2}; resume it with the same param, or train the other one in another run_dir"
+    ]
+    assert (tmp_path / "R" / "E0_0" / "config.yaml").read_bytes() == stored
 
 
 @pytest.mark.parametrize("video, sigma", [("t2v", 7.0), ("i2v", 9.0)])

@@ -81,7 +81,26 @@ def align_encoders(
     """Train `enc`'s CLIP and T5 in place on (image, caption-of-its-label) pairs.
 
     images [N,3,H,W] in [0,1]; labels [N] in 0..C-1; captions[c] are the wordings for class c.
-    `holdout` (images, labels) measures zero-shot accuracy afterwards. Returns a report."""
+    `holdout` (images, labels) measures zero-shot accuracy afterwards. Returns a report.
+    The head's init and the dropout masks draw from torch's global generator: it is forked and
+    seeded here, so a build does not depend on what the process ran before (under pytest, which
+    tests a worker ran first) and leaves the caller's random state as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _align(enc, images, labels, captions, steps, groups, lr, seed, holdout)
+
+
+def _align(
+    enc: Encoders,
+    images: Tensor,
+    labels: Tensor,
+    captions: Sequence[Sequence[str]],
+    steps: int,
+    groups: int,
+    lr: float,
+    seed: int,
+    holdout: tuple[Tensor, Tensor] | None,
+) -> dict[str, Any]:
     start = time.perf_counter()
     classes = len(captions)
     flat = [c for cs in captions for c in cs]

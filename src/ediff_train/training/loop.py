@@ -23,7 +23,6 @@ from omegaconf import DictConfig, OmegaConf
 from ediff_train.core.conditioning import Conditioning
 from ediff_train.core.experts import Node, node_from_config
 from ediff_train.core.parameterisation import from_config as param_from_config
-from ediff_train.core.parameterisation import spec as param_spec
 from ediff_train.core.sr import NoiseAugment, SRConditioner
 from ediff_train.errors import EdiffError
 from ediff_train.io.files import write_text
@@ -35,13 +34,14 @@ from ediff_train.nn.encoder_models import TINY_NAMES
 from ediff_train.run.layout import CKPT_DIR, CONFIG, node_dir, parent_weights
 from ediff_train.run.optim_state import OPTIMIZER
 from ediff_train.run.pretrained import apply_init_from
-from ediff_train.run.weights import load_codec, load_encoders, load_train_config
+from ediff_train.run.weights import load_codec, load_encoders
 from ediff_train.sampling.cascade import comparison_rows, upsample
 from ediff_train.sampling.generation import embed_prompts, generate
 from ediff_train.sampling.grids import labelled_grid
 from ediff_train.training.continuation import continuation_target, place_continuation
 from ediff_train.training.handoff import BranchPoints, HandOff, branch_dir
 from ediff_train.training.latent import check_parent_codec, prepare_codec
+from ediff_train.training.lineage import check_own_param, check_parent_param
 from ediff_train.training.lora import check_lora, init_lora, lora_on
 from ediff_train.training.module import ExpertModule, stream_seed
 from ediff_train.training.posthoc import from_train_config
@@ -242,25 +242,6 @@ def isolated_job() -> Iterator[None]:
                 os.environ[key] = value
 
 
-def check_parent_param(cfg: DictConfig, node: Node, param: Any) -> None:
-    """A child trains under its parent's parameterisation: its weights predict that target, and
-    the tree's quantiles are of that law. Refused in one line before anything is written."""
-    if node.parent is None:
-        return
-    pdir = (
-        Path(str(cfg.parent_dir)) if cfg.get("parent_dir") else node_dir(cfg.run_dir, node.parent)
-    )
-    if not (pdir / CONFIG).is_file():
-        return  # parent_weights() names a missing parent
-    theirs = param_spec(param_from_config(load_train_config(pdir).get("param")))
-    if theirs != param_spec(param):
-        raise EdiffError(
-            f"param: parent {node.parent} was trained as {theirs}, this node asks for "
-            f"{param_spec(param)}; a child keeps its parent's parameterisation (train a new root "
-            "with the other one)"
-        )
-
-
 def _hydra_config() -> Any:
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -276,6 +257,7 @@ def train_node(cfg: DictConfig) -> Path:
     param = param_from_config(cfg.get("param"))
     node = node_from_config(cfg.expert, law=param.law)
     check_parent_param(cfg, node, param)
+    check_own_param(cfg, node, param)
     apply_init_from(cfg, node)  # a root from a pretrained diffusers folder (run/pretrained.py)
     check_lora(cfg, node)
     codec = prepare_codec(cfg)  # a VAE run: refused here, before the node's folder exists
