@@ -124,6 +124,7 @@ RULES: tuple[Rule, ...] = (
     Rule(r"mkdocs build", reason="run in the checkout by .ci/run (mkdocs build --strict)"),
     # --- run, cut down ---
     Rule(r"ediff-experts "),
+    Rule(r"ediff-export |ediff_train\.cli\.export "),  # writes a new folder from a trained run
     Rule(r"ediff-schedule run ", cuts={"scale": "0.004"}),
     Rule(r"ediff-schedule "),
     Rule(r"train\.py", cuts=TRAIN),
