@@ -146,3 +146,33 @@ def test_zero2_bf16_resume_keeps_ema(tmp_path: Path) -> None:
     close(ema0, a[0], 0.0)  # fp32 master weights start at the fp32 init, not its bf16 copy
     close(ema, reference_ema(ema0, {**a, **b}), 1e-6)
     assert max(float((ema[k] - model[k]).abs().max()) for k in ema) > 1e-3
+
+
+def test_zero2_lora_child_trains_only_its_adapter(tmp_path: Path) -> None:
+    """`lora=default` under ZeRO-2 on 2 processes: the base the sampler rebuilds is the parent's
+    EMA bit for bit, the adapter (peft's files, raw and EMA) has moved off its zero start, and
+    the EMA adapter is what `load_expert` answers with."""
+    from safetensors.torch import load_file
+
+    common = ["run_dir=R", "strategy=deepspeed_stage_2", "checkpoint_every=10"]
+    train(tmp_path, *common, "steps=2")
+    train(tmp_path, *common, "expert=E1_1", "lora=default", "steps=2")
+    root, child = tmp_path / "R" / "E0_0", tmp_path / "R" / "E1_1"
+    _, root_ema, _ = load_weights(root / "weights.safetensors")
+    info = json.loads((child / "node.json").read_text())
+    assert info["step"] == 4 and info["lora"]["base"] == "E0_0"
+    assert not (child / "weights.safetensors").exists()  # adapters only
+    ema = load_file(child / "adapter_model.safetensors")
+    raw = load_file(child / "raw" / "adapter_model.safetensors")
+    assert (
+        ema.keys() == raw.keys()
+        and sum(v.numel() for v in ema.values()) == (info["lora"]["adapter_params"])
+    )
+    assert all(float(v.abs().sum()) > 0 for k, v in raw.items() if ".lora_B." in k)  # trained
+    _, denoiser = load_expert(child)
+    state = denoiser.state_dict()
+    base = {k.replace(".base_layer.", "."): v for k, v in state.items() if ".lora_" not in k}
+    assert base.keys() == root_ema.keys()
+    assert all(torch.equal(base[k], root_ema[k]) for k in base)  # the frozen base, untouched
+    lora_b = [k for k in state if ".lora_B." in k]
+    assert lora_b and all(float(state[k].abs().sum()) > 0 for k in lora_b)

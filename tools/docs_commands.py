@@ -58,6 +58,8 @@ TRAIN = {
     "probe.batch_size": "8",
     "checkpoint_every": "100",
 }
+# a local schedule run: its stages' steps scaled, each stage's sizes cut as train.py's
+SCHEDULE = {k: v for k, v in TRAIN.items() if k not in ("steps", "logger", "checkpoint_every")}
 SAMPLE = {"n": "2", "steps": "2", "progress": "false"}
 IMAGES = {
     "steps": "2",
@@ -125,7 +127,7 @@ RULES: tuple[Rule, ...] = (
     # --- run, cut down ---
     Rule(r"ediff-experts "),
     Rule(r"ediff-export |ediff_train\.cli\.export "),  # writes a new folder from a trained run
-    Rule(r"ediff-schedule run ", cuts={"scale": "0.004"}),
+    Rule(r"ediff-schedule run ", cuts={"scale": "0.004", **SCHEDULE}),
     Rule(r"ediff-schedule "),
     Rule(r"train\.py", cuts=TRAIN),
     Rule(r"sample\.py .*prompts_file=prompts\.txt", cuts=SAMPLE, setup={"prompts.txt": "seven\n"}),

@@ -119,7 +119,9 @@ class EMA:
 
     @property
     def sharded(self) -> bool:
-        return bool(self._slots) and self._slots[0][1].sharded
+        # any slot, not the first: with LoRA under ZeRO the frozen base is whole on every rank
+        # (no fp32 master) and only the adapter is fragmented
+        return any(frag.sharded for _, frag, _ in self._slots or ())
 
     def attach(self, model: nn.Module) -> None:
         """Follow `model` (already set up by the strategy): keep only this rank's fragments."""
