@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ediff_train.data.align import clip_text_short
-from ediff_train.data.digits import digit_captions
+from ediff_train.data.align import align_encoders, clip_text_short
+from ediff_train.data.digits import digit_captions, digit_images
 from ediff_train.data.manifest import read_manifest
 from ediff_train.nn.encoders import Encoders
 
@@ -51,3 +51,24 @@ def test_trained_encoders_give_wordings_of_one_digit_one_meaning(digits_root: Pa
         assert acc_trained >= 0.85, (key, acc_trained)
         # the random encoders do not: "the number 3" and "the number 7" are one byte apart
         assert acc_random <= 0.5 and acc_trained > acc_random + 0.4, (key, acc_random)
+
+
+def test_alignment_does_not_depend_on_the_callers_random_state() -> None:
+    """The head's init and the dropout masks are drawn under the alignment's own seed: two builds
+    after different histories of torch's global generator give the same encoders, and the
+    caller's generator continues as if the alignment had not drawn from it."""
+    images, labels = digit_images(16)
+    pixels = torch.from_numpy(images[:200]).permute(0, 3, 1, 2).float() / 255
+    y = torch.from_numpy(labels[:200])
+    weights, after = [], []
+    for history in (1, 2):
+        torch.manual_seed(history)
+        enc = Encoders.tiny(0)
+        align_encoders(enc, pixels, y, [digit_captions(d) for d in range(10)], steps=3, seed=0)
+        weights.append(
+            torch.cat([p.flatten() for p in (*enc.t5.parameters(), *enc.clip.parameters())])
+        )
+        after.append(torch.rand(4))
+        torch.manual_seed(history)
+        assert torch.equal(after[-1], torch.rand(4))
+    assert torch.equal(weights[0], weights[1])
