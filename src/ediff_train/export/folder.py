@@ -29,7 +29,7 @@ from ediff_train.core.parameterisation import from_config as param_from_config
 from ediff_train.core.parameterisation import spec as param_spec
 from ediff_train.errors import EdiffError
 from ediff_train.export import pipeline as pipeline_module
-from ediff_train.run.adapters import ADAPTER
+from ediff_train.run.adapters import has_handoff
 from ediff_train.run.layout import WEIGHTS, node_dir
 from ediff_train.run.weights import load_expert, load_train_config, node_of
 
@@ -50,11 +50,6 @@ class Expert:
     model: nn.Module | None = None  # the diffusers model to save (LoRA merged in)
 
 
-def finished(ndir: Path) -> bool:
-    """A node's hand-off is there: full weights, or a LoRA adapter (run/adapters.py)."""
-    return (ndir / WEIGHTS).is_file() or (ndir / ADAPTER).is_file()
-
-
 def finished_leaves(run_dir: str | os.PathLike) -> list[str]:
     """The finished nodes of a run that no other finished node names as its parent."""
     root = Path(run_dir)
@@ -63,7 +58,7 @@ def finished_leaves(run_dir: str | os.PathLike) -> list[str]:
     nodes = {
         p.name: node_of(load_train_config(p))
         for p in sorted(root.iterdir())
-        if p.is_dir() and finished(p)
+        if p.is_dir() and has_handoff(p)
     }
     if not nodes:
         raise EdiffError(f"run_dir {str(run_dir)!r} holds no finished node ({WEIGHTS})")
@@ -121,7 +116,7 @@ def load_experts(
     if unknown:
         raise EdiffError(f"guidance names {', '.join(unknown)}, not among experts={list(names)}")
     for name in names:
-        if not finished(node_dir(run_dir, name)):
+        if not has_handoff(node_dir(run_dir, name)):
             raise EdiffError(
                 f"expert {name} is not a finished node of {run_dir}: "
                 f"{node_dir(run_dir, name) / WEIGHTS} does not exist"

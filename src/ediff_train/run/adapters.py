@@ -49,6 +49,11 @@ AUTO_TARGETS: dict[str, list[str]] = {
 _HASHES: dict[tuple[str, int, int], str] = {}
 
 
+def has_handoff(ndir: str | os.PathLike) -> bool:
+    """A node's hand-off is there: full weights, or a LoRA adapter."""
+    return (Path(ndir) / WEIGHTS).is_file() or (Path(ndir) / ADAPTER).is_file()
+
+
 def is_lora_node(ndir: str | os.PathLike) -> bool:
     """The folder holds a LoRA expert (peft's adapter config), not full weights."""
     return (Path(ndir) / ADAPTER_CONFIG).is_file()

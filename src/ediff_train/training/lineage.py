@@ -17,7 +17,8 @@ from ediff_train.core.experts import Node
 from ediff_train.core.parameterisation import from_config as param_from_config
 from ediff_train.core.parameterisation import spec as param_spec
 from ediff_train.errors import EdiffError
-from ediff_train.run.layout import CKPT_DIR, CONFIG, WEIGHTS, node_dir
+from ediff_train.run.adapters import has_handoff
+from ediff_train.run.layout import CKPT_DIR, CONFIG, node_dir
 from ediff_train.run.weights import load_train_config
 
 
@@ -44,9 +45,9 @@ def check_parent_param(cfg: DictConfig, node: Node, param: Any) -> None:
 
 
 def has_trained(ndir: Path) -> bool:
-    """The node holds weights from an earlier run: a checkpoint to resume or a finished file."""
+    """The node holds weights from an earlier run: a checkpoint to resume or its hand-off."""
     ckpts = ndir / CKPT_DIR
-    return (ndir / WEIGHTS).is_file() or (ckpts.is_dir() and any(ckpts.glob("*.ckpt")))
+    return has_handoff(ndir) or (ckpts.is_dir() and any(ckpts.glob("*.ckpt")))
 
 
 def check_own_param(cfg: DictConfig, node: Node, param: Any) -> None:
