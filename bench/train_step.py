@@ -10,7 +10,9 @@
 an "out of memory" row and the sweep goes on). `--compile on|both` adds rows with the denoiser
 under `torch.compile` (perf.CompiledDenoiser, the wrapper training uses): the first step, which
 compiles forward and backward, is timed apart as `compile_s` and never enters the step figures;
-a failed compile falls back to eager and its row says so (`compiled: false`). `--channels-last`
+a failed compile falls back to eager and its row says so (`compiled: false`). A compiled row
+also carries `dynamo`: torch._dynamo's counters for that row (frames compiled, graph breaks
+and their reasons, graphs made), the proof that it ran compiled code. `--channels-last`
 runs weights and batch in NHWC; `--optim` uses the AdamW training builds (fused on CUDA).
 
 SR configs (Efficient U-Net) get a low-res input at 1/LOWRES_FACTOR of their size, noise-
@@ -34,20 +36,22 @@ import json
 import resource
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.flop_counter import FlopCounterMode
 
 import ediff_train.cli  # noqa: F401  (registers the resolvers the model configs use)
-from ediff_train.core.conditioning import Conditioning
 from ediff_train.core.edm import EDMPrecond, LogNormalSigma, edm_loss
 from ediff_train.core.perf import CompiledDenoiser, adamw, to_device
-from ediff_train.core.sr import NoiseAugment
+from ediff_train.nn.cost import (
+    forward_flops,
+    fwd_bwd_flops,  # noqa: F401  (re-exported: tests count with it)
+    is_sr,
+    random_cond,
+)
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 # Encoder dims used when conf/encoders/tiny.yaml is absent (the embedded digits encoders).
@@ -97,58 +101,9 @@ def model_config(name: str) -> DictConfig:
     return root.model
 
 
-def is_sr(cfg: DictConfig) -> bool:
-    return str(cfg._target_).endswith("EfficientUNet")
-
-
-def random_cond(
-    cfg: DictConfig,
-    batch: int,
-    t5_len: int,
-    device: torch.device,
-    size: int | None = None,
-    factor: int = 4,
-) -> Conditioning:
-    """Random embeddings of the config's widths; the last quarter of T5 tokens is padding.
-    SR configs also get a noise-augmented low-res image of (size or image_size) / factor."""
-    mask = torch.ones(batch, t5_len, dtype=torch.bool)
-    mask[:, t5_len - t5_len // 4 :] = False
-    sr: dict[str, Any] = {}
-    if is_sr(cfg):
-        low = (size or int(cfg.image_size)) // factor
-        sr = {
-            "lowres": torch.rand(batch, 3, low, low) * 2 - 1,
-            "sigma_aug": NoiseAugment().sample(batch),
-        }
-    return Conditioning(
-        t5=torch.randn(batch, t5_len, cfg.t5_dim),
-        t5_mask=mask,
-        clip_txt=torch.randn(batch, 77, cfg.clip_txt_dim),
-        clip_pool=torch.randn(batch, cfg.clip_pool_dim),
-        clip_img=torch.randn(batch, cfg.clip_img_dim),
-        **sr,
-    ).to(device)
-
-
-def fwd_bwd_flops(loss: Callable[[], torch.Tensor]) -> int:
-    """FLOPs that FlopCounterMode counts in `loss()` and its backward (matmuls, convolutions
-    and attention; elementwise work is not counted)."""
-    counter = FlopCounterMode(display=False)
-    with counter:
-        loss().backward()
-    return int(counter.get_total_flops())
-
-
 def count_flops(cfg: DictConfig, batch: int, t5_len: int, factor: int = 4) -> int:
     """FLOPs of one forward+backward at this batch, on the meta device (no memory, no time)."""
-    meta = torch.device("meta")
-    with meta:
-        net = instantiate(cfg, grad_checkpointing=False)
-        den = EDMPrecond(net)
-        x = torch.randn(batch, net.in_channels, net.image_size, net.image_size)
-        sigma = torch.ones(batch)
-    cond = random_cond(cfg, batch, t5_len, meta, factor=factor)
-    return fwd_bwd_flops(lambda: edm_loss(den, x, sigma, cond).mean())
+    return forward_flops(cfg, batch, t5_len, factor=factor, backward=True)
 
 
 def peak_tflops(device_name: str) -> float | None:
@@ -179,6 +134,21 @@ def _reset_hwm() -> bool:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def dynamo_counters() -> dict[str, Any]:
+    """What torch._dynamo counted since the row began (`torch._dynamo.utils.counters`): frames
+    it compiled (`frames_ok`) of those it traced, graph breaks with their reasons, graphs made.
+    frames_ok > 0 is the proof that a compiled row ran compiled code."""
+    c = torch._dynamo.utils.counters
+    breaks = dict(c["graph_break"])
+    return {
+        "frames_ok": int(c["frames"]["ok"]),
+        "frames_total": int(c["frames"]["total"]),
+        "graph_breaks": int(sum(breaks.values())),
+        "graph_break_reasons": {str(k)[:300]: int(v) for k, v in list(breaks.items())[:10]},
+        "unique_graphs": int(c["stats"]["unique_graphs"]),
+    }
 
 
 def time_steps(
@@ -221,6 +191,7 @@ def time_steps(
 
     compile_s = None
     if compile:
+        torch._dynamo.utils.counters.clear()  # this row's frames and graph breaks only
         _sync(device)
         t = time.perf_counter()
         step()
@@ -236,6 +207,7 @@ def time_steps(
         _sync(device)
         times.append(time.perf_counter() - t)
     compiled = isinstance(fn, CompiledDenoiser) and fn.compiled
+    dynamo = dynamo_counters() if compile else None
     if compile:
         torch._dynamo.reset()  # the next row's model compiles afresh, this one's graphs go
     return {
@@ -245,6 +217,7 @@ def time_steps(
         "compiled": compiled,
         "compile_s": compile_s,
         "compile_error": fn.failure if isinstance(fn, CompiledDenoiser) else None,
+        "dynamo": dynamo,
     }
 
 
@@ -314,6 +287,7 @@ def bench_one(
         "compiled": run["compiled"],
         "compile_s": run["compile_s"],
         "compile_error": run["compile_error"],
+        "dynamo": run["dynamo"],
         "sec_per_step": sec,
         "mean_sec_per_step": sum(times) / len(times),
         "best_sec_per_step": min(times),
@@ -395,6 +369,14 @@ def table(rows: list[dict[str, Any]]) -> str:
         if any(r["compile"] for r in rows)
         else []
     )
+    for r in rows:
+        if r.get("dynamo"):
+            d = r["dynamo"]
+            lines.append(
+                f"dynamo, {r['config']} batch {r['batch']}: frames compiled {d['frames_ok']}"
+                f"/{d['frames_total']}, graph breaks {d['graph_breaks']}, "
+                f"graphs {d['unique_graphs']}"
+            )
     if any(r.get("peak_bf16_tflops") for r in rows):
         peaks = ", ".join(f"{k} {v}" for k, v in PEAK_BF16_TFLOPS)
         lines.append(f"MFU vs dense bf16 peak TFLOP/s: {peaks}")

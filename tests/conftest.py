@@ -61,7 +61,7 @@ def run_env(tmp: Path) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def digits_root() -> Path:
     """The default digits build (training split, val/, trained tiny encoders), made once."""
-    from ediff_train.data.digits import build_digits
+    from ediff_train.data.toys.digits import build_digits
 
     return build_digits(SHARED_CACHE / "digits16")
 

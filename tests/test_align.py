@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from ediff_train.data.align import align_encoders, clip_text_short
-from ediff_train.data.digits import digit_captions, digit_images
 from ediff_train.data.manifest import read_manifest
+from ediff_train.data.toys.digits import digit_captions, digit_images
 from ediff_train.nn.encoders import Encoders
 
 

@@ -18,8 +18,8 @@ from conftest import ROOT, run_env
 from PIL import Image
 
 from ediff_train.data.datamodule import ShardDataModule, check_codec
-from ediff_train.data.digits import build_digits, digit_images
 from ediff_train.data.manifest import read_manifest
+from ediff_train.data.toys.digits import build_digits, digit_images
 from ediff_train.errors import EdiffError
 from ediff_train.nn.codec import PIXEL_SPEC, PixelCodec, VAECodec, codec_mismatch
 
@@ -196,8 +196,9 @@ def test_codec_mismatches_stop_train_before_step_one(
         lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
         assert lines[-1].startswith("error: ") and want in lines[-1], proc.stderr[-2000:]
         assert sum(ln.startswith("error: ") for ln in lines) == 1
-    # nothing of the run was written (Hydra's own log folder is made before any check, §6)
-    assert [p.name for p in (tmp_path / "R" / "E0_0").iterdir()] == ["hydra"]
+    # nothing of the run was written: a refused command removes even Hydra's own record and the
+    # node folder it made (training/guard.py)
+    assert not (tmp_path / "R" / "E0_0").exists()
 
 
 OWN = {"_target_": VAE_TARGET, "path": None, "channels": 4, "downsample": 2}
@@ -213,7 +214,7 @@ def own_digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_digits_builds_its_own_vae_beside_the_data(own_digits: Path) -> None:
     """codec=vae without a path: a small VAE trained on the training split, saved in root/vae,
     recorded in the manifest, normalised to σ_data = 0.5 and used for every sample's latent."""
-    from ediff_train.data.digits import split_indices
+    from ediff_train.data.toys.digits import split_indices
 
     root = own_digits
     vae = VAECodec(root / "vae", channels=4, downsample=2)

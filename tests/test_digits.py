@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ediff_train.data.digits import build_digits, digit_captions, main
 from ediff_train.data.manifest import merge_manifests, read_manifest
 from ediff_train.data.shards import ShardWriter
+from ediff_train.data.toys.digits import build_digits, digit_captions, main
 from ediff_train.errors import EdiffError
 
 ENC = {
@@ -159,7 +159,7 @@ def _all_samples(root: Path) -> dict[str, dict[str, bytes]]:
 def test_digits_build_is_complete_shuffled_and_captioned(digits: Path) -> None:
     m = read_manifest(digits)
     assert m["num_samples"] == 1500 and len(m["shards"]) == 12 and m["validation"] == "val"
-    assert m["dataset"] == "digits" and m["created_by"] == "ediff_train.data.digits"
+    assert m["dataset"] == "digits" and m["created_by"] == "ediff_train.data.toys.digits"
     assert m["params"]["image_size"] == 16 and m["image"] == {"format": "png", "size": 16}
     val = read_manifest(digits / "val")
     assert val["num_samples"] == 297 and val["split"] == "val"

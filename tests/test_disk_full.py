@@ -177,5 +177,5 @@ def test_train_on_full_disk_stops_in_one_line_then_resumes(
     assert again.returncode == 0, again.stderr[-3000:]
     assert str(ckpt) in again.stderr  # resumed from the step-1 checkpoint
     assert json.loads(node.read_text())["step"] == 3 and dot_files(ndir) == []
-    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["last.ckpt"]
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["last.ckpt", "previous.ckpt"]
     assert torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"] == 3

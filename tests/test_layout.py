@@ -13,8 +13,8 @@ import torch
 from conftest import ROOT, run_env
 
 from ediff_train.data.heldout import read_records
-from ediff_train.data.layout import build_layout, layout_sample
 from ediff_train.data.manifest import read_manifest
+from ediff_train.data.toys.layout import build_layout, layout_sample
 from ediff_train.evaluation.paint import halves, placement_counts, placement_scores, read_halves
 
 
@@ -133,7 +133,7 @@ def test_placement_metric_scores_a_real_digit_in_its_half(digits_root: Path) -> 
     scan of digit a pasted into one half and the other half blank (or holding digit b)."""
     from sklearn.datasets import load_digits
 
-    from ediff_train.data.digits import split_indices
+    from ediff_train.data.toys.digits import split_indices
     from ediff_train.metrics.digits import load_or_train
 
     classifier, _ = load_or_train(digits_root, digits_root / "val")

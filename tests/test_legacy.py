@@ -206,4 +206,14 @@ def test_todays_composition_is_the_stored_config(monkeypatch: pytest.MonkeyPatch
     del today["data"]["builder"]["align_steps"]
     assert today.pop("init_from") is None and today.pop("expert_guidance") is None
     assert today.pop("lora") == {"enabled": False}
+    # a child's own model (docs/sized_experts.md) and guidance distillation: off, as before
+    assert today.pop("init")["mode"] == "copy"
+    assert today.pop("distill_guidance")["enabled"] is False
+    # the digits moved into data/toys/ with the other toy sets; the old path is rewritten on
+    # loading (legacy.rewrite_targets), so the stored run still builds its data
+    assert today["data"]["builder"]["_target_"] == "ediff_train.data.toys.digits.build_digits"
+    assert stored["data"]["builder"]["_target_"] == "ediff_train.data.digits.build_digits"
+    assert new_path(stored["data"]["builder"].pop("_target_")) == today["data"]["builder"].pop(
+        "_target_"
+    )
     assert today == stored

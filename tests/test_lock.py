@@ -136,7 +136,7 @@ def test_train_refuses_while_locked_and_lock_dies_with_holder(tmp_path: Path) ->
             f"error: node E0_0 is already being trained in R by pid {holder.pid} on host "
         )
         assert len(proc.stderr.splitlines()) == 1 and "Traceback" not in proc.stderr
-        assert sorted(p.name for p in ndir.iterdir()) == [LOCK, "hydra"]  # Hydra's log dir only
+        assert sorted(p.name for p in ndir.iterdir()) == [LOCK]  # not even Hydra's record of it
     finally:
         holder.kill()  # SIGKILL: no cleanup runs in the holder
         holder.wait(timeout=30)

@@ -10,7 +10,7 @@ import scipy.linalg
 import torch
 import torch.nn.functional as F
 
-from ediff_train.data.digits import one_thread
+from ediff_train.data.toys.digits import one_thread
 from ediff_train.errors import EdiffError
 from ediff_train.metrics.fid import (
     FeatureStats,

@@ -117,7 +117,7 @@ def test_sigkill_after_a_checkpoint_then_same_command_resumes_from_it(tmp: Path)
     rec = torch.load(dump, weights_only=True)
     assert rec["optimizer_steps"] == list(range(k, 12))  # from the checkpoint, to the target
     assert json.loads((ndir / "node.json").read_text())["step"] == 12
-    assert all_checkpoints_load(ndir / "checkpoints") == [12]
+    assert all_checkpoints_load(ndir / "checkpoints") == [12, 9]  # last, and previous kept
     assert (ndir / "wandb_id").read_text().strip() == run_id
     runs = list((ndir / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)  # one W&B run resumed
@@ -166,7 +166,8 @@ def test_sigusr1_under_slurm_requeues_then_resume_skips_corrupt(tmp: Path) -> No
     assert "hpc_ckpt_1.ckpt" in err  # resumed from the requeue checkpoint, not last.ckpt
     assert json.loads((ndir / "node.json").read_text())["step"] == saved + 2
     assert (ckpt / "hpc_ckpt_2.ckpt.corrupt").is_file()
-    assert all_checkpoints_load(ckpt) == [saved, saved + 2]  # hpc_ckpt_1, then the new last
+    # hpc_ckpt_1, the new last, and the one before it (previous.ckpt: the last periodic one)
+    assert all_checkpoints_load(ckpt) == [saved, saved + 2, (saved + 1) // 3 * 3]
 
 
 def test_resume_choice_and_cleanup(tmp_path: Path) -> None:

@@ -117,18 +117,20 @@ def test_bad_strategy_is_one_line_error(tmp_path: Path, args: list[str], needle:
 
 
 def test_cpu_ranks_share_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Two CPU ranks on this machine take half its cores each; an explicit OMP_NUM_THREADS, one
-    rank, or a GPU run keep torch's own setting."""
+    """Two CPU ranks on this machine take half its CPU budget (cores, capped by the cgroup quota)
+    each; one rank is capped at the budget; an explicit OMP_NUM_THREADS or a GPU run keep
+    torch's own setting."""
     import torch
 
-    from ediff_train.training.strategies import share_cpu_threads
+    from ediff_train.training.strategies import cpu_budget, share_cpu_threads
 
     before = torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0))
+    cores = cpu_budget({})
     try:
         torch.set_num_threads(7)
-        assert share_cpu_threads({"accelerator": "cpu", "devices": 1}, {}) == 7
         assert share_cpu_threads({"accelerator": "gpu", "devices": 8}, {}) == 7
+        assert share_cpu_threads({"accelerator": "cpu", "devices": 1}, {}) == min(7, cores)
+        torch.set_num_threads(7)
         assert (
             share_cpu_threads({"accelerator": "cpu", "devices": 2}, {"OMP_NUM_THREADS": "3"}) == 7
         )

@@ -104,7 +104,8 @@ def test_resume_trains_only_the_remaining_steps(resumed: tuple[Path, tuple]) -> 
     assert sorted(second["weights"]) == [2, 3, 4]
     same(second["weights"][2], first["weights"][2])  # the checkpoint's weights, not a new init
     ckpt_dir = run / "E0_0" / "checkpoints"
-    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["last.ckpt"]  # nothing set aside
+    # nothing set aside but the checkpoint before the last (guard against a corrupt last)
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["last.ckpt", "previous.ckpt"]
     last = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] == 4
     adam = last["optimizer_states"][0]["state"]

@@ -124,6 +124,17 @@ RULES: tuple[Rule, ...] = (
         r"python bench/", reason="a benchmark, minutes (tests/test_bench_loader.py, test_perf.py)"
     ),
     Rule(r"mkdocs build", reason="run in the checkout by .ci/run (mkdocs build --strict)"),
+    Rule(
+        r"distill_guidance|runs/digits_gd",
+        reason="guidance-distilled students need a finished digits tree (runs/digits) as "
+        "teacher, and the comparison is a pending measurement: tests/test_guidance_distill.py "
+        "trains, samples and refuses cut down",
+    ),
+    Rule(
+        r"data=shapes|metric=shapes|ediff-shapes|toys\.shapes|run_dir=runs/shapes",
+        reason="the shapes build (100,000 renders, minutes) and runs on it: tests/test_shapes.py "
+        "builds a small set, trains, samples and evaluates on it",
+    ),
     # --- run, cut down ---
     Rule(r"ediff-experts "),
     Rule(r"ediff-export |ediff_train\.cli\.export "),  # writes a new folder from a trained run

@@ -225,7 +225,7 @@ def _env(root: Path) -> dict[str, str]:
 def prebuild(root: Path) -> None:
     """The digits shard set the tests share, built by the unbroken code (tests/conftest.py)."""
     code = (
-        "import os, pathlib; from ediff_train.data.digits import build_digits; "
+        "import os, pathlib; from ediff_train.data.toys.digits import build_digits; "
         "build_digits(pathlib.Path(os.environ['EDIFF_TEST_CACHE']) / 'digits16')"
     )
     subprocess.run([sys.executable, "-c", code], cwd=root, env=_env(root), check=True)

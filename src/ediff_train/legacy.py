@@ -48,6 +48,9 @@ MODULES: dict[str, str] = {
     "schedule_run": "experiments.runner",
     "experiment": "experiments.experiment",
     "experiment_report": "experiments.report",
+    "data.digits": "data.toys.digits",
+    "data.digits_vae": "data.toys.digits_vae",
+    "data.layout": "data.toys.layout",
 }
 # modules split into several: old → where its parts went
 SPLIT: dict[str, tuple[str, ...]] = {

@@ -11,6 +11,7 @@ import functools
 import math
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from ediff_train.core.experts import parse_node
 from ediff_train.core.settings import defaults
 from ediff_train.errors import EdiffError, user_error
 from ediff_train.sampling.settings import SamplerSettings
-from ediff_train.training.settings import GROUPS
+from ediff_train.training.settings import GROUPS, NAMED_OPTIONS
 
 # conf/model/*.yaml: image_size = ${floordiv:${data.image_size},${codec.downsample}}, the
 # backbone's size in the codec's space (docs/latent.md)
@@ -59,6 +60,9 @@ def register_settings() -> None:
     cs = ConfigStore.instance()
     for group, schema in GROUPS.items():
         cs.store(group=group, name="default", node=defaults(schema))
+    for group, (field, values) in NAMED_OPTIONS.items():  # init=slice: the defaults, mode=slice
+        for value in values:
+            cs.store(group=group, name=value, node={**defaults(GROUPS[group]), field: value})
     cs.store(group="sampler", name="default", node=defaults(SamplerSettings))
 
 
@@ -97,8 +101,13 @@ def fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
-def entry_point(main: Callable[[], Any], register: bool = True) -> Callable[[], Any]:
-    """Wrap a Hydra main: check `expert=` first, register nodes, report EdiffError in one line.
+def entry_point(
+    main: Callable[[], Any],
+    register: bool = True,
+    check_keys: Callable[[list[str]], None] | None = None,
+) -> Callable[[], Any]:
+    """Wrap a Hydra main: check `expert=` (and, with `check_keys`, every key: cli/keys.py)
+    first, register nodes, report EdiffError in one line.
 
     Apps whose `expert` is a plain key rather than the config group (sample.py) pass
     register=False, or Hydra would read `expert=E0_0` as a group choice."""
@@ -106,6 +115,8 @@ def entry_point(main: Callable[[], Any], register: bool = True) -> Callable[[], 
     @functools.wraps(main)
     def run() -> Any:
         try:
+            if check_keys is not None:
+                check_keys(sys.argv[1:])
             extra = check_expert_overrides(sys.argv[1:])
         except EdiffError as e:
             fail(str(e))
@@ -178,4 +189,18 @@ class WritableDirs(Callback):
             fail(str(e))
 
 
+_python_warning = warnings.formatwarning
+
+
+def _one_line_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, line: Any = None
+) -> str:
+    """This package's warnings as one `warning: ...` line (they say what to do); others as
+    Python shows them."""
+    if f"{Path('ediff_train')}" in str(filename):
+        return f"warning: {message}\n"
+    return _python_warning(message, category, filename, lineno, line)
+
+
+warnings.formatwarning = _one_line_warning
 register_settings()

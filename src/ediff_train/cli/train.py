@@ -21,4 +21,6 @@ def main(cfg: DictConfig) -> None:
 
 def run() -> None:
     """The console script: check `expert=` and register the tree's nodes, then Hydra."""
-    entry_point(main)()
+    from ediff_train.cli.keys import check_train_keys
+
+    entry_point(main, check_keys=check_train_keys)()

@@ -146,23 +146,31 @@ def _align(
         t5e = head(hidden, t5_batch["attention_mask"][used])[inverse]
         scale = clip.logit_scale.exp().clamp(max=100)
         loss = _info_nce(img, txt, scale, groups) + _info_nce(img, t5e, scale, groups)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-    clip.eval().requires_grad_(False)
-    t5.eval().requires_grad_(False)
-    report: dict[str, Any] = {
-        "steps": steps,
-        "groups": groups,
-        "lr": lr,
-        "seed": seed,
-        "final_loss": round(sum(losses[-20:]) / max(len(losses[-20:]), 1), 4),
-        "seconds": round(time.perf_counter() - start, 1),
-    }
+        _step(opt, loss, losses)
+    report = _done(clip, t5, losses, start, steps=steps, groups=groups, lr=lr, seed=seed)
     if holdout is not None:
         report["zero_shot_accuracy"] = zero_shot_accuracy(enc, *holdout, captions)
     return report
+
+
+def _step(opt: torch.optim.Optimizer, loss: Tensor, losses: list[float]) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    losses.append(float(loss.detach()))
+
+
+def _done(
+    clip: nn.Module, t5: nn.Module, losses: list[float], start: float, **settings: Any
+) -> dict[str, Any]:
+    """Both towers back to frozen eval mode; the report (the last 20 steps' mean loss)."""
+    clip.eval().requires_grad_(False)
+    t5.eval().requires_grad_(False)
+    return {
+        **settings,
+        "final_loss": round(sum(losses[-20:]) / max(len(losses[-20:]), 1), 4),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
 
 
 @torch.no_grad()
@@ -177,3 +185,90 @@ def zero_shot_accuracy(
     img = F.normalize(enc.encode_image(images), dim=-1)
     guess = (img @ F.normalize(means, dim=-1).T).argmax(1)
     return round(float((guess == labels).float().mean()), 4)
+
+
+def _soft_nce(a: Tensor, b: Tensor, scale: Tensor, same: Tensor) -> Tensor:
+    """Symmetric InfoNCE over all rows with every equal-caption pair a positive (`same` [B,B]
+    bool): with compositional captions a batch holds repeats, which plain InfoNCE would push
+    apart."""
+    logits = scale * F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T
+    target = same.float() / same.float().sum(1, keepdim=True)
+    return 0.5 * (
+        torch.sum(-target * F.log_softmax(logits, 1), 1).mean()
+        + torch.sum(-target * F.log_softmax(logits.T, 1), 1).mean()
+    )
+
+
+def align_pairs(
+    enc: Encoders,
+    images: Tensor,
+    captions: Sequence[str],
+    steps: int = 600,
+    batch: int = 64,
+    lr: float = 2e-3,
+    seed: int = 0,
+    holdout: tuple[Tensor, Sequence[str]] | None = None,
+) -> dict[str, Any]:
+    """`align_encoders` for captions that are not classes: each image with its own caption.
+
+    images [N,3,H,W] in [0,1], captions[i] describes images[i]. Batches are random pairs;
+    identical captions in a batch count as positives of each other. `holdout` (images,
+    captions) measures caption retrieval afterwards: the share of held-out images whose own
+    caption is the closest of a batch of 32. Seeded like `align_encoders`."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _align_pairs(enc, images, list(captions), steps, batch, lr, seed, holdout)
+
+
+def _align_pairs(
+    enc: Encoders,
+    images: Tensor,
+    captions: list[str],
+    steps: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    holdout: tuple[Tensor, Sequence[str]] | None,
+) -> dict[str, Any]:
+    start = time.perf_counter()
+    clip, t5 = enc.clip.float().train().requires_grad_(True), enc.t5.float().train()
+    t5.requires_grad_(True)
+    head = _T5Head(enc.dims["t5"], enc.dims["clip_img"])
+    params = [*clip.parameters(), *t5.parameters(), *head.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    for step in range(steps):
+        for g in opt.param_groups:  # short warm-up, then cosine decay
+            g["lr"] = lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        pick = torch.randint(len(captions), (batch,), generator=gen)
+        caps = [captions[int(i)] for i in pick]
+        same = torch.tensor([[a == b for b in caps] for a in caps])
+        ids = enc.clip_tokenizer(caps)
+        tok = enc.t5_tokenizer(caps, padding="longest", return_tensors="pt")
+        img = clip.encode_image(clip_pixels(enc.clip, images[pick]))
+        txt = clip_text_short(clip, ids)
+        hidden = t5(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
+        t5e = head(hidden.last_hidden_state, tok["attention_mask"])
+        scale = clip.logit_scale.exp().clamp(max=100)
+        loss = _soft_nce(img, txt, scale, same) + _soft_nce(img, t5e, scale, same)
+        _step(opt, loss, losses)
+    report = _done(clip, t5, losses, start, steps=steps, batch=batch, lr=lr, seed=seed)
+    if holdout is not None:
+        report["caption_retrieval_of_32"] = retrieval_accuracy(enc, *holdout)
+    return report
+
+
+@torch.no_grad()
+def retrieval_accuracy(enc: Encoders, images: Tensor, captions: Sequence[str]) -> float:
+    """Share of images whose own caption's pooled CLIP text is the nearest among its batch of
+    32 (ties with an identical caption count as right)."""
+    right = total = 0
+    for i in range(0, len(captions) - 31, 32):
+        caps = list(captions[i : i + 32])
+        txt = F.normalize(enc.encode_text(caps)["clip_pool"], dim=-1)
+        img = F.normalize(enc.encode_image(images[i : i + 32]), dim=-1)
+        guess = (img @ txt.T).argmax(1).tolist()
+        right += sum(caps[g] == caps[k] for k, g in enumerate(guess))
+        total += len(caps)
+    return round(right / max(total, 1), 4)

@@ -7,13 +7,17 @@ trained on.
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
+import signal
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader
 
 from ediff_train.data.batching import expand_batch
@@ -89,6 +93,17 @@ def check_codec(
     return (int(want["channels"]), image_size // factor, image_size // factor)
 
 
+def quiet_worker(worker_id: int, rank: int = 0) -> None:
+    """A DataLoader worker's start: Ctrl-C, SIGTERM and SIGUSR1 sent to the whole process group
+    are the main process's to act on (it saves a checkpoint, then stops its workers); a worker
+    they killed would end the run with `DataLoader worker ... killed by signal` instead. Then
+    Lightning's worker seeding, which it adds only to loaders without a worker_init_fn."""
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, signal.SIG_IGN)
+    if int(os.environ.get("PL_SEED_WORKERS", 0)):
+        pl_worker_init_function(worker_id, rank=rank)
+
+
 class ShardLoader(DataLoader):
     """DataLoader over a ShardStream that (1) sets the stream's epoch before each pass, so
     persistent workers reshuffle, (2) sums the per-batch skip counts in the main process, and
@@ -114,6 +129,9 @@ class ShardLoader(DataLoader):
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("persistent_workers", num_workers > 0)
+        kwargs.setdefault(
+            "worker_init_fn", functools.partial(quiet_worker, rank=getattr(dataset, "rank", 0))
+        )
         super().__init__(dataset, batch_size=None, num_workers=num_workers, **kwargs)
         self.epoch_fn, self.expand = epoch_fn, expand
         self.consume_on_yield = consume_on_yield

@@ -6,6 +6,7 @@ import csv
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,10 @@ from ediff_train.metrics.captions import Item
 from ediff_train.metrics.generation import claim_folder, generate_items, rank_world, wait_for_images
 from ediff_train.metrics.plots import fid_clip_plot
 from ediff_train.run.weights import load_codec, load_encoders, load_train_config
+from ediff_train.sampling.cost import trained_cost
 from ediff_train.sampling.ensemble import Ensemble
 from ediff_train.sampling.generation import embed_prompts, generate
+from ediff_train.sampling.guidance import TEXT_MODES, text_only
 
 
 def build_scorer(
@@ -71,12 +74,22 @@ def build_scorer(
     )
 
 
-def evaluate_images(cfg: DictConfig) -> dict[str, Any] | None:
-    """Generate + score every (ensemble, guidance); rank 0 writes the reports."""
+ScorerFactory = Callable[[DictConfig, Any, list[Item], int, torch.device], Any]
+
+
+def evaluate_images(
+    cfg: DictConfig,
+    captions: tuple[list[Item], str] | None = None,
+    make_scorer: ScorerFactory | None = None,
+    metric: str = "images",
+) -> dict[str, Any] | None:
+    """Generate + score every (ensemble, guidance); rank 0 writes the reports. A metric of its
+    own (metric=shapes) passes its caption set and its scorer; the default is `captions:` and
+    `build_scorer`."""
     rank, world = rank_world()
     device = pick_device(str(cfg.device))
     specs = run_specs(cfg)
-    items, described = caption_set(cfg)
+    items, described = captions if captions is not None else caption_set(cfg)
     out = Path(str(cfg.out))
     train_cfg = load_train_config(specs[0]["dirs"][0])
     size = int(train_cfg.data.image_size)
@@ -85,9 +98,13 @@ def evaluate_images(cfg: DictConfig) -> dict[str, Any] | None:
     codec = load_codec(train_cfg, device)
     side, decode = size // codec.downsample, None if codec.is_identity else codec.decode
     scales = guidance_list(cfg)
+    text = str(cfg.get("text", "both"))  # the encoder study: t5 or clip alone (guidance.py)
+    if text not in TEXT_MODES:  # before anything is generated
+        raise EdiffError(f"text must be one of {', '.join(TEXT_MODES)}, got {text!r}")
     # rank 0 builds its scorer first: missing weights or an empty reference set fail before
     # any image is generated
-    scorer = build_scorer(cfg, train_cfg, items, size, device) if rank == 0 else None
+    make = make_scorer or build_scorer
+    scorer = make(cfg, train_cfg, items, size, device) if rank == 0 else None
     timings: dict[str, Any] = {}
     for spec in specs:  # generation: every rank its share
         model = load_spec(spec, str(cfg.weights), device)
@@ -97,7 +114,7 @@ def evaluate_images(cfg: DictConfig) -> dict[str, Any] | None:
             def sample(
                 captions: list[str], noise: torch.Tensor, g: float = g, model: Ensemble = model
             ) -> torch.Tensor:
-                cond = embed_prompts(encoders, captions).to(device)
+                cond = text_only(embed_prompts(encoders, captions), text).to(device)
                 return generate(
                     model,
                     cond,
@@ -126,6 +143,7 @@ def evaluate_images(cfg: DictConfig) -> dict[str, Any] | None:
                     "seed": int(cfg.seed),
                     "captions": described,
                     "size": size,
+                    **({"text": text} if text != "both" else {}),  # older folders: both
                 },
             )
             timings[f"{spec['label']}@{g:g}"] = generate_items(
@@ -146,15 +164,29 @@ def evaluate_images(cfg: DictConfig) -> dict[str, Any] | None:
         for g in scales:
             folder = out / spec["label"] / f"guidance_{g:g}"
             wait_for_images(folder, items, float(cfg.wait_timeout))
+            cost = trained_cost(
+                spec["dirs"],
+                steps=int(cfg.steps),
+                guidance=g,
+                sigma_min=float(cfg.sigma_min),
+                sigma_max=float(cfg.sigma_max),
+                rho=float(cfg.rho),
+                measure=False,  # the measured time is the generation's own, below
+            )
+            gen = timings[f"{spec['label']}@{g:g}"]
             row = {
                 "guidance": g,
                 **scorer.score(folder, items),
-                "generation": timings[f"{spec['label']}@{g:g}"],
+                "generation": gen,
+                "cost": cost.record(),
             }
             rows.append(row)
+            rate = gen.get("images_per_second")
             print(
                 f"{spec['label']} guidance {g:g}: "
                 + ", ".join(f"{k} {row[k]}" for k in (scorer.y_key, scorer.x_key))
+                + f"; cost {cost.flops / 1e9:.3f} GFLOP/image ({cost.flops_ratio:.3f}× root)"
+                + (f", {1 / rate:.3f} s/image measured" if rate else "")
             )
         runs.append(
             {
@@ -165,7 +197,7 @@ def evaluate_images(cfg: DictConfig) -> dict[str, Any] | None:
             }
         )
     report = {
-        "metric": "images",
+        "metric": metric,
         "scorer": scorer.name,
         "captions": described,
         "images": len(items),
@@ -178,6 +210,7 @@ def evaluate_images(cfg: DictConfig) -> dict[str, Any] | None:
             "rho": float(cfg.rho),
             "seed": int(cfg.seed),
             "guidance": scales,
+            "text": text,
             "ranks": world,
             "device": str(device),
         },

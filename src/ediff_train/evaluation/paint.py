@@ -1,4 +1,5 @@
-"""Does painting a phrase put it where it was painted? Measured on the layout set (data/layout.py).
+"""Does painting a phrase put it where it was painted? Measured on the layout set
+(data/toys/layout.py).
 
 For random pairs a ≠ b the prompt "a {a} and a {b}" names both digits but not their places.
 From the same noise: unpainted; "a" painted into the left half and "b" into the right; and

@@ -23,6 +23,7 @@ METRICS: dict[str, tuple[str, ...]] = {
     "paint": ("evaluation.paint:evaluate_paint",),
     "switch": ("evaluation.switch:evaluate_switch",),
     "ema_sweep": ("evaluation.ema_sweep:evaluate_ema_sweep",),
+    "shapes": ("evaluation.shapes:evaluate_shapes",),
 }
 
 

@@ -31,6 +31,7 @@ from omegaconf import OmegaConf
 from ediff_train import CONF_DIR
 from ediff_train.core.experts import Node, node_from_config, parse_node
 from ediff_train.errors import EdiffError
+from ediff_train.experiments.stage_model import model_overrides
 
 SCHEDULE_DIR = CONF_DIR / "schedule"
 
@@ -41,7 +42,17 @@ _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 _NODE_NAME = re.compile(r"^(E\d+_\d+|not_.*)$")
 
 
-_STAGE_KEYS = {"node", "name", "parent", "steps", "source", "overrides", "continue", "branch_step"}
+_STAGE_KEYS = {
+    "node",
+    "name",
+    "parent",
+    "steps",
+    "source",
+    "overrides",
+    "continue",
+    "branch_step",
+    "model",
+}
 
 
 @dataclass(frozen=True)
@@ -324,7 +335,10 @@ def stage_from_config(cfg: Mapping[str, Any], index: int = 0) -> Stage:
         parent=None if parent is None else str(parent),
         steps=steps,  # type: ignore[arg-type]  # checked by the Schedule
         source=str(cfg.get("source") or ""),
-        overrides=tuple(str(o) for o in cfg.get("overrides") or ()),
+        overrides=(
+            *model_overrides(cfg.get("model")),
+            *(str(o) for o in cfg.get("overrides") or ()),
+        ),
         continues=_flag(cfg.get("continue", False), f"stage #{index + 1} ({cfg['node']})"),
         branch_step=cfg.get("branch_step"),
     )

@@ -122,6 +122,12 @@ def load_experts(
                 f"{node_dir(run_dir, name) / WEIGHTS} does not exist"
             )
     cfgs = {name: load_train_config(node_dir(run_dir, name)) for name in names}
+    for name, c in cfgs.items():
+        if (c.get("distill_guidance") or {}).get("enabled", False):
+            raise EdiffError(
+                f"expert {name} is guidance-distilled: its w input is not part of any diffusers "
+                "model, so it does not export yet (export its teacher)"
+            )
     nodes = [node_of(cfgs[n]) for n in names]
     try:
         Router(nodes)

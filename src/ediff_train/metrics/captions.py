@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from ediff_train.data.digits import TEMPLATES, WORDS
+from ediff_train.data.heldout import read_records
+from ediff_train.data.toys.digits import TEMPLATES, WORDS
 from ediff_train.errors import EdiffError
 
 
@@ -22,6 +23,7 @@ class Item:
     caption: str
     digit: int | None = None  # the prompted digit (digits sets only)
     image: str | None = None  # a real image for this caption (COCO-style files), if given
+    claims: dict | None = field(default=None, hash=False, compare=False)  # shapes: the label
 
 
 def digits_items(per_caption: int = 2, templates: str = "all") -> list[Item]:
@@ -68,3 +70,20 @@ def file_items(path: str | os.PathLike, n: int | None = None, seed: int = 0) -> 
     if n is not None and n < len(rows):
         rows = random.Random(seed).sample(rows, int(n))
     return [Item(i, c, image=img) for i, (c, img) in enumerate(rows)]
+
+
+def shapes_items(val_root: str | os.PathLike, n: int, per_caption: int = 1) -> list[Item]:
+    """The first `n` held-out shapes captions with their claims (the structured label stored
+    beside each caption: scoring never parses text), `per_caption` images each."""
+    if n < 1 or per_caption < 1:
+        raise EdiffError(f"shapes captions need n ≥ 1 and per_caption ≥ 1, got {n}, {per_caption}")
+    records = read_records(val_root, limit=n)
+    if any("claims" not in r["meta"] for r in records):
+        raise EdiffError(
+            f"{val_root} holds no shapes claims beside its captions (not a shapes build?)"
+        )
+    items: list[Item] = []
+    for r in records:
+        for _ in range(per_caption):
+            items.append(Item(len(items), r["caption"], claims=r["meta"]["claims"]))
+    return items

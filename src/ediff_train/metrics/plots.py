@@ -131,3 +131,29 @@ def switch_plot(rows: Sequence[dict[str, Any]], label: str, path: str | os.PathL
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(plt, fig, path)
+
+
+def attribute_plot(
+    runs: Sequence[dict[str, Any]], attributes: Sequence[str], path: str | os.PathLike
+) -> Path:
+    """Accuracy per attribute (one line each, plus the whole caption, thick) against guidance,
+    one panel per run: which part of a caption a model gets right, and how guidance moves it."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(
+        1, len(runs), figsize=(4.2 * len(runs), 3.6), dpi=100, squeeze=False, sharey=True
+    )
+    for ax, run in zip(axes[0], runs):
+        rows = sorted(run["rows"], key=lambda r: r["guidance"])
+        gs = [r["guidance"] for r in rows]
+        for a in attributes:
+            ys = [r["attribute_accuracy"].get(a) for r in rows]
+            if all(y is not None for y in ys):
+                ax.plot(gs, ys, marker=".", label=a)
+        ax.plot(gs, [r["caption_accuracy"] for r in rows], "k-o", lw=2, label="whole caption")
+        ax.set_title(run["label"], fontsize=9)
+        ax.set_xlabel("guidance scale")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("accuracy (exact scorer)")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    return _save(plt, fig, path)

@@ -75,6 +75,8 @@ class TextDiT(TextBackbone):
     """F(x; c, c_noise): x [B,C,H,W] cut into patch×patch tokens; arguments are plain ints so
     Hydra can build it."""
 
+    takes_guidance = True  # a guidance-distilled student's w input (nn/guidance_embed.py)
+
     def __init__(
         self,
         image_size: int,
@@ -116,9 +118,15 @@ class TextDiT(TextBackbone):
             nn.init.zeros_(zero.bias)
 
     def forward(
-        self, x: Tensor, c_noise: Tensor, cond: Conditioning, cross_attn_bias: object = None
+        self,
+        x: Tensor,
+        c_noise: Tensor,
+        cond: Conditioning,
+        cross_attn_bias: object = None,
+        guidance: Tensor | None = None,
     ) -> Tensor:
-        """x [B,C,H,W], c_noise [B] → F [B,out_channels,H,W]."""
+        """x [B,C,H,W], c_noise [B] → F [B,out_channels,H,W]; `guidance`: w per row, for a
+        guidance-distilled student only."""
         if cross_attn_bias is not None:
             raise EdiffError(
                 "paint-with-words and attention recording need the U-Net's cross-attention "
@@ -127,7 +135,7 @@ class TextDiT(TextBackbone):
         self.check_input(x, cond)
         b, _, hgt, wid = x.shape
         x = x.to(self.patch_in.weight.dtype)
-        emb, (ctx, key_mask) = self.embed(c_noise, cond, b)
+        emb, (ctx, key_mask) = self.embed(c_noise, cond, b, guidance=guidance)
         h = self.patch_in(x).flatten(2).transpose(1, 2) + self.pos
         for block in self.blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():

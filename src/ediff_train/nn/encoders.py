@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,10 @@ class Encoders:
         self.spec = spec
         self._ln_final = text_norm(self.clip)
         self._fingerprints: dict[str, str] = {}
+        # tiny encoders trained on a closed caption set (the shapes) know only its words
+        self.vocabulary: frozenset[str] | None = (
+            frozenset(spec["vocabulary"]) if spec.get("vocabulary") else None
+        )
 
     # -- construction
     @classmethod
@@ -151,6 +156,8 @@ class Encoders:
             info["t5"]["path"] = "t5"
             info["clip"]["checkpoint"] = CLIP_WEIGHTS
         info["fingerprints"] = {"t5": self.fingerprint("t5"), "clip": self.fingerprint("clip")}
+        if self.vocabulary:
+            info["vocabulary"] = sorted(self.vocabulary)
         (path / SAVED_JSON).write_text(json.dumps(info, indent=1))
         return path
 
@@ -193,8 +200,28 @@ class Encoders:
             "seed": info["seed"],
             "t5": {"name": t5i["name"]},
             "clip": {"name": clipi["name"], "config": clipi["config"]},
+            "vocabulary": info.get("vocabulary"),
         }
         return cls(t5, tok, clip, ctok, spec, info["t5_max_length"], device, dtype)
+
+    def restrict_to(self, words: Sequence[str]) -> None:
+        """Record the closed vocabulary these encoders were trained on (saved with them)."""
+        self.vocabulary = frozenset(words)
+        self.spec["vocabulary"] = sorted(self.vocabulary)
+
+    def check_words(self, captions: Sequence[str]) -> None:
+        """One line naming the first caption with a word outside the vocabulary, if any: tiny
+        encoders map an unseen word to noise, and the denoiser would follow noise."""
+        if not self.vocabulary:
+            return
+        for c in captions:
+            bad = [w for w in re.findall(r"[a-z0-9]+", c.lower()) if w not in self.vocabulary]
+            if bad:
+                raise EdiffError(
+                    f"prompt {c!r} uses {', '.join(repr(w) for w in dict.fromkeys(bad))}: not a "
+                    f"word these encoders were trained on; use only: "
+                    f"{' '.join(sorted(self.vocabulary))}"
+                )
 
     # -- description
     @property
@@ -262,6 +289,7 @@ class Encoders:
         if isinstance(captions, str):
             raise EdiffError("encode_text takes a list of captions, not one string")
         captions = [str(c) for c in captions]
+        self.check_words(captions)
         t5: list[Tensor] = []
         txt = [torch.zeros(0, self.context_length, self.dims["clip_txt"])]
         pool = [torch.zeros(0, self.dims["clip_pool"])]

@@ -168,8 +168,8 @@ class Painter:
         if self.w_prime == 0.0 and self.record is None:
             return model
 
-        def painted(x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
-            s = float(sigma.reshape(-1)[0])
-            return model(x, sigma, cond, cross_attn_bias=self.bias_fn(s, cond))
+        def painted(x: Tensor, sigma: Tensor, cond: Conditioning, **kw: Any) -> Tensor:
+            s = float(sigma.reshape(-1)[0])  # kw: a distilled expert's guidance scale
+            return model(x, sigma, cond, cross_attn_bias=self.bias_fn(s, cond), **kw)
 
         return painted

@@ -68,12 +68,24 @@ class TextBackbone(nn.Module):
         self.cond.check(cond)
 
     def embed(
-        self, c_noise: Tensor, cond: Conditioning, batch: int, extra: Tensor | None = None
+        self,
+        c_noise: Tensor,
+        cond: Conditioning,
+        batch: int,
+        extra: Tensor | None = None,
+        guidance: Tensor | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """(SiLU(σ embedding + pooled-condition vector [+ extra]), (context tokens, key mask))."""
+        """(SiLU(σ embedding + pooled-condition vector [+ extra] [+ guidance embedding]),
+        (context tokens, key mask)). `guidance` (w per row) only for a guidance-distilled
+        student, which holds `guidance_emb` (nn/guidance_embed.py)."""
         emb = self.noise_emb(c_noise.reshape(-1).expand(batch)) + self.cond.vector(cond)
         if extra is not None:
             emb = emb + extra
+        if guidance is not None:
+            g_emb = getattr(self, "guidance_emb", None)  # registered submodule, or absent
+            if g_emb is None:
+                raise EdiffError("a guidance scale was passed to a network without w input")
+            emb = emb + g_emb(guidance.reshape(-1).expand(batch)).to(emb.dtype)
         return F.silu(emb), self.cond.context(cond)
 
     def head(self, h: Tensor) -> Tensor:
@@ -82,6 +94,8 @@ class TextBackbone(nn.Module):
 
 class TextUNet(TextBackbone):
     """F(x; c, c_noise) for EDM. Arguments are plain ints/lists so Hydra can build it."""
+
+    takes_guidance = True  # a guidance-distilled student's w input (nn/guidance_embed.py)
 
     def __init__(
         self,
@@ -110,6 +124,9 @@ class TextUNet(TextBackbone):
         self.image_size = int(image_size)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.grad_checkpointing = bool(grad_checkpointing)
+        # the layout init=slice maps a parent's blocks by (nn/slicing.py)
+        self.levels, self.num_res_blocks = len(mult), int(num_res_blocks)
+        self.up_splits: list[tuple[int, int]] = []  # per up block: (h, skip) input channels
         attn_at = {int(r) for r in attn_resolutions}
         emb_dim = 4 * model_channels
 
@@ -148,6 +165,7 @@ class TextUNet(TextBackbone):
         self.up = nn.ModuleList()
         for level, m in reversed(list(enumerate(mult))):
             for i in range(num_res_blocks + 1):
+                self.up_splits.append((ch, skips[-1]))
                 layers = [ResBlock(ch + skips.pop(), m * model_channels, emb_dim, dropout)]
                 ch = m * model_channels
                 if res in attn_at:
@@ -164,16 +182,22 @@ class TextUNet(TextBackbone):
 
     # ---- forward ---------------------------------------------------------------------------
     def forward(
-        self, x: Tensor, c_noise: Tensor, cond: Conditioning, cross_attn_bias: BiasFn | None = None
+        self,
+        x: Tensor,
+        c_noise: Tensor,
+        cond: Conditioning,
+        cross_attn_bias: BiasFn | None = None,
+        guidance: Tensor | None = None,
     ) -> Tensor:
         """x [B,C,H,W], c_noise [B] → F [B,out_channels,H,W].
 
         `cross_attn_bias(h, w)` may return a bias [B, h·w, N_ctx] added to QKᵀ (before the
         1/√d scaling) in every cross-attention at that resolution, or None for none.
+        `guidance`: w per row, for a guidance-distilled student only.
         """
         self.check_input(x, cond)
         x = x.to(self.conv_in.weight.dtype)
-        emb, ctx = self.embed(c_noise, cond, x.shape[0])
+        emb, ctx = self.embed(c_noise, cond, x.shape[0], guidance=guidance)
 
         h = self.conv_in(x)
         hs = [h]

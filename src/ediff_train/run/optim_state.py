@@ -237,9 +237,10 @@ def _load_zero3(model: nn.Module, opt: Any, tensors: dict[str, Tensor], step: in
     return True
 
 
-def hand_on(module: Any, path: Path) -> str:
+def hand_on(module: Any, path: Path, transform: Any = None) -> str:
     """Start this rank's optimiser from the parent's stored state; returns what was done
-    ("kept", or why it was reset) for node.json. Call on every rank, after the strategy set up."""
+    ("kept", or why it was reset) for node.json. Call on every rank, after the strategy set up.
+    `transform` maps the stored tensors to this model's (init=slice: training/sizing.py)."""
     if not path.is_file():
         print(
             f"warning: {path} does not exist (the parent was trained before the optimiser "
@@ -248,6 +249,8 @@ def hand_on(module: Any, path: Path) -> str:
         )
         return "reset (parent saved no optimiser state)"
     tensors, step = read_state(path)
+    if transform is not None:
+        tensors = transform(tensors)
     check_fits(module.denoiser, tensors, path)
     optimizer = module.trainer.optimizers[0]
     if not load_state(module.denoiser, optimizer, tensors, step):

@@ -20,6 +20,7 @@ from ediff_train.io.files import save_safetensors
 from ediff_train.legacy import rewrite_targets
 from ediff_train.nn.codec import Codec, codec_from_config
 from ediff_train.nn.encoders import Encoders, build_encoders
+from ediff_train.nn.guidance_embed import student_from_config
 from ediff_train.run.layout import CONFIG, WEIGHTS
 
 
@@ -98,8 +99,10 @@ def node_of(cfg: Any) -> Any:
 
 
 def denoiser_of(cfg: Any) -> EDMPrecond:
-    """The config's network inside its parameterisation's preconditioning (random weights)."""
-    return EDMPrecond(instantiate(cfg.model), param=param_from_config(cfg.get("param")))
+    """The config's network inside its parameterisation's preconditioning (random weights);
+    a guidance-distilled student's takes w (nn/guidance_embed.py)."""
+    plain = EDMPrecond(instantiate(cfg.model), param=param_from_config(cfg.get("param")))
+    return student_from_config(plain, cfg.get("distill_guidance"))
 
 
 def load_encoders(cfg: Any) -> Any:

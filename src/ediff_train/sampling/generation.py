@@ -14,6 +14,7 @@ from ediff_train.core.conditioning import Conditioning
 from ediff_train.core.solvers import karras_sigmas
 from ediff_train.core.sr import SIGMA_AUG_FLOOR, sampling_condition
 from ediff_train.errors import EdiffError
+from ediff_train.sampling.distilled import distilled_experts
 from ediff_train.sampling.ensemble import Ensemble
 from ediff_train.sampling.guidance import Guidance, guided, style_guided, text_only
 
@@ -78,9 +79,15 @@ def generate(
     if isinstance(model, Ensemble):
         model.plan(sigmas)
     cond = text_only(cond, text)
+    route = model  # where guided() finds the expert owning σ (and whether it is distilled)
     if paint is not None:
         model = paint.wrap(model)
     if style is not None:
+        if any(distilled_experts(route)):
+            raise EdiffError(
+                "a style image needs CFG's separate branches; a guidance-distilled expert "
+                "answers one guided call (sample without style_image, or with its teacher)"
+            )
         if isinstance(guidance, Guidance) and (guidance.per_expert or guidance.interval):
             raise EdiffError(
                 "a style image takes one guidance scale (no per-expert scales or interval)"
@@ -89,7 +96,7 @@ def generate(
         scale = guidance.scale if isinstance(guidance, Guidance) else float(guidance)
         denoise = style_guided(model, styled, cond.null(), scale, float(style_guidance))
     else:
-        denoise = guided(model, cond, cond.null(), guidance)
+        denoise = guided(model, cond, cond.null(), guidance, route=route)
     out = solvers.solve(solver, denoise, x, sigmas, order)
     if decode is not None:
         out = decode(out.float())

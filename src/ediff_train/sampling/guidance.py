@@ -15,6 +15,7 @@ from torch import Tensor
 from ediff_train.core.conditioning import Conditioning
 from ediff_train.core.solvers import Denoiser
 from ediff_train.errors import EdiffError
+from ediff_train.sampling.distilled import distilled_experts, distilled_guided
 
 
 @dataclass
@@ -104,15 +105,22 @@ def text_only(cond: Conditioning, mode: str) -> Conditioning:
 
 
 def guided(
-    model: Callable[[Tensor, Tensor, Conditioning], Tensor],
+    model: Callable[..., Tensor],
     cond: Conditioning,
     uncond: Conditioning,
     scale: float | Guidance,
+    route: Any = None,
 ) -> Denoiser:
     """Classifier-free guidance: D_u + s·(D_c − D_u), both branches in one batched call; where
-    the scale is 1 (or σ is outside a Guidance's interval) only the conditional branch runs."""
+    the scale is 1 (or σ is outside a Guidance's interval) only the conditional branch runs. A
+    guidance-distilled expert (sampling/distilled.py) is called once with its scale instead.
+    `route`: the model or Ensemble to look the expert owning σ up in, when `model` wraps it."""
     g = scale if isinstance(scale, Guidance) else Guidance(float(scale))
-    router = getattr(model, "router", None) if g.per_expert else None
+    route = model if route is None else route
+    students = distilled_experts(route)
+    if any(students):
+        return distilled_guided(model, cond, uncond, g, route, students)
+    router = getattr(route, "router", None) if g.per_expert else None
     if g.interval is None and not g.per_expert and g.scale == 1.0:
         return lambda x, sigma: model(x, sigma, cond)
     both = cond.cat(uncond)

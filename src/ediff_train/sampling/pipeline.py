@@ -90,6 +90,9 @@ class Sampler:
         style_guidance); `style_image=PATH` is turned into `style` here; `paint` (a list of
         paint.Region) with `paint_weight` (w′, default 0.3) paints phrases onto regions;
         `paint_record` is paint.Painter's `record`."""
+        check_words = getattr(self.encoders, "check_words", None)
+        if check_words is not None:  # every prompt, before any image is made
+            check_words(list(prompts))
         if kw.get("style_image"):
             kw["style"] = style_embedding(self.encoders, kw.pop("style_image"))
         kw.pop("style_image", None)

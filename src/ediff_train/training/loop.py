@@ -20,13 +20,11 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 
-from ediff_train.core.conditioning import Conditioning
 from ediff_train.core.experts import Node, node_from_config
 from ediff_train.core.parameterisation import from_config as param_from_config
 from ediff_train.core.sr import NoiseAugment, SRConditioner
 from ediff_train.errors import EdiffError
-from ediff_train.io.files import write_text
-from ediff_train.io.lock import training_lock
+from ediff_train.io.lock import launch_rank_is_zero, training_lock
 from ediff_train.metrics.handoff_probe import PROBE_JSON, HandoffProbe, probe_steps
 from ediff_train.metrics.loss_by_sigma import SigmaLossMonitor, monitor_steps, sigma_grid
 from ediff_train.nn.codec import PixelCodec
@@ -34,17 +32,26 @@ from ediff_train.nn.encoder_models import TINY_NAMES
 from ediff_train.run.layout import CKPT_DIR, CONFIG, node_dir, parent_weights
 from ediff_train.run.optim_state import OPTIMIZER
 from ediff_train.run.pretrained import apply_init_from
-from ediff_train.run.weights import load_codec, load_encoders
-from ediff_train.sampling.cascade import comparison_rows, upsample
-from ediff_train.sampling.generation import embed_prompts, generate
-from ediff_train.sampling.grids import labelled_grid
 from ediff_train.training.continuation import continuation_target, place_continuation
+from ediff_train.training.guard import (
+    WritesNothingOnRefusal,
+    check_nothing_to_do,
+    check_resume_fits,
+    refuse_restart,
+)
+from ediff_train.training.guidance_distill import (
+    check_guidance_distill,
+    distill_on,
+    init_guidance_student,
+)
 from ediff_train.training.handoff import BranchPoints, HandOff, branch_dir
+from ediff_train.training.interrupt import Interrupt, Interrupted, report_immediate, stop_signals
 from ediff_train.training.latent import check_parent_codec, prepare_codec
 from ediff_train.training.lineage import check_own_param, check_parent_param
 from ediff_train.training.lora import check_lora, init_lora, lora_on
 from ediff_train.training.module import ExpertModule, stream_seed
 from ediff_train.training.posthoc import from_train_config
+from ediff_train.training.quiet import quiet_logging
 from ediff_train.training.resume import (
     AtomicCheckpointIO,
     PeriodicCheckpoint,
@@ -53,6 +60,7 @@ from ediff_train.training.resume import (
     resume_checkpoint,
 )
 from ediff_train.training.settings import validate_train_config
+from ediff_train.training.sizing import check_init, init_weights, settle_optimizer
 from ediff_train.training.strategies import (
     build_strategy,
     cluster_plugins,
@@ -117,7 +125,9 @@ def build_module(cfg: DictConfig, node: Node, ndir: Path) -> tuple[ExpertModule,
         return module, resume_checkpoint(ndir)
     module.seed = stream_seed(int(cfg.seed), node.name)
     resume = resume_checkpoint(ndir)
-    if node.parent is not None and lora_on(cfg):  # an adapter over a frozen base (lora.py)
+    if distill_on(cfg):  # a guidance-distilled student of a finished node (guidance_distill.py)
+        init_guidance_student(module, cfg, node)
+    elif node.parent is not None and lora_on(cfg):  # an adapter over a frozen base (lora.py)
         init_lora(module, cfg, node)
     elif node.parent is not None:
         branch = cfg.get("branch_step")
@@ -127,7 +137,8 @@ def build_module(cfg: DictConfig, node: Node, ndir: Path) -> tuple[ExpertModule,
             else cfg.parent_dir
         )
         path = parent_weights(cfg.run_dir, node.parent, pdir)
-        meta = module.init_from(str(path))  # on resume the checkpoint overwrites these weights
+        plan = check_init(cfg, node, lora=False)  # copy, slice, distill, scratch (sizing.py)
+        meta = init_weights(module, cfg, plan, path)  # a resumed run's checkpoint overwrites them
         module.step_offset = int(meta.get("step", 0))
         module.images_offset = int(
             meta.get("images", module.step_offset * int(cfg.data.batch_size))
@@ -139,6 +150,7 @@ def build_module(cfg: DictConfig, node: Node, ndir: Path) -> tuple[ExpertModule,
         module.handoff_record["from"] = str(path.parent)
         if mode == "keep":
             module.handoff_optimizer = str(path.parent / OPTIMIZER)
+        settle_optimizer(module, cfg, plan, int(cfg.steps))
     return module, resume
 
 
@@ -252,7 +264,16 @@ def _hydra_config() -> Any:
 
 def train_node(cfg: DictConfig) -> Path:
     """Train the configured node; returns its directory. Values are checked before anything is
-    written, and the node's lock is held for the whole run (one run per node at a time)."""
+    written (a refusal leaves the folder as it was: guard.py), and the node's lock is held for
+    the whole run (one run per node at a time)."""
+    name = str(OmegaConf.select(cfg, "expert.name", default="") or "")
+    with WritesNothingOnRefusal(node_dir(cfg.run_dir, name)) as guard:
+        return _train_node(cfg, guard)
+    return node_dir(cfg.run_dir, name)  # nothing to do (said by the guard)
+
+
+def _train_node(cfg: DictConfig, guard: WritesNothingOnRefusal) -> Path:
+    quiet_logging()  # each Lightning line once; no warnings a user cannot act on
     validate_train_config(cfg)
     param = param_from_config(cfg.get("param"))
     node = node_from_config(cfg.expert, law=param.law)
@@ -260,12 +281,21 @@ def train_node(cfg: DictConfig) -> Path:
     check_own_param(cfg, node, param)
     apply_init_from(cfg, node)  # a root from a pretrained diffusers folder (run/pretrained.py)
     check_lora(cfg, node)
+    check_guidance_distill(cfg, node)  # a student's teacher, model and w range
+    check_init(cfg, node, lora=lora_on(cfg))  # a child's net against its parent's (sizing.py)
     codec = prepare_codec(cfg)  # a VAE run: refused here, before the node's folder exists
     check_parent_codec(cfg, node.parent, codec)
     ndir = node_dir(cfg.run_dir, node.name)
     distributed = build_distributed(cfg)
     with training_lock(ndir):
-        return _train_locked(cfg, node, ndir, distributed, codec)
+        stops = Interrupt(ndir / CKPT_DIR, stop_signals())  # Ctrl-C, SIGTERM: saved stops
+        try:
+            return _train_locked(cfg, node, ndir, distributed, codec, guard, stops)
+        except Interrupted as e:
+            report_immediate(e, ndir / CKPT_DIR, launch_rank_is_zero())
+            raise  # not reached: report_immediate exits
+        finally:
+            stops.restore()
 
 
 def _train_locked(
@@ -273,7 +303,9 @@ def _train_locked(
     node: Node,
     ndir: Path,
     distributed: tuple[dict[str, Any], Any],
-    codec: dict[str, Any] | None = None,
+    codec: dict[str, Any] | None,
+    guard: WritesNothingOnRefusal,
+    stops: Interrupt,
 ) -> Path:
     """The run itself, under the node's lock."""
     # In a SLURM job we requeue on SIGUSR1; under submitit, submitit owns preemption (SIGUSR2).
@@ -281,16 +313,19 @@ def _train_locked(
     requeue = Requeue(ndir / CKPT_DIR) if slurm_job else None
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     module, resume = build_module(cfg, node, ndir)
+    check_resume_fits(module, resume, node.name)  # e.g. lora=default over a full-weight node
+    max_steps = continuation_target(cfg) if cfg.get("continue_from") else int(cfg.steps)
+    check_nothing_to_do(ndir, node.name, max_steps)  # a finished node asked for no more steps
+    if resume is None:
+        refuse_restart(ndir, node.name)  # never from step 0 over a node that trained
     # the node's own data order (a continuation: the stream it continues)
     # a VAE run's data was built (if it builds itself) with its codec by prepare_codec
     built = {"builder": None} if codec is not None else {}
     data = instantiate(
         cfg.data, expect=manifest_expectations(cfg), seed=module.seed, codec=codec, **built
     )
-    max_steps = continuation_target(cfg) if cfg.get("continue_from") else int(cfg.steps)
 
     ndir.mkdir(parents=True, exist_ok=True)
-    write_text(ndir / CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
     info = {"run_dir": str(cfg.run_dir), "data_root": str(cfg.data.root), "config": CONFIG}
     info["codec"] = codec or PixelCodec().spec()
     ckpt = PeriodicCheckpoint(ndir / CKPT_DIR, int(cfg.checkpoint_every))
@@ -303,14 +338,18 @@ def _train_locked(
     callbacks += [requeue] if requeue else []
     at = sorted(int(x) for x in cfg.get("handoff_at") or ())
     callbacks += [BranchPoints(ndir, at, info)] if at else []
+    callbacks += [stops, guard.config_writer(OmegaConf.to_yaml(cfg, resolve=True))]  # last
     logger = build_logger(cfg, ndir)
     trainer = build_trainer(cfg, ndir, callbacks, logger, distributed, max_steps)
     ckpt_path = str(resume) if resume else None
     try:
         with isolated_job():
             trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+        stops.report(trainer.is_global_zero)  # a signal stopped it: one line, exit 128 + signal
         finished = trainer.global_step >= max_steps
         if finished and trainer.is_global_zero and cfg.sample.per_prompt > 0:
+            from ediff_train.training.preview import sample_grid  # only a node that makes one
+
             grid = sample_grid(cfg, module, data)
             log_image = getattr(logger, "log_image", None) if logger else None
             if log_image is not None:
@@ -380,57 +419,3 @@ def finish_wandb(logger: Any) -> None:
         import wandb
 
         wandb.finish()
-
-
-def sample_grid(cfg: DictConfig, module: ExpertModule, data: Any = None) -> Path:
-    """A grid from the EMA weights for the configured prompts (rows: prompts); for an SR stage,
-    held-out low-res images super-resolved, beside bicubic and the truth."""
-    if module.sr is not None:
-        return sr_preview(cfg, module, data)
-    encoders = load_encoders(cfg)
-    prompts = [p for p in cfg.sample.prompts for _ in range(int(cfg.sample.per_prompt))]
-    cond = embed_prompts(encoders, prompts)
-    denoiser = module.ema.to("cpu").float()
-    codec = load_codec(cfg)
-    images = generate(
-        denoiser,
-        cond,
-        image_size=int(cfg.data.image_size) // codec.downsample,
-        steps=int(cfg.sample.steps),
-        guidance=float(cfg.sample.guidance),
-        seed=int(cfg.seed),
-        channels=codec.channels,
-        decode=None if codec.is_identity else codec.decode,
-    )
-    path = node_dir(cfg.run_dir, module.node.name) / "samples.png"
-    labelled_grid(images, list(cfg.sample.prompts), int(cfg.sample.per_prompt), upscale=4).save(
-        path
-    )
-    return path
-
-
-def sr_preview(cfg: DictConfig, module: ExpertModule, data: Any) -> Path:
-    """Rows low-res | bicubic | SR | high-res for held-out images (their own captions)."""
-
-    n = 10  # one row of ten held-out images per method
-    batches = data.val_batches(1, n) if hasattr(data, "val_batches") else []
-    path = node_dir(cfg.run_dir, module.node.name) / "samples.png"
-    if not batches:
-        print("no held-out images to preview the SR stage with (set data.val_root)")
-        return path
-    batch = batches[0]
-    truth, low = batch["image"] * 0.5 + 0.5, batch["lowres"] * 0.5 + 0.5
-    cond = Conditioning.from_batch(batch).without_image()
-    sr = generate(
-        module.ema.to("cpu").float(),
-        cond,
-        image_size=truth.shape[-1],
-        steps=int(cfg.sample.steps),
-        guidance=float(cfg.sample.guidance),
-        seed=int(cfg.seed),
-        lowres=low,
-        sigma_aug=float(cfg.sr.sample_sigma_aug),
-    )
-    rows = {"low-res": low, "bicubic": upsample(low, truth.shape[-1]), "SR": sr, "high-res": truth}
-    comparison_rows(rows, upscale=max(1, 64 // truth.shape[-1])).save(path)
-    return path

@@ -36,6 +36,7 @@ from ediff_train.io.files import write_json
 from ediff_train.run.layout import NODE_JSON, WEIGHTS
 from ediff_train.run.optim_state import OPTIMIZER, gather_state, hand_on, save_state
 from ediff_train.run.weights import load_weights, save_weights
+from ediff_train.training.sizing import init_summary
 
 
 def _json_safe(value: Any) -> Any:
@@ -97,6 +98,11 @@ class ExpertModule(L.LightningModule):
         self.ema_rampup_ratio = ema_rampup_ratio
         self.handoff_optimizer = handoff_optimizer  # parent's optimizer.safetensors to start from
         self.handoff_record: dict[str, Any] = {}
+        # sized experts (training/sizing.py): node.json's `init`, the slice of the parent's AdamW
+        # moments, and the distillation phase of init=distill
+        self.init_record: dict[str, Any] = {}
+        self.optimizer_transform: Any = None
+        self.distiller: Any = None
         self.lora: Any = None  # training/lora.py: this node is an adapter over a frozen base
         self.images_per_step = 1  # global batch: set in setup from the data and the strategy
         self.sr = sr  # super-resolution stages: makes the low-res conditioning (sr.py)
@@ -227,10 +233,13 @@ class ExpertModule(L.LightningModule):
         # from (stream, rank, tree step), so a resumed or continued run draws what an
         # uninterrupted one would, and no generator state needs saving per rank
         if self.trainer.ckpt_path is None and self.handoff_optimizer is not None:
-            self.handoff_record["optimizer"] = hand_on(self, Path(self.handoff_optimizer))
+            path = Path(self.handoff_optimizer)
+            self.handoff_record["optimizer"] = hand_on(self, path, self.optimizer_transform)
         elif self.trainer.ckpt_path is None and self.step_offset and self.lora is None:
             self.handoff_record["optimizer"] = "reset (handoff.optimizer=reset)"
         self._compiled = self._compile()
+        if self.distiller is not None:
+            self.distiller.to(self.device)
 
     def _seed_step(self, device: torch.device) -> None:
         if self._gen is None:
@@ -268,14 +277,15 @@ class ExpertModule(L.LightningModule):
         self.sigma_seen[1] = torch.maximum(self.sigma_seen[1], sigma64.max())
         sigma = to_device(sigma64.to(torch.float32), x.device)
         noise = torch.randn(x.shape, generator=self._noise_gen, device=x.device, dtype=x.dtype)
-        per_sample = edm_loss(
-            self._compiled or self.denoiser,
-            x,
-            sigma,
-            cond,
-            noise=noise,
-            weight=self.denoiser.loss_weight,
-        )
+        student = self._compiled or self.denoiser
+        if self.distiller is not None and self.distiller.active(self.global_step):
+            per_sample = self.distiller.loss(
+                student, x, sigma, cond, noise, self.denoiser.loss_weight
+            )  # init=distill: the parent's output is the target first (training/distill.py)
+        else:
+            per_sample = edm_loss(
+                student, x, sigma, cond, noise=noise, weight=self.denoiser.loss_weight
+            )
         loss = per_sample.mean()
         self._check_finite(loss, sigma64)
         n = x.shape[0]
@@ -424,6 +434,7 @@ class ExpertModule(L.LightningModule):
             "lr_schedule": self.schedule().record(self.lr),
             "ema": self.ema_record(),
             "handoff": dict(self.handoff_record),
+            **({"init": init_summary(self)} if self.init_record else {}),
             "quantile_interval": list(node.quantile_interval),
             "quantile_pieces": [list(p) for p in node.pieces],
             "sigma_interval": [lo, hi if math.isfinite(hi) else "inf"],

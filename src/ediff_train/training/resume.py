@@ -3,9 +3,10 @@
 - Checkpoints are written to a temp name and renamed into place (`AtomicCheckpointIO`, and
   strategies.DeepSpeed for checkpoint folders), so `last.ckpt` is the previous good one or the
   new good one, never half of each; a full disk removes the temp and stops with one line.
+- The last two are kept: `last.ckpt` and the one before it, `previous.ckpt` (keep_previous).
 - On start, `resume_checkpoint` takes the newest *valid* checkpoint of the node among
-  `checkpoints/last.ckpt` and `checkpoints/hpc_ckpt_N.ckpt`; temp leftovers are deleted,
-  unreadable ones renamed `*.corrupt` with a warning, never loaded.
+  `checkpoints/last.ckpt`, `previous.ckpt` and `hpc_ckpt_N.ckpt`; temp leftovers are deleted,
+  unreadable ones renamed `*.corrupt` with a one-line warning naming them, never loaded.
 - Under SLURM, `Requeue` turns the signal sent before the time limit (SIGUSR1) into: at the next
   step boundary, on all ranks together, save `hpc_ckpt_N.ckpt`, `scontrol requeue`, stop without
   hand-off. Lightning's own handler saves inside the signal handler, mid-step, which with several
@@ -36,6 +37,7 @@ from ediff_train.run.layout import CKPT_DIR, LAST
 from ediff_train.training.strategies import MARKER
 
 _HPC = re.compile(r"^hpc_ckpt_(\d+)\.ckpt$")
+PREVIOUS = "previous.ckpt"  # the checkpoint before last.ckpt (keep_previous)
 WANDB_ID = "wandb_id"
 
 
@@ -69,6 +71,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
         path = Path(path)
+        if path.name == LAST and path.is_file():
+            keep_previous(path, int(checkpoint.get("global_step", -1)))
         with atomic_write(path) as tmp, open(tmp, "wb") as f:
             out = _KeepOSError(f)
             try:
@@ -80,6 +84,25 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             f.flush()
             os.fsync(f.fileno())
         _fsync_dir(path.parent)
+
+
+def keep_previous(last: Path, step: int) -> None:
+    """`last.ckpt` becomes `previous.ckpt` (a hard link renamed into place, so both names always
+    hold a whole checkpoint) before a new `last.ckpt` at another step replaces it: a last
+    checkpoint corrupted later (a disk, a copy cut short) still leaves one to resume from."""
+    if checkpoint_step(last) == step:
+        return  # the same step again (an interrupt's save beside the periodic one)
+    prev = last.with_name(PREVIOUS)
+    if prev.exists() and os.path.samefile(prev, last):
+        return  # kept already (a save that failed after it, now retried)
+    tmp = last.with_name(f".{PREVIOUS}.tmp{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(last, tmp)
+    except OSError:  # no hard links here: a copy
+        shutil.copyfile(last, tmp)
+    os.replace(tmp, prev)
+    tmp.unlink(missing_ok=True)  # rename() between two links of one file leaves both
 
 
 class PeriodicCheckpoint(ModelCheckpoint):
@@ -146,7 +169,7 @@ def _remove(path: Path) -> None:
 
 
 def _candidates(ckpt_dir: Path) -> list[Path]:
-    return [p for p in ckpt_dir.iterdir() if p.name == LAST or _HPC.match(p.name)]
+    return [p for p in ckpt_dir.iterdir() if p.name in (LAST, PREVIOUS) or _HPC.match(p.name)]
 
 
 def clean_leftovers(ckpt_dir: Path) -> None:
@@ -177,7 +200,11 @@ def resume_checkpoint(ndir: str | os.PathLike, cleanup: bool | None = None) -> P
     for path in _candidates(ckpt_dir):
         step = checkpoint_step(path)
         if step is None:
-            warnings.warn(f"skipping unreadable checkpoint {path}", stacklevel=2)
+            warnings.warn(
+                f"skipping unreadable checkpoint {path}"
+                + (f" (kept as {path.name}.corrupt)" if cleanup else ""),
+                stacklevel=2,
+            )
             if cleanup:
                 os.replace(path, path.with_name(path.name + ".corrupt"))
             continue

@@ -158,6 +158,43 @@ class Handoff:
     optimizer: str = setting("keep", "keep or reset", one_of("keep", "reset"))
 
 
+INIT_MODES = ("copy", "slice", "distill", "scratch")
+
+
+@dataclass
+class Init:
+    """Where a child's weights start (training/sizing.py; docs/handoff.md, "Sized experts"):
+    copy its parent's (same shapes), slice them (a narrower or shallower net of the same class),
+    distill the parent's output into any net, or start from scratch. `init=slice` etc. pick one."""
+
+    mode: str = setting("copy", "copy, slice, distill or scratch", one_of(*INIT_MODES))
+    # distill: the first steps of the run fit the parent's denoiser output, the rest the data
+    distill_steps: int = setting(100, WHOLE_1, count(1))
+    # a child whose AdamW starts fresh (distill, scratch, or moments of another shape): the lr
+    # ramps over this many steps, unless module.lr_schedule.warmup_handoff sets its own
+    warmup: float = setting(20, "a number ≥ 0", real(lambda x: x >= 0))
+
+
+def _w_range(value: Any) -> bool:
+    items = list(value) if hasattr(value, "__len__") and not isinstance(value, str) else None
+    if items is None or len(items) != 2 or not all(real(lambda x: x >= 0)(v) for v in items):
+        return False
+    return float(items[0]) <= float(items[1])
+
+
+@dataclass
+class DistillGuidance:
+    """A guidance-distilled student of a finished node (training/guidance_distill.py; docs/
+    guidance_distillation.md): it learns D_u + w·(D_c − D_u) of its teacher in one forward."""
+
+    enabled: bool = setting(False, "true or false", boolean)
+    # the teacher's run directory; the teacher is <teacher>/<this node>, a finished node
+    teacher: Any = setting(None, "null or a run directory", optional(lambda v: bool(str(v))))
+    # w ~ uniform[lo, hi] per sample; the sampler warns for a scale outside it
+    w: list = setting([1.0, 8.0], "two numbers lo ≤ hi, both ≥ 0", _w_range)
+    features: int = setting(32, "an even whole number ≥ 2", lambda v: count(2)(v) and v % 2 == 0)
+
+
 # config group → its settings class (ediff_train.cli registers them with Hydra)
 GROUPS: dict[str, type] = {
     "module": Module,
@@ -166,7 +203,11 @@ GROUPS: dict[str, type] = {
     "probe": Probe,
     "sample": SampleGrid,
     "handoff": Handoff,
+    "init": Init,
+    "distill_guidance": DistillGuidance,
 }
+# groups whose options are named values of one field (`init=slice`): group → (field, values)
+NAMED_OPTIONS: dict[str, tuple[str, tuple[str, ...]]] = {"init": ("mode", INIT_MODES)}
 
 
 @dataclass

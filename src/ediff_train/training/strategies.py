@@ -92,23 +92,81 @@ def slurm_layout(trainer: Mapping[str, Any], env: Mapping[str, str] = os.environ
     return out
 
 
+CGROUP = Path("/sys/fs/cgroup")
+
+
+def cpu_quota(root: Path = CGROUP) -> float | None:
+    """CPUs the container's cgroup may use (v2 `cpu.max`, v1 `cpu.cfs_quota_us`); None when
+    unlimited or unknown. torch counts the cores it sees, not the quota: a 2-CPU container on a
+    64-core host would start 64 threads that the quota then throttles."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    for sub in ("cpu", "cpu,cpuacct"):
+        try:
+            quota_us = int((root / sub / "cpu.cfs_quota_us").read_text())
+            period_us = int((root / sub / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            continue
+        return quota_us / period_us if quota_us > 0 and period_us > 0 else None
+    return None
+
+
+def cpu_budget(env: Mapping[str, str] = os.environ, root: Path = CGROUP) -> int:
+    """Cores this process may use: its affinity mask, capped by the cgroup quota and by
+    SLURM_CPUS_PER_TASK when set."""
+    n = len(os.sched_getaffinity(0))
+    quota = cpu_quota(root)
+    if quota is not None:
+        n = min(n, max(1, int(quota)))
+    slurm = env.get("SLURM_CPUS_PER_TASK", "")
+    if slurm.isdigit() and int(slurm) > 0:
+        n = min(n, int(slurm))
+    return max(1, n)
+
+
 def share_cpu_threads(trainer: Mapping[str, Any], env: Mapping[str, str] = os.environ) -> int:
-    """Split this machine's cores between the CPU ranks it runs; returns this rank's threads.
+    """Split this process's CPU budget (cpu_budget) between the CPU ranks it runs; returns this
+    rank's threads.
 
     Each rank would otherwise start one compute thread per core: two gloo ranks on two cores
-    then spin against each other and train ~4x slower than with one thread each. An explicit
-    OMP_NUM_THREADS (the sbatch template sets it from --cpus-per-task) is left alone."""
+    then spin against each other and train ~4x slower than with one thread each; one rank is
+    capped at the budget (never raised above torch's setting). An explicit OMP_NUM_THREADS (the
+    sbatch template sets it from --cpus-per-task) wins; GPU runs keep torch's setting."""
     devices = trainer.get("devices")
-    if (
-        trainer.get("accelerator") != "cpu"
-        or not isinstance(devices, int)
-        or devices < 2
-        or env.get("OMP_NUM_THREADS")
-    ):
+    if trainer.get("accelerator") != "cpu" or env.get("OMP_NUM_THREADS"):
         return torch.get_num_threads()
-    threads = max(1, len(os.sched_getaffinity(0)) // devices)
-    torch.set_num_threads(threads)
+    budget = cpu_budget(env)
+    if isinstance(devices, int) and devices >= 2:
+        threads = max(1, budget // devices)
+    else:
+        threads = min(torch.get_num_threads(), budget)
+    if threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+    note_if_busy(budget)
     return threads
+
+
+def note_if_busy(cores: int, load: float | None = None) -> str | None:
+    """One line on stdout when the load average says the machine's cores are oversubscribed
+    (steps then run slower than docs/performance.md's numbers); the line, or None."""
+    try:
+        load = os.getloadavg()[0] if load is None else load
+    except OSError:
+        return None
+    total = os.cpu_count() or cores
+    if load <= 1.5 * total:
+        return None
+    line = (
+        f"note: load average {load:.1f} on {total} cores: other processes compete for them and "
+        f"steps will be slower with this run's {torch.get_num_threads()} thread(s); "
+        "OMP_NUM_THREADS=1 is often faster then (docs/performance.md#cpu-threads-issue-37)"
+    )
+    if all(os.environ.get(k, "0") in ("", "0") for k in ("RANK", "LOCAL_RANK", "SLURM_PROCID")):
+        print(line, flush=True)
+    return line
 
 
 def cluster_plugins() -> list[Any]:

@@ -21,7 +21,7 @@ import shutil
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +30,10 @@ import torch
 from PIL import Image
 
 from ediff_train.data.align import align_encoders
-from ediff_train.data.digits_vae import codec_params, digits_codec
 from ediff_train.data.latents import encode_arrays
 from ediff_train.data.manifest import MANIFEST, read_manifest
 from ediff_train.data.shards import ShardWriter
+from ediff_train.data.toys.digits_vae import codec_params, digits_codec
 from ediff_train.errors import EdiffError
 from ediff_train.nn.encoders import Encoders
 
@@ -296,7 +296,9 @@ def write_split(
                 meta={"source": SOURCE, "index": int(i), "label": int(labels[i])},
                 latent=latents[j] if latents is not None else None,
             )
-    writer.finish(created_by=f"ediff_train.data.{dataset}", dataset=dataset, params=params, **extra)
+    writer.finish(
+        created_by=f"ediff_train.data.toys.{dataset}", dataset=dataset, params=params, **extra
+    )
 
 
 def build_digits(
@@ -326,17 +328,26 @@ def build_digits(
     latent = codec_params(codec, vae_steps)
     if latent is not None:
         params["codec"] = latent
-    if not force and is_built(root, params):
+    return build_once(root, params, "digits", lambda tmp: _write(tmp, params, codec, root), force)
+
+
+def build_once(
+    root: Path, params: dict[str, Any], dataset: str, write: Callable[[Path], None], force: bool
+) -> Path:
+    """A toy set built once, safe to race: `write` fills a private folder, which is renamed
+    into place under a lock; a complete build with these params is never rebuilt (unless
+    `force`), and a process that waited for another's build uses it."""
+    if not force and is_built(root, params, dataset):
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     with lock(root.parent / f".{root.name}.lock"):
-        if not force and is_built(root, params):
+        if not force and is_built(root, params, dataset):
             return root  # another process built it while we waited
         tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp = root.parent / f".{root.name}.building-{tag}"
         old = root.parent / f".{root.name}.old-{tag}"
         try:
-            _write(tmp, params, codec, root)
+            write(tmp)
             if root.exists():
                 os.rename(root, old)
             os.rename(tmp, root)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ediff_train.data.digits import (
+from ediff_train.data.toys.digits import (
     VAL_DIR,
     build_digits,
     is_built,
