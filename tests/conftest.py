@@ -9,6 +9,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -81,3 +82,21 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def compose_train(*overrides: str) -> Any:
+    """conf/train.yaml composed in process with these overrides (E0_0's level registered)."""
+    from hydra import compose, initialize_config_dir
+
+    from ediff_train.cli import register_nodes
+
+    register_nodes(["E0_0"])
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def train_in_process(*overrides: str) -> Path:
+    """One node trained in this process (training/loop.train_node), as train.py would."""
+    from ediff_train.training.loop import train_node
+
+    return train_node(compose_train(*overrides))

@@ -15,11 +15,9 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import ROOT, SHARED_CACHE, run_env
-from hydra import compose, initialize_config_dir
+from conftest import ROOT, SHARED_CACHE, compose_train, run_env, train_in_process
 from hydra.utils import instantiate
 
-from ediff_train.cli import register_nodes
 from ediff_train.core import solvers
 from ediff_train.core.conditioning import Conditioning
 from ediff_train.core.solvers import karras_sigmas
@@ -47,17 +45,13 @@ W = (2.0, 6.0)
 STUDENT = ["distill_guidance.enabled=true", f"distill_guidance.w=[{W[0]},{W[1]}]"]
 
 
-def compose_train(*args: str) -> object:
-    register_nodes(["E0_0"])
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        net = [] if any(a.startswith("model=") for a in args) else NET
-        return compose("train", overrides=[*FAST, *net, *args])
+def overrides(*args: str) -> list[str]:
+    net = [] if any(a.startswith("model=") for a in args) else NET
+    return [*FAST, *net, *args]
 
 
 def train(*args: str) -> Path:
-    from ediff_train.training.loop import train_node
-
-    return train_node(compose_train(*args))
+    return train_in_process(*overrides(*args))
 
 
 @pytest.fixture(scope="module")
@@ -117,10 +111,12 @@ def test_normal_state_dict_unchanged_and_step0_is_the_teacher(teacher: Path) -> 
     from ediff_train.training.loop import build_module
 
     cfg = compose_train(
-        f"run_dir={teacher.parent / 'S0'}",
-        "expert=E1_1",
-        *STUDENT,
-        f"distill_guidance.teacher={teacher}",
+        *overrides(
+            f"run_dir={teacher.parent / 'S0'}",
+            "expert=E1_1",
+            *STUDENT,
+            f"distill_guidance.teacher={teacher}",
+        )
     )
     module, _ = build_module(cfg, node_of(cfg), teacher.parent / "S0" / "E1_1")
     s = module.denoiser.eval()

@@ -16,11 +16,9 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import ROOT, SHARED_CACHE, run_env
-from hydra import compose, initialize_config_dir
+from conftest import ROOT, SHARED_CACHE, compose_train, run_env, train_in_process
 from hydra.utils import instantiate
 
-from ediff_train.cli import register_nodes
 from ediff_train.core.edm import EDMPrecond
 from ediff_train.core.experts import parse_node
 from ediff_train.core.solvers import karras_sigmas
@@ -48,16 +46,8 @@ NARROW = ["model.model_channels=8", "model.head_channels=8"]
 BIG = ["model.model_channels=24", "model.num_res_blocks=2", "model.head_channels=8"]
 
 
-def compose_train(*args: str) -> object:
-    register_nodes(["E0_0"])
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return compose("train", overrides=[*FAST, *args])
-
-
 def train(*args: str) -> Path:
-    from ediff_train.training.loop import train_node
-
-    return train_node(compose_train(*args))
+    return train_in_process(*FAST, *args)
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +91,7 @@ def test_counted_flops_equal_a_hand_count_for_a_conv_and_attention() -> None:
 
 
 def test_cfg_doubles_an_evaluations_flops() -> None:
-    cfg = compose_train(*ROOT_NET).model
+    cfg = compose_train(*FAST, *ROOT_NET).model
     assert evaluation_flops(cfg, 3.0) == 2 * evaluation_flops(cfg, 1.0)
 
 
@@ -115,8 +105,8 @@ def heun_evaluations(grid: torch.Tensor) -> list[float]:
 
 def test_ensemble_cost_ratio_is_the_routed_sum_over_steps() -> None:
     """ratio = Σ_evaluations F(owner) / (evaluations × F(root)), owners by Node.contains."""
-    root = compose_train(*ROOT_NET).model
-    models = [compose_train(*ROOT_NET).model, compose_train(*NARROW).model]
+    root = compose_train(*FAST, *ROOT_NET).model
+    models = [compose_train(*FAST, *ROOT_NET).model, compose_train(*FAST, *NARROW).model]
     nodes = [parse_node("E1_0"), parse_node("E1_1")]
     cost = ensemble_cost(nodes, models, root, steps=7, guidance=2.0, measure=False)
     grid = karras_sigmas(7)
@@ -272,7 +262,9 @@ def test_a_child_that_cannot_start_is_refused_before_anything_is_written(
     from ediff_train.training.loop import train_node
 
     run = tmp_path / "X"
-    cfg = compose_train(f"run_dir={run}", f"parent_dir={tree / 'E0_0'}", "expert=E1_1", *args)
+    cfg = compose_train(
+        *FAST, f"run_dir={run}", f"parent_dir={tree / 'E0_0'}", "expert=E1_1", *args
+    )
     with pytest.raises(EdiffError, match=message):
         train_node(cfg)
     assert not run.exists()

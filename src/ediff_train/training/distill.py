@@ -17,6 +17,17 @@ import torch
 from torch import Tensor, nn
 
 
+def noised(x: Tensor, sigma: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+    """(x + σ·n, σ as float32): the input a distilling student and its teacher both see."""
+    sigma = sigma.to(torch.float32)
+    return x + sigma.view((-1,) + (1,) * (x.ndim - 1)) * noise, sigma
+
+
+def sample_error(pred: Tensor, target: Tensor) -> Tensor:
+    """Mean squared error per sample, [B], in float32."""
+    return (pred.float() - target).pow(2).flatten(1).mean(1)
+
+
 class Distiller:
     """The frozen teacher and the distillation phase's length; not a submodule (the strategy
     must neither train, shard nor checkpoint it)."""
@@ -43,12 +54,10 @@ class Distiller:
         weight: Callable[[Tensor], Tensor],
     ) -> Tensor:
         """Per-sample λ(σ)·mean‖D_child(y) − D_parent(y)‖², y = x + σn, shape [B]."""
-        b = (-1,) + (1,) * (x.ndim - 1)
-        sigma = sigma.to(torch.float32)
-        y = x + sigma.view(b) * noise
+        y, sigma = noised(x, sigma, noise)
         with torch.no_grad():
             target = self.teacher(y, sigma, cond).float()
-        err = (student(y, sigma, cond).float() - target).pow(2).flatten(1).mean(1)
+        err = sample_error(student(y, sigma, cond), target)
         self.losses.append(err.detach().mean())
         return weight(sigma) * err
 

@@ -30,6 +30,7 @@ from ediff_train.nn.guidance_embed import ATTR, GuidedStudent, takes_guidance
 from ediff_train.run.adapters import is_lora_node
 from ediff_train.run.layout import CONFIG, NODE_JSON, WEIGHTS, node_dir
 from ediff_train.run.weights import denoiser_of, load_train_config, load_weights, node_of
+from ediff_train.training.distill import noised, sample_error
 
 
 def distill_on(cfg: DictConfig) -> bool:
@@ -178,12 +179,10 @@ class GuidanceDistiller:
         weight: Callable[[Tensor], Tensor],
     ) -> Tensor:
         """Per-sample λ(σ)·mean‖D_s(y; w) − D̂_w(y)‖², y = x + σn, shape [B]."""
-        b = (-1,) + (1,) * (x.ndim - 1)
-        sigma = sigma.to(torch.float32)
-        y = x + sigma.view(b) * noise
+        y, sigma = noised(x, sigma, noise)
         w = self.draw_w(sigma)
         target = self.target(y, sigma, cond, w)
-        err = (student(y, sigma, cond, guidance=w).float() - target).pow(2).flatten(1).mean(1)
+        err = sample_error(student(y, sigma, cond, guidance=w), target)
         self.losses.append(err.detach().mean())
         return weight(sigma) * err
 

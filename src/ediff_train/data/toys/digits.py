@@ -406,13 +406,18 @@ def main(argv: list[str] | None = None) -> int:
     except EdiffError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    print(build_summary(root, time.perf_counter() - start))
+    return 0
+
+
+def build_summary(root: Path, seconds: float) -> str:
+    """The one line a toy-set build command prints: what it holds and how long it took."""
     m = read_manifest(root)
     held = read_manifest(root / VAL_DIR)["num_samples"] if m.get("validation") else 0
-    print(
+    return (
         f"{root}: {m['num_samples']} training samples in {len(m['shards'])} shards, {held} "
-        f"held out ({time.perf_counter() - start:.1f} s); encoders: {m.get('align')}"
+        f"held out ({seconds:.1f} s); encoders: {m.get('align')}"
     )
-    return 0
 
 
 if __name__ == "__main__":

@@ -28,7 +28,13 @@ import torch
 from ediff_train.data.align import align_pairs
 from ediff_train.data.manifest import read_manifest
 from ediff_train.data.shards import ShardWriter
-from ediff_train.data.toys.digits import ENCODER_SEED, VAL_DIR, build_once, one_thread
+from ediff_train.data.toys.digits import (
+    ENCODER_SEED,
+    VAL_DIR,
+    build_once,
+    build_summary,
+    one_thread,
+)
 from ediff_train.data.toys.shapes_render import render, scene_rng
 from ediff_train.data.toys.shapes_scene import (
     Obj,
@@ -278,12 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     except EdiffError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    m = read_manifest(root)
-    held = read_manifest(root / VAL_DIR)["num_samples"] if m.get("validation") else 0
-    print(
-        f"{root}: {m['num_samples']} training samples in {len(m['shards'])} shards, {held} "
-        f"held out ({time.perf_counter() - start:.1f} s); encoders: {m.get('align')}"
-    )
+    print(build_summary(root, time.perf_counter() - start))
     return 0
 
 
