@@ -308,3 +308,17 @@ def test_grid_shows_each_image_with_its_reading(tmp_path: Path) -> None:
         green = int(((text[:, 1] - text[:, 0]) > 60).sum())  # anti-aliased glyphs: by hue
         red = int(((text[:, 0] - text[:, 1]) > 60).sum())
         assert (green > 20 and red == 0) if k == 0 else (red > 20 and green == 0), (green, red)
+
+
+def test_shapes_shards_of_another_size_or_encoders_are_refused(small_build: Path) -> None:
+    """The shared manifest checks, on a shapes build: another image size, other encoder dims."""
+    from ediff_train.data.datamodule import check_image_size
+    from ediff_train.data.manifest import check_manifest
+
+    m = read_manifest(small_build)
+    check_image_size(m, small_build, 32, None)
+    with pytest.raises(EdiffError, match="32") as e:
+        check_image_size(m, small_build, 64, None)
+    assert "\n" not in str(e.value)
+    with pytest.raises(EdiffError, match="t5.dim is 32 but the model expects 4096"):
+        check_manifest(m, {"t5_dim": 4096})
