@@ -314,7 +314,7 @@ def test_metric_switch_switches_where_it_says(tree: Path) -> None:
     import torch
 
     from ediff_train.core.solvers import karras_sigmas
-    from ediff_train.evaluation.switch import switched
+    from ediff_train.sampling.switching import switched
 
     proc = _run(
         tree,

@@ -229,3 +229,42 @@ def test_gate_and_control_decide_the_verdict() -> None:
         "At 1 the claim did not beat the control (the same tree trained without specialising), "
         "so that win is not specialisation's."
     )
+
+
+def test_shapes_rows_give_caption_accuracy_and_a_table_per_attribute(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """metric=shapes rows: shapes-FID and whole-caption accuracy are the pair the verdict
+    compares, and each attribute's accuracy is averaged over seeds (unclaimed ones left out)."""
+    from ediff_train.experiments import experiment
+    from ediff_train.experiments.report import attribute_lines
+    from ediff_train.experiments.tables import attribute_table
+
+    def seed(acc: float, colour: float) -> dict:
+        row = {
+            "guidance": 3.0,
+            "caption_accuracy": acc,
+            "shapes_fid": 100.0 - 100 * acc,
+            "attribute_accuracy": {"colour": colour, "count": None},
+        }
+        return {"images": {"runs": [{"rows": [row]}, {"rows": [dict(row)]}]}}
+
+    spec = {"ensembles": {"c": [], "b": []}, "claim": "c", "baseline": "b"}
+    seeds = [seed(0.2, 0.5), seed(0.4, 0.7)]
+    t = image_table(spec, seeds)
+    assert (t["quality_key"], t["alignment_key"]) == ("shapes_fid", "caption_accuracy")
+    assert t["table"]["c"]["3"]["caption_accuracy"]["mean"] == pytest.approx(0.3)
+    attrs = attribute_table(spec, seeds)
+    assert set(attrs["b"]["3"]) == {"colour"}
+    assert attrs["b"]["3"]["colour"]["mean"] == pytest.approx(0.6)
+    assert attrs["b"]["3"]["colour"]["std"] == pytest.approx(statistics.stdev([0.5, 0.7]))
+    assert "| c | 3 | 0.60 ± 0.14 |" in attribute_lines(attrs)
+    # the experiment scores shapes runs with the exact reader, other runs with evaluate_images
+    called = []
+    monkeypatch.setattr(experiment, "evaluate_loss_by_sigma", lambda cfg: {})
+    monkeypatch.setattr(experiment, "evaluate_shapes", lambda cfg: called.append("shapes") or {})
+    monkeypatch.setattr(experiment, "evaluate_images", lambda cfg: called.append("images") or {})
+    ens = {"ensembles": {"c": ["E0_0"]}, "images": ["c"]}
+    experiment.evaluate_seed({**ens, "evaluate": {"metric": "shapes"}}, tmp_path, tmp_path, [])
+    experiment.evaluate_seed({**ens, "evaluate": {}}, tmp_path, tmp_path, [])
+    assert called == ["shapes", "images"]

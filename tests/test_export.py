@@ -20,11 +20,13 @@ from test_pretrained import compose_train, sd3_folder
 from ediff_train.cli.export import main as export_main
 from ediff_train.core.conditioning import Conditioning
 from ediff_train.errors import EdiffError
-from ediff_train.export.folder import export_run, merged, parse_guidance
+from ediff_train.export.components import merged
+from ediff_train.export.folder import export_run, parse_guidance
 from ediff_train.run.weights import load_expert
 from ediff_train.sampling.ensemble import load_ensemble
-from ediff_train.sampling.generation import generate
+from ediff_train.sampling.generation import generate, image_noise
 from ediff_train.sampling.guidance import Guidance
+from ediff_train.sampling.pipeline import Sampler
 
 FAST = [
     "data.num_workers=0",
@@ -128,6 +130,18 @@ def test_diffusers_pipeline_images_equal_our_samplers(
         noise=noise,
     )
     assert not torch.allclose(swapped, ours, atol=1e-3)  # the scales do reach their experts
+    # plain text through the folder's encoders, packed for the MMDiT: ediff-sample's images
+    prompts = ["the number 3", "a handwritten seven"]
+    sampled = Sampler.from_run(run, ["E1_0", "E1_1"])(prompts, steps=5, guidance=g, solver=solver)
+    text = pipe(
+        prompts,
+        negative_prompt="",
+        latents=torch.stack([image_noise(0, i, (3, 16, 16)) for i in range(2)]),
+        num_inference_steps=5,
+        solver=solver,
+        output_type="pt",
+    ).images
+    torch.testing.assert_close(text, sampled, atol=2e-5, rtol=0)
 
 
 def test_each_step_goes_to_the_expert_owning_its_sigma(run: Path, tmp_path: Path) -> None:
@@ -200,7 +214,8 @@ def no_leftovers(where: Path) -> None:
         (["guidance=E2_0:3"], r"guidance names E2_0, not among experts=\['E1_0', 'E1_1'\]"),
         (["guidance=lots"], "guidance must be a number or NODE:number items"),
         (["solver=dpmpp_2m"], "solver must be euler or heun"),
-        (["colour=red"], "usage: ediff-export run_dir=R out=DIR"),
+        (["colour=red"], r"usage: ediff-export run_dir=R \[out=DIR\]"),
+        (["text=maybe"], "text must be true or false, got 'maybe'"),
     ],
 )
 def test_bad_requests_are_one_line_and_leave_nothing(
@@ -219,8 +234,9 @@ def test_an_existing_out_is_refused(run: Path, tmp_path: Path) -> None:
         export_run(run, tmp_path / "home")
 
 
-def test_our_own_backbones_are_refused_naming_those_that_export(tmp_path: Path) -> None:
-    """A TextUNet node (a stored config + weights, built directly) does not export."""
+def test_a_backbone_that_does_not_export_is_refused_naming_those_that_do(tmp_path: Path) -> None:
+    """An SR stage's EfficientUNet node (a stored config + weights, built directly) does not
+    export (our TextUNet and TextDiT do: tests/test_export_text.py)."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
@@ -229,6 +245,7 @@ def test_our_own_backbones_are_refused_naming_those_that_export(tmp_path: Path) 
 
     cfg = compose_train(
         f"run_dir={tmp_path / 'R'}",
+        "model=sr_tiny",
         "model.model_channels=8",
         "model.head_channels=8",
         "model.context_dim=16",
@@ -242,9 +259,10 @@ def test_our_own_backbones_are_refused_naming_those_that_export(tmp_path: Path) 
     with pytest.raises(EdiffError) as err:
         export_run(tmp_path / "R", tmp_path / "home")
     assert str(err.value) == (
-        "expert E0_0's backbone ediff_train.nn.unet.TextUNet is not a diffusers model: only "
-        "SD3Transformer2DModel and UNet2DConditionModel backbones export (model=mmdit_tiny "
-        "(MMDiT) or model=sd_unet_tiny (SDUNet), or init_from=)"
+        "expert E0_0's backbone ediff_train.nn.efficient_unet.EfficientUNet does not export: "
+        "TextUNet, TextDiT, SD3Transformer2DModel and UNet2DConditionModel backbones do "
+        "(model=tiny or base64 (TextUNet), dit_tiny (TextDiT), mmdit_tiny (MMDiT), "
+        "sd_unet_tiny (SDUNet), or init_from=)"
     )
     no_leftovers(tmp_path)
 
@@ -342,8 +360,10 @@ def test_a_unet_tree_and_a_latent_tree_export_exactly(tmp_path: Path, case: str)
             "codec.channels=4",
             "codec.downsample=2",
         )
-    out = export_run(tmp_path / "R", tmp_path / "home", guidance="4")
+    # text=False: built without data, so no encoders (the embeddings path)
+    out = export_run(tmp_path / "R", tmp_path / "home", guidance="4", text=False)
     pipe = DiffusionPipeline.from_pretrained(out, trust_remote_code=True)
+    assert pipe.text_encoder is None and pipe.tokenizer_2 is None
     ens = load_ensemble(tmp_path / "R", ["E1_0", "E1_1"])
     backbone = ens.experts[0].backbone
     c = cond()

@@ -205,12 +205,24 @@ def test_mixed_ensemble_calls_the_student_once_per_step(
     ]
 
 
-def test_export_refuses_a_student(student: Path, tmp_path: Path) -> None:
+def test_export_keeps_a_students_w_input(student: Path, tmp_path: Path) -> None:
+    """The mixed ensemble exports (tests/test_export_distilled.py samples such folders): the
+    student's component holds its w range and embedding, the CFG expert's none."""
+    from safetensors.torch import load_file
+
     from ediff_train.export.folder import export_run
 
-    with pytest.raises(EdiffError, match="guidance-distilled") as e:
-        export_run(student, tmp_path / "out", ["E1_0", "E1_1"])
-    assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
+    out = export_run(student, tmp_path / "out", ["E1_0", "E1_1"], guidance="3,E1_1:4", text=False)
+    rec = json.loads((out / "experts.json").read_text())
+    assert [(e["node"], e["guidance_range"]) for e in rec["experts"]] == [
+        ("E1_1", list(W)),
+        ("E1_0", None),
+    ]
+    assert json.loads((out / "unet" / "config.json").read_text())["guidance_range"] == list(W)
+    assert json.loads((out / "unet_2" / "config.json").read_text())["guidance_range"] is None
+    weights = "diffusion_pytorch_model.safetensors"
+    assert any(k.startswith("guidance_emb.") for k in load_file(out / "unet" / weights))
+    assert not any(k.startswith("guidance_emb.") for k in load_file(out / "unet_2" / weights))
 
 
 @pytest.mark.parametrize(

@@ -143,7 +143,7 @@ def test_child_of_corrupt_parent_one_line(tmp_path: Path) -> None:
         ("steps", True, "steps must be a whole number ≥ 1, got True"),
         ("data.batch_size", 0, "data.batch_size must be a whole number ≥ 1, got 0"),
         ("checkpoint_every", 0, "checkpoint_every must be a whole number ≥ 1, got 0"),
-        ("sample.per_prompt", -1, "sample.per_prompt must be a whole number ≥ 0, got -1"),
+        ("sample.per_prompt", -1, "sample.per_prompt must be auto or a whole number ≥ 0, got -1"),
         ("sample.steps", 0, "sample.steps must be a whole number ≥ 1, got 0"),
         ("monitor.every", -5, "monitor.every must be auto or a whole number ≥ 0 (0 = off), got -5"),
         ("seed", 1.5, "seed must be a whole number in [0, 4294967295], got 1.5"),

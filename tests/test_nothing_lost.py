@@ -74,11 +74,11 @@ def steps_seen(tmp: Path, run_dir: str) -> list[int]:
     return [int(line.split('"step": ')[1].split(",")[0]) for line in path.read_text().splitlines()]
 
 
-def interrupt(tmp: Path, run_dir: str, signum: int) -> tuple[int, Path, str]:
+def interrupt(tmp: Path, run_dir: str, signum: int, *extra: str) -> tuple[int, Path, str]:
     """Start the command, signal its whole process group (as a terminal's Ctrl-C or SLURM's
     scancel do) once it is a random 3–6 steps in; (saved step, checkpoint, stderr)."""
     proc = subprocess.Popen(
-        args(run_dir),
+        args(run_dir, *extra),
         cwd=tmp,
         env=env_for(tmp),
         text=True,
@@ -153,6 +153,32 @@ def test_ctrl_c_then_corrupt_last_resumes_from_the_one_before(
     assert seen == list(range(step)) + list(range(before, STEPS))  # from previous.ckpt on
     model, ema, _ = load_weights(tmp / "C" / "E0_0" / "weights.safetensors")
     assert worst(model, reference[0]) < 1e-6 and worst(ema, reference[1]) < 1e-6
+
+
+@pytest.mark.parametrize(
+    "name, strategy",
+    [
+        ("D", ()),
+        ("Z", ("strategy=deepspeed_stage_2", "strategy._target_=cpu_deepspeed.CPUDeepSpeed")),
+    ],
+)
+def test_sigterm_under_two_processes_saves_one_checkpoint_and_resumes(
+    tmp: Path, name: str, strategy: tuple[str, ...]
+) -> None:
+    """Real 2-process DDP (gloo), and DeepSpeed: both ranks get the signal (the process group),
+    agree on one step and save it together; the same command resumes there on both ranks."""
+    if strategy:
+        pytest.importorskip("deepspeed")
+    ddp = ("trainer=ddp_cpu", "data.num_workers=1", *strategy)
+    step, _, err = interrupt(tmp, name, signal.SIGTERM, *ddp)
+    assert err.count("interrupted at step") == 1  # one line, from rank 0
+    ok(train(tmp, name, *ddp))
+    for rank in (0, 1):
+        path = tmp / f"{name}_keys" / f"rank{rank}.jsonl"
+        seen = [int(ln.split('"step": ')[1].split(",")[0]) for ln in path.read_text().splitlines()]
+        assert seen == list(range(STEPS)), (rank, step, seen)  # none repeated, none skipped
+    _, _, meta = load_weights(tmp / name / "E0_0" / "weights.safetensors")
+    assert meta["step"] == STEPS
 
 
 def hydra_runs(ndir: Path) -> list[str]:

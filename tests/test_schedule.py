@@ -37,8 +37,11 @@ SHIPPED = [
     "digits_sr32",
     "fig7",
     "fig7_fair",
+    "fig7_long",
     "fig7_lora",
+    "fig7_paper_sized",
     "fig7_plateau",
+    "fig7_shapes",
     "fig7_sized",
     "fig7_toy",
     "table5_base",
@@ -93,7 +96,9 @@ def test_shipped_schedules_valid_and_ordered(name: str) -> None:
         seen.add(st.name)
     if name.startswith(("digits", "wan22")):  # counts are ours (Wan2.2's are unpublished)
         assert all(st.source.startswith("ours") for st in s.stages)
-    elif name != "fig7" and not name.endswith(("_toy", "_fair", "_plateau", "_lora", "_sized")):
+    elif name not in ("fig7", "fig7_paper_sized") and not name.endswith(
+        ("_toy", "_fair", "_plateau", "_long", "_lora", "_sized", "_shapes")
+    ):
         # (the *_toy schedules are scaled from the paper's: tests/test_schedule_run.py)
         text = (ROOT / "conf" / "schedule" / f"{name}.yaml").read_text()
         assert "not recoverable" in text

@@ -230,7 +230,7 @@ def test_style_guidance_weighs_the_image_on_its_own(tmp_path: Path) -> None:
 
 
 def test_prompt_switch_uses_a_then_b() -> None:
-    from ediff_train.evaluation.switch import switch_sigma, switched
+    from ediff_train.sampling.switching import switch_sigma, switched
 
     sig = karras_sigmas(10)
     assert switch_sigma(sig, 0.0) == float("inf") and switch_sigma(sig, 1.0) == 0.0

@@ -81,6 +81,7 @@ def cost_report(specs: list[str], shared: list[str], args: argparse.Namespace) -
         steps=args.steps,
         solver=args.solver,
         guidance=args.guidance,
+        rho=args.rho,
         measure=not args.no_time,
     )
 
@@ -97,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=24, help="solver steps (evaluate.py's default)")
     p.add_argument("--solver", default="heun", help="euler, heun, dpmpp_2m, deis_ab, deis_rk3")
     p.add_argument("--guidance", type=float, default=1.0, help="≠ 1: CFG's two rows counted")
+    p.add_argument("--rho", type=float, default=7.0, help="the σ grid's exponent (paper: 6)")
     p.add_argument("--no-time", action="store_true", help="FLOPs only, no timed forwards")
     args = p.parse_args(argv)
     try:

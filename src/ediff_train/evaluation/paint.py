@@ -26,9 +26,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from ediff_train.data.heldout import validation_source
+from ediff_train.data.toys.shapes import is_shapes
 from ediff_train.evaluation.common import run_specs
+from ediff_train.evaluation.shapes_paint import evaluate_shapes_paint
 from ediff_train.io.files import write_json
 from ediff_train.metrics.digits import digit_pairs, load_or_train
+from ediff_train.metrics.paint_mass import MaskMass
 from ediff_train.nn.paint import Region
 from ediff_train.run.weights import load_train_config
 from ediff_train.sampling.grids import labelled_grid
@@ -67,27 +70,6 @@ def placement_scores(counts: Tensor, samples: int) -> dict[str, float]:
     }
 
 
-class MaskMass:
-    """A Painter `record`: the painted phrases' attention share inside their masks, and the
-    same for the masks mirrored left↔right (the swapped layout, for an unpainted baseline)."""
-
-    def __init__(self, rows: int) -> None:
-        self.rows, self.total, self.calls = rows, torch.zeros(2), 0
-
-    def __call__(self, sigma: float, probs: Tensor, paint: Tensor) -> None:
-        p = probs[: self.rows].float().mean(1)  # [rows, HW, N], heads averaged
-        side = int(p.shape[1] ** 0.5)
-        on = paint[: self.rows] > 0
-        mirrored = on.view(on.shape[0], side, side, -1).flip(2).reshape(on.shape)
-        for i, m in enumerate((on, mirrored)):
-            inside = m.any(-1)  # image tokens inside some mask
-            self.total[i] += (p * m).sum(-1)[inside].mean()
-        self.calls += 1
-
-    def mean(self, mirrored: bool = False) -> float:
-        return float(self.total[int(mirrored)]) / max(self.calls, 1)
-
-
 def layout_regions(a: int, b: int, swap: bool) -> list[Region]:
     """ "a" painted into the left half and "b" into the right (or the other way round)."""
     left = torch.zeros(16, 16)
@@ -100,10 +82,12 @@ def layout_regions(a: int, b: int, swap: bool) -> list[Region]:
 
 
 def evaluate_paint(cfg: DictConfig) -> dict[str, Any]:
-
+    """metric=paint: placement on the layout digits, or on shapes for a run trained on them."""
     c = cfg.paint
     spec = run_specs(cfg)[0]
     train_cfg = load_train_config(spec["dirs"][0])
+    if is_shapes(str(train_cfg.data.root)):
+        return evaluate_shapes_paint(cfg)
     digits_root = Path(str(train_cfg.data.root)).parent / "digits16"
     val = validation_source(digits_root, None)
     classifier, _ = load_or_train(

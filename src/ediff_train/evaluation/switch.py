@@ -12,41 +12,28 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig
-from torch import Tensor
 
-from ediff_train.core.solvers import Denoiser, karras_sigmas, solve
+from ediff_train.core.solvers import karras_sigmas, solve
+from ediff_train.data.toys.shapes import is_shapes
 from ediff_train.evaluation.common import load_spec, pick_device, run_specs
+from ediff_train.evaluation.shapes_switch import evaluate_shapes_switch
 from ediff_train.io.files import write_json
 from ediff_train.metrics.digits import classifier_for, digit_pairs
 from ediff_train.metrics.plots import switch_plot
 from ediff_train.run.weights import load_codec, load_encoders, load_train_config
 from ediff_train.sampling.generation import embed_prompts
 from ediff_train.sampling.guidance import guided
-
-
-def switched(first: Denoiser, then: Denoiser, sigma_switch: float) -> Denoiser:
-    """`first` while σ ≥ sigma_switch, `then` below it."""
-
-    def den(x: Tensor, sigma: Tensor) -> Tensor:
-        return (first if float(sigma.reshape(-1)[0]) >= sigma_switch else then)(x, sigma)
-
-    return den
-
-
-def switch_sigma(sigmas: Tensor, fraction: float) -> float:
-    """The σ at which a switch after `fraction` of the solver steps happens (∞: never A; 0:
-    always A)."""
-    steps = len(sigmas) - 1
-    k = round(fraction * steps)
-    return float("inf") if k == 0 else (0.0 if k >= steps else float(sigmas[k]))
+from ediff_train.sampling.switching import switch_sigma, switched
 
 
 def evaluate_switch(cfg: DictConfig) -> dict[str, Any]:
-
+    """metric=switch: digits by the classifier, or shapes by the exact reader."""
     c = cfg.switch
     device = pick_device(str(cfg.device))
     spec = run_specs(cfg)[0]
     train_cfg = load_train_config(spec["dirs"][0])
+    if is_shapes(str(train_cfg.data.root)):
+        return evaluate_shapes_switch(cfg)
     model = load_spec(spec, str(cfg.weights), device)
     enc = load_encoders(train_cfg)
     size = int(train_cfg.data.image_size)

@@ -33,6 +33,7 @@ from ediff_train.core.parameterisation import from_config as param_from_config
 from ediff_train.errors import EdiffError, run_reporting
 from ediff_train.evaluation.images import evaluate_images
 from ediff_train.evaluation.loss import evaluate_loss_by_sigma
+from ediff_train.evaluation.shapes import evaluate_shapes
 from ediff_train.experiments.report import write_summary
 from ediff_train.experiments.runner import done_step, run_schedule
 from ediff_train.experiments.schedule import CONF_DIR, Schedule, load_schedule, schedule_path
@@ -120,7 +121,10 @@ def evaluate_seed(
 
     cfg = eval_config(spec, seed_dir, out, overrides)
     loss = evaluate_loss_by_sigma(cfg)
-    images = evaluate_images(eval_config(spec, seed_dir, out, overrides, spec["images"]))
+    image_cfg = eval_config(spec, seed_dir, out, overrides, spec["images"])
+    # the shapes benchmark scores with its exact reader (evaluation/shapes.py), else images
+    score = evaluate_shapes if str(image_cfg.get("metric")) == "shapes" else evaluate_images
+    images = score(image_cfg)
     if images is None:  # only rank 0 scores; the experiment runs as one process
         raise EdiffError("the experiment runs evaluation in one process (no torchrun)")
     return {"images": images, "loss_by_sigma": loss}

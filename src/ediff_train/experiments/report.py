@@ -19,9 +19,16 @@ from pathlib import Path
 from typing import Any
 
 from ediff_train.experiments.schedule import Schedule
-from ediff_train.experiments.tables import band_shares, gate_table, image_table, loss_table, verdict
+from ediff_train.experiments.tables import (
+    attribute_table,
+    band_shares,
+    gate_table,
+    image_table,
+    loss_table,
+    verdict,
+)
 from ediff_train.io.files import write_json
-from ediff_train.metrics.plots import _pyplot, _save
+from ediff_train.metrics.plots import _pyplot, _save, attribute_plot
 
 
 def curve_plot(
@@ -112,6 +119,48 @@ def _fmt(s: dict[str, Any], digits: int = 3) -> str:
     return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
 
 
+def _attr_names(images: dict[str, Any]) -> set[str]:
+    return {a for cells in images["attributes"].values() for c in cells.values() for a in c}
+
+
+def mean_rows(images: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per ensemble, its guidance rows with seed-mean accuracies (attribute_plot's input)."""
+    a = images["alignment_key"]
+    return [
+        {
+            "label": ens,
+            "rows": [
+                {
+                    "guidance": float(g),
+                    "caption_accuracy": images["table"][ens][g][a]["mean"],
+                    "attribute_accuracy": {k: v["mean"] for k, v in cell.items()},
+                }
+                for g, cell in cells.items()
+            ],
+        }
+        for ens, cells in images["attributes"].items()
+    ]
+
+
+def attribute_lines(attrs: dict[str, Any]) -> list[str]:
+    """The per-attribute accuracy table (metric=shapes), mean ± std over seeds."""
+    if not attrs:
+        return []
+    names = sorted({a for cells in attrs.values() for c in cells.values() for a in c})
+    lines = [
+        "",
+        "## Accuracy per attribute (exact scorer, mean ± std over seeds)",
+        "",
+        "| ensemble | guidance | " + " | ".join(names) + " |",
+        "|---|---|" + "---|" * len(names),
+    ]
+    for ens, cells in attrs.items():
+        for g, cell in cells.items():
+            vals = [_fmt(cell[n], 2) if n in cell else "–" for n in names]
+            lines.append(f"| {ens} | {g} | " + " | ".join(vals) + " |")
+    return lines
+
+
 def markdown(
     name: str,
     schedule: Schedule,
@@ -197,6 +246,7 @@ def markdown(
             f"| {g} | {_fmt(d[a])} | {_fmt(d[q])} | "
             f"{d['seeds_claim_lower_' + q]}/{n_seeds} | {word} |"
         )
+    lines += attribute_lines(images.get("attributes") or {})
     if gate is not None:
         lines += [
             "",
@@ -246,6 +296,7 @@ def write_summary(
     out.mkdir(parents=True, exist_ok=True)
     names = list(spec["ensembles"])
     images = image_table(spec, per_seed)
+    images["attributes"] = attribute_table(spec, per_seed)
     loss = loss_table(spec, per_seed)
     gate = gate_table(spec, loss, law)
     claim_runs = per_seed[0]["loss_by_sigma"]["runs"][names.index(spec["claim"])]
@@ -288,6 +339,8 @@ def write_summary(
                 )
     curve_plot(images, per_seed, list(images["table"]), out / "curve.png")
     loss_plot(loss, spec, out / "loss_by_sigma.png")
+    if images["attributes"]:
+        attribute_plot(mean_rows(images), sorted(_attr_names(images)), out / "attributes.png")
     (out / "report.md").write_text(
         markdown(name, schedule, spec, images, loss, text, len(per_seed), gate, law)
     )

@@ -14,7 +14,9 @@ from ediff_train.experiments.schedule import CONF_DIR
 
 
 def _keys(row: dict[str, Any]) -> tuple[str, str, str, str]:
-    """(quality key ↓, alignment key ↑, their labels): digits analogues or FID/CLIP."""
+    """(quality key ↓, alignment key ↑, their labels): digits or shapes analogues, or FID/CLIP."""
+    if "shapes_fid" in row:
+        return "shapes_fid", "caption_accuracy", "shapes-FID ↓", "caption accuracy ↑"
     if "digits_fid" in row:
         return "digits_fid", "prompt_accuracy", "digits-FID ↓", "prompt accuracy ↑"
     return "fid", "clip_score", "FID ↓", "CLIP score ↑"
@@ -58,6 +60,27 @@ def image_table(spec: dict[str, Any], per_seed: list[dict[str, Any]]) -> dict[st
         out["control_minus_baseline"] = paired(table, spec["control"], spec["baseline"], q, a)
         out["claim_minus_control"] = paired(table, spec["claim"], spec["control"], q, a)
     return out
+
+
+def attribute_table(spec: dict[str, Any], per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    """ensemble → guidance → attribute → stats over seeds, where the rows carry accuracy per
+    attribute (metric=shapes); {} otherwise. An attribute no caption claimed is left out."""
+    names = list(spec.get("images") or spec["ensembles"])
+    if "attribute_accuracy" not in per_seed[0]["images"]["runs"][0]["rows"][0]:
+        return {}
+    table: dict[str, Any] = {}
+    for i, name in enumerate(names):
+        per_g: dict[float, dict[str, list[float]]] = {}
+        for seed in per_seed:
+            for row in seed["images"]["runs"][i]["rows"]:
+                cell = per_g.setdefault(float(row["guidance"]), {})
+                for attr, v in row["attribute_accuracy"].items():
+                    if v is not None:
+                        cell.setdefault(attr, []).append(float(v))
+        table[name] = {
+            f"{g:g}": {k: _stats(v) for k, v in cell.items()} for g, cell in sorted(per_g.items())
+        }
+    return table
 
 
 def paired(table: dict[str, Any], claim: str, base: str, q: str, a: str) -> dict[str, Any]:

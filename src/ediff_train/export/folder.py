@@ -1,16 +1,22 @@
 """Take the experts home: a run's experts as one folder diffusers loads (docs/export.md).
 
-The folder holds each expert's backbone as a diffusers model subfolder (`transformer`,
-`transformer_2`, … or `unet`, `unet_2`, …, most noise first, as WanPipeline orders its pair), a
-scheduler config, the VAE when the run trained on latents, `experts.json` (each expert's interval
-in every convention of core/boundaries.py and its guidance scale) and `pipeline.py`, the routing
-pipeline (export/pipeline.py), named by model_index.json so
-`DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` finds it. Everything is
-checked and written in a temporary folder first and renamed at the end: an error leaves nothing.
+The folder holds each expert's backbone as a model subfolder (`transformer`, `transformer_2`,
+… or `unet`, `unet_2`, …, most noise first, as WanPipeline orders its pair): diffusers' own
+class for a diffusers backbone, export/models.py (copied in as `ediff_models.py`) for ours
+(export/components.py). Beside them the text encoders and tokenizers that made the shards
+(export/text.py), a scheduler config, the VAE when the run trained on latents, `experts.json`
+(each expert's interval in every convention of core/boundaries.py, its guidance scale and, for
+a guidance-distilled student, the w range it was distilled for) and
+`pipeline.py` + `ediff_text.py` + `ediff_lora.py`, the routing pipeline, named by
+model_index.json so `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` finds it.
+With `lora=True`, LoRA experts also go out as diffusers LoRA files in `lora/` (export/lora.py).
+Everything is checked and written in a temporary folder first and renamed at the end: an error
+leaves nothing.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -21,33 +27,34 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-
 from ediff_train.core.boundaries import interval
 from ediff_train.core.experts import Node, Router
 from ediff_train.core.parameterisation import from_config as param_from_config
 from ediff_train.core.parameterisation import spec as param_spec
 from ediff_train.errors import EdiffError
+from ediff_train.export import ediff_lora, ediff_text
 from ediff_train.export import pipeline as pipeline_module
+from ediff_train.export.components import MODULE_FILES, Component, component
+from ediff_train.export.lora import LORA_DIR, lora_files, write_lora
+from ediff_train.export.text import text_components
 from ediff_train.run.adapters import has_handoff
 from ediff_train.run.layout import WEIGHTS, node_dir
 from ediff_train.run.weights import load_expert, load_train_config, node_of
 
 FORMAT = "ediff-export/1"
 EXPERTS_JSON = "experts.json"
-EXPORTABLE = {"SD3Transformer2DModel": "transformer", "UNet2DConditionModel": "unet"}
-EXPORTABLE_MODELS = "model=mmdit_tiny (MMDiT) or model=sd_unet_tiny (SDUNet), or init_from="
 
 
 @dataclass
 class Expert:
-    """One node on its way out: its node, training config and diffusers model."""
+    """One node on its way out: its node, training config, backbone and the component
+    that holds it in the folder."""
 
     node: Node
     cfg: Any
-    backbone: nn.Module
+    backbone: Any
     guidance: float
-    model: nn.Module | None = None  # the diffusers model to save (LoRA merged in)
+    comp: Component
 
 
 def finished_leaves(run_dir: str | os.PathLike) -> list[str]:
@@ -88,24 +95,6 @@ def parse_guidance(text: str | float | None, default: float = 5.0) -> tuple[floa
     return scale, per
 
 
-def exportable(name: str, backbone: nn.Module) -> str:
-    """The diffusers class of an expert's backbone; one line when it cannot be exported."""
-    model = getattr(backbone, "diffusers_model", None)
-    cls = type(model).__name__ if model is not None else None
-    if cls not in EXPORTABLE:
-        raise EdiffError(
-            f"expert {name}'s backbone {type(backbone).__module__}.{type(backbone).__name__} "
-            f"is not a diffusers model: only SD3Transformer2DModel and UNet2DConditionModel "
-            f"backbones export ({EXPORTABLE_MODELS})"
-        )
-    if getattr(backbone, "token_proj", None) is not None:
-        raise EdiffError(
-            f"expert {name} projects its text tokens with its own layers (context_proj=linear), "
-            "which a diffusers model does not hold: only context_proj=pad experts export"
-        )
-    return cls
-
-
 def load_experts(
     run_dir: str | os.PathLike, names: Sequence[str], guidance: tuple[float, dict], which: str
 ) -> list[Expert]:
@@ -122,12 +111,6 @@ def load_experts(
                 f"{node_dir(run_dir, name) / WEIGHTS} does not exist"
             )
     cfgs = {name: load_train_config(node_dir(run_dir, name)) for name in names}
-    for name, c in cfgs.items():
-        if (c.get("distill_guidance") or {}).get("enabled", False):
-            raise EdiffError(
-                f"expert {name} is guidance-distilled: its w input is not part of any diffusers "
-                "model, so it does not export yet (export its teacher)"
-            )
     nodes = [node_of(cfgs[n]) for n in names]
     try:
         Router(nodes)
@@ -139,10 +122,10 @@ def load_experts(
     out = []
     for name, node in zip(names, nodes):
         _, denoiser = load_expert(node_dir(run_dir, name), which)
-        out.append(Expert(node, cfgs[name], denoiser.backbone, float(per.get(name, scale))))
-    classes = {exportable(e.node.name, e.backbone) for e in out}
-    for e in out:
-        e.model = merged(e.backbone.diffusers_model)
+        # a guidance-distilled student exports with its w input (export/components.py)
+        comp = component(name, denoiser.backbone, cfgs[name], getattr(denoiser, "w_range", None))
+        out.append(Expert(node, cfgs[name], denoiser.backbone, float(per.get(name, scale)), comp))
+    classes = {e.comp.cls for e in out}
     if len(classes) > 1:
         raise EdiffError(f"experts={list(names)} mix backbones {sorted(classes)}")
     codecs = {str((e.cfg.get("codec") or {}).get("_target_", "pixel")) for e in out}
@@ -154,26 +137,6 @@ def load_experts(
             f"{pipeline_module.MAX_EXPERTS}"
         )
     return sorted(out, key=lambda e: -e.node.sigma_pieces[-1][1])
-
-
-def merged(model: nn.Module) -> nn.Module:
-    """The diffusers model with any peft LoRA layers merged into plain weights (a fresh model
-    of the same config): a LoRA expert exports as base + adapter merged."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
-    if not layers:
-        return model
-    for layer in layers:
-        layer.merge()
-    state = {
-        k.replace(".base_layer.", "."): v
-        for k, v in model.state_dict().items()
-        if ".lora_" not in k and "lora_magnitude" not in k
-    }
-    fresh = type(model).from_config(model.config)
-    fresh.load_state_dict(state)
-    return fresh
 
 
 def _finite(x: Any) -> Any:
@@ -240,6 +203,7 @@ def expert_records(experts: list[Expert], kind: str, shift: float) -> list[dict[
                 "component": slot,
                 "sigma": [lo, hi],
                 "guidance_scale": e.guidance,
+                "guidance_range": None if e.comp.w_range is None else list(e.comp.w_range),
                 "boundaries": interval(lo, hi, shift),
             }
         )
@@ -253,8 +217,12 @@ def export_run(
     guidance: str | float | None = None,
     which: str = "ema",
     sample: dict[str, Any] | None = None,
+    text: bool = True,
+    lora: bool = False,
 ) -> Path:
-    """Write the experts of `run_dir` (default: its finished leaves) to the new folder `out`."""
+    """Write the experts of `run_dir` (default: its finished leaves) to the new folder `out`,
+    with the text encoders that made their shards unless `text` is False (embeddings only), and
+    with `lora`, each (LoRA) expert's adapter as a diffusers LoRA file in `out`/lora/."""
     out = Path(out)
     if out.exists():
         raise EdiffError(f"out={str(out)!r} exists; export writes a new folder")
@@ -269,10 +237,11 @@ def export_run(
             f"{e} (the run's finished leaves; name the experts: experts=...)"
         ) from None
     cfg = experts[0].cfg
+    base, adapters = lora_files(run_dir, experts, which) if lora else ({}, [])
+    encoders, text_cfg = text_components(cfg) if text else ({}, None)
     param = param_from_config(cfg.get("param"))
-    kind = EXPORTABLE[type(experts[0].backbone.diffusers_model).__name__]
     shift = float(getattr(param, "shift", 1.0))
-    rows = expert_records(experts, kind, shift)
+    rows = expert_records(experts, experts[0].comp.kind, shift)
     backbone = experts[0].backbone
     settings = {
         "steps": 32,
@@ -285,10 +254,12 @@ def export_run(
         "channels": int(backbone.in_channels),
     }
     ratio = rows[0]["boundaries"]["boundary_ratio"][0] if len(rows) == 2 else None
+    tokenizer_2 = encoders.pop("tokenizer_2", None)  # a plain class: saved below, not by diffusers
     pipe = pipeline_module.EnsemblePipeline(
         scheduler=scheduler_for(param),
         vae=vae_of(cfg),
-        **{r["component"]: e.model for r, e in zip(rows, experts)},
+        **encoders,
+        **{r["component"]: e.comp.model for r, e in zip(rows, experts)},
         experts=_finite(
             [{k: r[k] for k in ("node", "component", "sigma", "guidance_scale")} for r in rows]
         ),
@@ -296,6 +267,8 @@ def export_run(
         timestep_scale=float(getattr(backbone, "timestep_scale", 1.0)),
         boundary_ratio=ratio,
         sample=settings,
+        text=text_cfg,
+        packing=experts[0].comp.packing,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -303,23 +276,44 @@ def export_run(
         pipe.save_pretrained(tmp, safe_serialization=True)
         index = json.loads((tmp / "model_index.json").read_text())
         index["_class_name"] = ["pipeline", "EnsemblePipeline"]
+        if tokenizer_2 is not None:
+            tokenizer_2.save_pretrained(tmp / "tokenizer_2")
+            index["tokenizer_2"] = ["ediff_train.export.clip_text", type(tokenizer_2).__name__]
+        copy_code(tmp, index)
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
-        shutil.copyfile(pipeline_module.__file__, tmp / "pipeline.py")
         record = {
             "format": FORMAT,
             "run_dir": str(run_dir),
             "weights": which,
-            "backbone": type(backbone.diffusers_model).__name__,
+            "backbone": experts[0].comp.cls,
             "param": param_spec(param),
             "timestep_scale": pipe.config.timestep_scale,
             "boundary_ratio": ratio,
             "experts": rows,
             "sample": settings,
+            "text": text_cfg,
             "directions": "every convention runs up with noise except log_snr",
         }
+        if adapters:
+            write_lora(tmp / LORA_DIR, base, adapters, _finite(rows))
+            record["lora"] = f"{LORA_DIR}/{ediff_lora.LORA_JSON}"
         (tmp / EXPERTS_JSON).write_text(json.dumps(_finite(record), indent=2) + "\n")
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def copy_code(folder: Path, index: dict[str, Any]) -> None:
+    """The pipeline's code beside model_index.json, and each custom component's module in its
+    folder under the name model_index.json gives it (diffusers' custom-component layout)."""
+    shutil.copyfile(pipeline_module.__file__, folder / "pipeline.py")
+    shutil.copyfile(ediff_text.__file__, folder / "ediff_text.py")
+    shutil.copyfile(ediff_lora.__file__, folder / "ediff_lora.py")
+    for name, entry in index.items():
+        if isinstance(entry, list) and entry and str(entry[0]) in MODULE_FILES:
+            module = importlib.import_module(entry[0])
+            assert module.__file__ is not None
+            shutil.copyfile(module.__file__, folder / name / f"{MODULE_FILES[entry[0]]}.py")
+            index[name] = [MODULE_FILES[entry[0]], entry[1]]

@@ -43,14 +43,21 @@ DENSE_START = (1, 2, 3, 5, 10)  # steps measured right after the start (the hand
 def monitor_steps(steps: int, every: int | str = "auto") -> Sequence[int]:
     """The run's steps (optimiser steps done, 0 = before the first) the monitor measures at.
 
-    "auto": 0, then 1, 2, 3, 5, 10 (a hand-off goes wrong in its first steps), then every
-    max(1, steps // 10) steps and the last, so every run gets ≥ ~10 points whatever its length.
+    "auto": 0 and the last step always; between them one point per 50 steps, at most 10 (one
+    measurement, 2 batches × 8 σ forward only, costs about 5 training steps, so the monitor stays
+    near a tenth of the run: a 10-step smoke node is not mostly monitor); from 500 steps also
+    1, 2, 3, 5, 10, where a hand-off goes wrong (the hand-off probe watches short children).
     An integer n: every n steps, as before (0 = never); a range, so a long run costs no memory."""
     steps = int(steps)
     if every == "auto":
-        stride = max(1, steps // 10)
-        dense = [s for s in DENSE_START if s < steps]
-        return sorted({0, *dense, *range(stride, steps + 1, stride), max(steps, 0)})
+        marks = {0, max(steps, 0)}
+        points = min(10, steps // 50)
+        if points:
+            stride = max(1, steps // points)
+            marks.update(range(stride, steps + 1, stride))
+        if steps >= 500:
+            marks.update(DENSE_START)
+        return sorted(marks)
     n = int(every)
     return range(n, steps + 1, n) if n > 0 else range(0)
 

@@ -133,6 +133,26 @@ def switch_plot(rows: Sequence[dict[str, Any]], label: str, path: str | os.PathL
     return _save(plt, fig, path)
 
 
+def switch_attribute_plot(
+    rows: Sequence[dict[str, Any]], attrs: Sequence[str], label: str, path: str | os.PathLike
+) -> Path:
+    """Prompt switching per attribute: for each, the share of samples taking prompt A's value
+    (solid) and B's (dashed) against the fraction of the schedule sampled with A."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.8, 4.2), dpi=100)
+    xs = [r["fraction_with_A"] for r in rows]
+    for i, k in enumerate(attrs):
+        ax.plot(xs, [r[f"{k}_A"] for r in rows], f"C{i}-o", label=f"{k}: A's")
+        ax.plot(xs, [r[f"{k}_B"] for r in rows], f"C{i}--", label=f"{k}: B's")
+    ax.set_xlabel("fraction of solver steps sampled with prompt A (then B)")
+    ax.set_ylabel("share of samples")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"prompt switching by attribute: {label}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    return _save(plt, fig, path)
+
+
 def attribute_plot(
     runs: Sequence[dict[str, Any]], attributes: Sequence[str], path: str | os.PathLike
 ) -> Path:

@@ -32,6 +32,7 @@ from ediff_train.nn.encoder_models import TINY_NAMES
 from ediff_train.run.layout import CKPT_DIR, CONFIG, node_dir, parent_weights
 from ediff_train.run.optim_state import OPTIMIZER
 from ediff_train.run.pretrained import apply_init_from
+from ediff_train.training.auto_settings import resolve_auto
 from ediff_train.training.continuation import continuation_target, place_continuation
 from ediff_train.training.guard import (
     WritesNothingOnRefusal,
@@ -275,6 +276,7 @@ def train_node(cfg: DictConfig) -> Path:
 def _train_node(cfg: DictConfig, guard: WritesNothingOnRefusal) -> Path:
     quiet_logging()  # each Lightning line once; no warnings a user cannot act on
     validate_train_config(cfg)
+    resolve_auto(cfg)  # logger and grid size `auto`: decided now, recorded in config.yaml
     param = param_from_config(cfg.get("param"))
     node = node_from_config(cfg.expert, law=param.law)
     check_parent_param(cfg, node, param)

@@ -111,8 +111,9 @@ class SR:
 class Monitor:
     """Held-out loss at a coarse σ grid, logged and written to <node>/loss_by_sigma.csv."""
 
-    # auto: the run's step 0 (the hand-off weights), 1, 2, 3, 5, 10, then every steps // 10
-    # and the last; n: every n steps; 0 = off. Needs held-out data
+    # auto: step 0 (the hand-off weights) and the last, one point per 50 steps between (≤ 10),
+    # and 1, 2, 3, 5, 10 from 500 steps on (metrics/loss_by_sigma.py); n: every n steps;
+    # 0 = off. Needs held-out data
     every: Any = setting(
         "auto", "auto or a whole number ≥ 0 (0 = off)", lambda v: v == "auto" or count(0)(v)
     )
@@ -145,7 +146,10 @@ class SampleGrid:
     """The grid written (and logged) at the end of training, from EMA weights."""
 
     prompts: list = setting(DIGIT_PROMPTS)
-    per_prompt: int = setting(4, "a whole number ≥ 0", count(0))
+    # auto: 4 from 200 steps on, else 1 (training/auto_settings.py); 0 = no grid
+    per_prompt: Any = setting(
+        "auto", "auto or a whole number ≥ 0", lambda v: v == "auto" or count(0)(v)
+    )
     steps: int = setting(24, WHOLE_1, count(1))
     guidance: float = setting(2.0, "a finite number", real())
 

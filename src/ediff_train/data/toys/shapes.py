@@ -237,6 +237,14 @@ def shapes_params(root: str | os.PathLike) -> dict[str, Any]:
     return dict(manifest["params"])
 
 
+def is_shapes(root: str | os.PathLike) -> bool:
+    """Whether `root` is a shapes build (False for any other or an unreadable manifest)."""
+    try:
+        return read_manifest(root).get("dataset") == DATASET
+    except EdiffError:
+        return False
+
+
 def check_heldout(root: str | os.PathLike, val_root: str | os.PathLike) -> None:
     """A held-out set must come from the held-out stream of the same build: one line if it
     overlaps training (the training shards themselves, or another seed's)."""
