@@ -110,15 +110,16 @@ def _drive(cb: StepCadence, global_steps: list[int], start_at: int = 0, module: 
 
 
 def test_cadence_once_per_step_accumulation_resume_and_continuation() -> None:
-    cb = _Counting(monitor_steps(7))
+    every = list(range(8))  # measure at every step
+    cb = _Counting(every)
     _drive(cb, [0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7])  # 2 micro-batches per step
-    assert cb.seen == list(range(8))
-    resumed = _Counting(monitor_steps(7))
+    assert cb.seen == every
+    resumed = _Counting(every)
     _drive(resumed, [3, 4, 5], start_at=3)  # step 3 was measured before the interruption
     assert resumed.seen == [4, 5]
-    cont = _Counting(monitor_steps(10), start=500)  # continues a node that stopped at 500
+    cont = _Counting(list(range(11)), start=500)  # continues a node that stopped at 500
     _drive(cont, list(range(501, 511)), start_at=500)
-    assert cont.seen == monitor_steps(10)
+    assert cont.seen == list(range(11))
 
 
 # ---- the warning ---------------------------------------------------------------------------
@@ -215,7 +216,7 @@ def _csv_steps(path: Path) -> list[int]:
 
 def test_monitor_rows_follow_the_run(tree: tuple[Path, Any]) -> None:
     tmp, _ = tree
-    assert _csv_steps(tmp / "R" / "E0_0" / "loss_by_sigma.csv") == list(range(ROOT_STEPS + 1))
+    assert _csv_steps(tmp / "R" / "E0_0" / "loss_by_sigma.csv") == monitor_steps(ROOT_STEPS)
     child = _csv_steps(tmp / "R" / "E1_1" / "loss_by_sigma.csv")
     assert child == [ROOT_STEPS + k for k in monitor_steps(CHILD_STEPS)]  # the tree's steps
     assert child[0] == ROOT_STEPS  # the hand-off weights, before the child's first update

@@ -135,6 +135,11 @@ RULES: tuple[Rule, ...] = (
         reason="the shapes build (100,000 renders, minutes) and runs on it: tests/test_shapes.py "
         "builds a small set, trains, samples and evaluates on it",
     ),
+    Rule(
+        r"ediff-advise ",
+        reason="probes and validation train on a finished node, minutes to an hour: "
+        "tests/test_advise.py runs the command cut down on a tiny trained node",
+    ),
     # --- run, cut down ---
     Rule(r"ediff-experts "),
     Rule(r"ediff-export |ediff_train\.cli\.export "),  # writes a new folder from a trained run
