@@ -91,7 +91,10 @@ def interrupt(tmp: Path, run_dir: str, signum: int, *extra: str) -> tuple[int, P
     end = time.monotonic() + 600  # two DDP ranks on a busy 2-core machine start slowly
     while not (keys.is_file() and len(keys.read_text().splitlines()) >= at):
         assert proc.poll() is None, proc.stderr.read()[-3000:] if proc.stderr else ""
-        assert time.monotonic() < end, "the run never reached its steps"
+        if time.monotonic() > end:  # leave no rank behind, then fail
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate(timeout=60)
+            pytest.fail("the run never reached its steps")
         time.sleep(0.02)
     os.killpg(proc.pid, signum)
     _, err = proc.communicate(timeout=120)
