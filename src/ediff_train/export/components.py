@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from ediff_train.core.conditioning import Conditioning
+from ediff_train.core.experts import Node
 from ediff_train.errors import EdiffError
 from ediff_train.nn.dit import TextDiT
 from ediff_train.nn.unet import TextUNet
@@ -171,3 +172,15 @@ def merged(model: nn.Module) -> nn.Module:
     fresh = type(model).from_config(model.config)
     fresh.load_state_dict(merged_state(model))
     return fresh
+
+
+@dataclass
+class Expert:
+    """One node on its way out: its node, training config, backbone and the component
+    that holds it in the folder."""
+
+    node: Node
+    cfg: Any
+    backbone: Any
+    guidance: float
+    comp: Component

@@ -23,18 +23,17 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ediff_train.core.boundaries import interval
-from ediff_train.core.experts import Node, Router
+from ediff_train.core.experts import Router
 from ediff_train.core.parameterisation import from_config as param_from_config
 from ediff_train.core.parameterisation import spec as param_spec
 from ediff_train.errors import EdiffError
 from ediff_train.export import ediff_lora, ediff_text
 from ediff_train.export import pipeline as pipeline_module
-from ediff_train.export.components import MODULE_FILES, Component, component
+from ediff_train.export.components import MODULE_FILES, Expert, component
 from ediff_train.export.lora import LORA_DIR, lora_files, write_lora
 from ediff_train.export.text import text_components
 from ediff_train.run.adapters import has_handoff
@@ -43,18 +42,6 @@ from ediff_train.run.weights import load_expert, load_train_config, node_of
 
 FORMAT = "ediff-export/1"
 EXPERTS_JSON = "experts.json"
-
-
-@dataclass
-class Expert:
-    """One node on its way out: its node, training config, backbone and the component
-    that holds it in the folder."""
-
-    node: Node
-    cfg: Any
-    backbone: Any
-    guidance: float
-    comp: Component
 
 
 def finished_leaves(run_dir: str | os.PathLike) -> list[str]:

@@ -20,13 +20,13 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ediff_train.errors import EdiffError
-from ediff_train.export.components import DIFFUSERS, own_class
+from ediff_train.export.components import DIFFUSERS, Expert, own_class
 from ediff_train.export.ediff_lora import LORA_FORMAT, LORA_JSON
 from ediff_train.run.adapters import (
     PEFT_PREFIX,
@@ -38,9 +38,6 @@ from ediff_train.run.adapters import (
 )
 from ediff_train.run.layout import node_dir
 from ediff_train.run.weights import load_train_config, node_of
-
-if TYPE_CHECKING:
-    from ediff_train.export.folder import Expert
 
 LORA_DIR = "lora"
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default: load_lora_weights(dir)
